@@ -38,7 +38,7 @@ class Problem:
     def one_line(self) -> str:
         at = f" at {self.path}" if self.path else ""
         fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"{self.location()}{at}: {self.message}.{fix}".replace("..", ".")
+        return f"{self.location()}{at}: {self.message.rstrip('.')}.{fix}"
 
     def to_dict(self) -> dict:
         return {

