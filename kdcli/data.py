@@ -1,0 +1,513 @@
+"""Data: files or hub datasets -> tokenised `datasets.Dataset` -> batches of indices -> tensors.
+
+- `load_table(source)`: a local csv / tsv (tab, no quoting, `quoting=3`) / json / jsonl /
+  parquet file, or a hub dataset, through `datasets.load_dataset`. csv/tsv cells are read as
+  strings (no NA guessing: a review reading "null" stays text; integer labels are recognised
+  afterwards).
+- `infer_labels(...)` / `Labels`: label ids. Integer labels keep their values (0..max);
+  string labels get ids in sorted order (deterministic); a `ClassLabel` column keeps its names.
+  Computed on the full train and eval columns, so `max_*_samples` never changes the head size.
+- `tokenize(...)`: one `map(batched=True)` (cached by datasets) producing `input_ids`,
+  `attention_mask`, `token_type_ids` (when the tokenizer makes them), `labels`, `length`.
+  Token classification takes words + tags per row (`is_split_into_words=True`); the tag goes
+  to each word's first sub-token and -100 to the other sub-tokens and the special tokens.
+- `train_batches(lengths, batch_size, seed, epoch, group_by_length, rank, world_size)`: the
+  deterministic batch order of one epoch as lists of row indices (resume = skip a count).
+- `Collator`: dynamic padding of a batch of rows to its longest row.
+- `prepare_data(...)` ties these together into `TaskData`; `prepare_from_recipe(recipe, tokenizer)`
+  reads the recipe's `data` section.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from kdcli.errors import RunError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
+TASKS = ("sequence-classification", "token-classification")
+#: Batches per length-sorted megabatch when grouping by length.
+MEGABATCH_BATCHES = 50
+_PADDED = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+
+
+class DataError(RunError):
+    """The data cannot be read or does not fit the recipe (file, column, labels)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one split comes from: a local file (`format` set) or a hub dataset (`format` None)."""
+
+    path: str
+    format: str | None = None
+    split: str = "train"
+    config: str | None = None
+    delimiter: str | None = None
+
+    @classmethod
+    def from_recipe(cls, data_source) -> "Source":
+        """From the recipe's `DataSource` (path, format, split, config, delimiter)."""
+        return cls(
+            path=str(data_source.path),
+            format=data_source.format,
+            split=getattr(data_source, "split", None) or "train",
+            config=getattr(data_source, "config", None),
+            delimiter=getattr(data_source, "delimiter", None),
+        )
+
+    def describe(self) -> str:
+        if self.format is None:
+            extra = f", config {self.config}" if self.config else ""
+            return f"hub dataset {self.path!r} (split {self.split}{extra})"
+        return self.path
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Label ids: `kind` "int" (values kept) or "str" (ids in sorted order); `names[i]` is id i."""
+
+    kind: Literal["int", "str"]
+    names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def encode(self, value: Any) -> int:
+        """The id of one label value; `DataError` for a value outside the mapping."""
+        if self.kind == "int":
+            number = _as_int(value)
+            if number is None or not 0 <= number < self.num_labels:
+                raise DataError(f"label {value!r} is not one of 0..{self.num_labels - 1}")
+            return number
+        key = str(value)
+        if key not in self.label2id:
+            raise DataError(f"label {value!r} is not one of {list(self.names)}")
+        return self.label2id[key]
+
+
+@dataclass
+class TaskData:
+    """Tokenised splits and their labels. Rows hold input_ids, attention_mask,
+    [token_type_ids], labels and length (token count)."""
+
+    train: "Dataset"
+    eval: "Dataset | None"
+    labels: Labels
+    task: str = "sequence-classification"
+    _lengths: list[int] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def train_lengths(self) -> list[int]:
+        """Token counts of the training rows (for `train_batches(group_by_length=True)`)."""
+        if self._lengths is None:
+            self._lengths = list(self.train["length"])
+        return self._lengths
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def _header(path: Path, delimiter: str, quoting: int) -> list[str]:
+    """The header row of a csv/tsv file; `DataError` when there is no header or no data row."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        row = next(reader, None)
+        first = next((r for r in reader if r), None)
+    if not row:
+        raise DataError(f"{path}: the file is empty. Fix: give a file with a header line and rows")
+    if first is None:
+        raise DataError(f"{path}: a header line but no rows. Fix: give a file with data rows")
+    return row
+
+
+def load_table(source: Source, *, cache_dir: str | None = None) -> "Dataset":
+    """One split as a `datasets.Dataset`, columns as in the file (csv/tsv cells as strings)."""
+    import datasets
+
+    fmt = source.format
+    kwargs: dict[str, Any] = {"split": "train", "cache_dir": cache_dir}
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise DataError(f"{source.path}: unknown format {fmt!r}. Fix: use one of {', '.join(FORMATS)}")
+        path = Path(source.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: no such file. Fix: check data.train/data.eval paths")
+        if fmt in ("csv", "tsv"):
+            delimiter = source.delimiter or ("\t" if fmt == "tsv" else ",")
+            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            columns = _header(path, delimiter, quoting)
+            kwargs.update(
+                delimiter=delimiter,
+                quoting=quoting,
+                keep_default_na=False,
+                features=datasets.Features({c: datasets.Value("string") for c in columns}),
+            )
+            builder = "csv"
+        else:
+            builder = "json" if fmt in ("json", "jsonl") else "parquet"
+        args: tuple = (builder,)
+        kwargs["data_files"] = str(path)
+    else:
+        args = (source.path, source.config) if source.config else (source.path,)
+        kwargs["split"] = source.split
+    try:
+        table = datasets.load_dataset(*args, **kwargs)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types (ConnectionError, ValueError, ArrowInvalid, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"{source.describe()}: cannot read it ({type(exc).__name__}: {first}). Fix: check the "
+            "path and format (csv/tsv need a header line), or the hub name, split and network"
+        ) from exc
+    if len(table) == 0:
+        raise DataError(f"{source.describe()}: no rows. Fix: give a split with data")
+    return table
+
+
+# --- labels -----------------------------------------------------------------------------
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+    return None
+
+
+def _flatten(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            out.extend(value)
+        else:
+            out.append(value)
+    return out
+
+
+def class_names(table: "Dataset", column: str) -> list[str] | None:
+    """Names of a `ClassLabel` column (or a sequence of ClassLabel, as NER tags), else None."""
+    import datasets
+
+    feature = table.features.get(column)
+    while hasattr(feature, "feature") or isinstance(feature, list):  # List / Sequence / [x]
+        feature = feature[0] if isinstance(feature, list) else feature.feature
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def infer_labels(values: Iterable[Any], *, names: Sequence[str] | None = None, where: str = "labels") -> Labels:
+    """Labels from all label values (tag lists are flattened).
+
+    `names` (a ClassLabel's) wins; all-integer values (ints or integer strings, as csv gives
+    them) keep their values, 0..max; anything else: strings sorted. `where` names the column
+    in error messages.
+    """
+    if names is not None:
+        return Labels("int", tuple(str(n) for n in names))
+    flat = _flatten(values)
+    if not flat:
+        raise DataError(f"{where}: no labels. Fix: check data.label_column")
+    if any(v is None for v in flat):
+        raise DataError(f"{where}: some rows have no label. Fix: drop unlabelled rows (e.g. a test split)")
+    ints = [_as_int(v) for v in flat]
+    if all(i is not None for i in ints):
+        low, high = min(ints), max(ints)
+        if low < 0:
+            raise DataError(
+                f"{where}: label {low} is negative (an unlabelled test split?). Fix: use labelled "
+                "rows; integer labels must be 0..num_labels-1"
+            )
+        return Labels("int", tuple(str(i) for i in range(high + 1)))
+    if any(isinstance(v, float) for v in flat):
+        raise DataError(f"{where}: labels must be class ids or names, got a float. Fix: use classes, not scores")
+    return Labels("str", tuple(sorted({str(v) for v in flat})))
+
+
+# --- tokenising -------------------------------------------------------------------------
+
+
+def _check_columns(table: "Dataset", columns: Mapping[str, str | None], source: str) -> None:
+    for option, column in columns.items():
+        if column is not None and column not in table.column_names:
+            raise DataError(
+                f"{source}: no column {column!r} (data.{option}); it has {table.column_names}. "
+                f"Fix: set data.{option} to one of them"
+            )
+
+
+def tokenize(
+    table: "Dataset",
+    tokenizer: "PreTrainedTokenizerBase",
+    labels: Labels,
+    *,
+    task: str = "sequence-classification",
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    max_length: int = 128,
+    source: str = "data",
+) -> "Dataset":
+    """Tokenise every row once (`map(batched=True)`, cached by datasets), without padding.
+
+    Output columns: input_ids, attention_mask, [token_type_ids], labels (an int per row, or a
+    list per token with -100 off the first sub-tokens), length.
+    """
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}. Fix: use one of {', '.join(TASKS)}")
+    _check_columns(
+        table,
+        {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column},
+        source,
+    )
+    if task == "token-classification":
+        if text_pair_column is not None:
+            raise DataError(f"{source}: token classification takes no text_pair_column. Fix: remove it")
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError(
+                f"{source}: token classification needs a fast tokenizer (word ids). Fix: use a "
+                "tokenizer with a tokenizer.json"
+            )
+        function = _token_encoder(tokenizer, labels, text_column, label_column, max_length, source)
+    else:
+        function = _sequence_encoder(tokenizer, labels, text_column, text_pair_column, label_column, max_length, source)
+    return table.map(function, batched=True, remove_columns=table.column_names)
+
+
+def _text(values: list[Any]) -> list[str]:
+    return ["" if v is None else str(v) for v in values]
+
+
+def _sequence_encoder(tokenizer, labels, text_column, pair_column, label_column, max_length, source):
+    def encode(rows: dict[str, list]) -> dict[str, list]:
+        pairs = _text(rows[pair_column]) if pair_column else None
+        enc = tokenizer(_text(rows[text_column]), pairs, truncation=True, max_length=max_length)
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        try:
+            out["labels"] = [labels.encode(v) for v in rows[label_column]]
+        except DataError as exc:
+            raise DataError(f"{source}, column {label_column!r}: {exc}") from None
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        return out
+
+    return encode
+
+
+def _token_encoder(tokenizer, labels, words_column, tags_column, max_length, source):
+    def encode(rows: dict[str, list]) -> dict[str, list]:
+        words = rows[words_column]
+        if any(not isinstance(w, list) for w in words):
+            raise DataError(
+                f"{source}: column {words_column!r} must hold a list of words per row for "
+                "token classification. Fix: point data.text_column at the words column"
+            )
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        out["labels"] = []
+        for row, tags in enumerate(rows[tags_column]):
+            if len(tags) != len(words[row]):
+                raise DataError(
+                    f"{source}: a row has {len(words[row])} words but {len(tags)} tags "
+                    f"({words[row][:5]}...). Fix: give one tag per word"
+                )
+            row_labels, previous = [], None
+            for word in enc.word_ids(row):
+                first = word is not None and word != previous
+                try:
+                    row_labels.append(labels.encode(tags[word]) if first else IGNORE_INDEX)
+                except DataError as exc:
+                    raise DataError(f"{source}, column {tags_column!r}: {exc}") from None
+                previous = word
+            out["labels"].append(row_labels)
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        return out
+
+    return encode
+
+
+def prepare_data(
+    train: Source,
+    eval: Source | None,
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    task: str = "sequence-classification",
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    max_length: int = 128,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    cache_dir: str | None = None,
+) -> TaskData:
+    """Read, label and tokenise the train (and eval) split; `max_*_samples` keep the first N rows."""
+    tables = {"train": load_table(train, cache_dir=cache_dir)}
+    if eval is not None:
+        tables["eval"] = load_table(eval, cache_dir=cache_dir)
+    for name, table in tables.items():
+        _check_columns(table, {"label_column": label_column}, (train if name == "train" else eval).describe())
+    names = class_names(tables["train"], label_column)
+    values = list(tables["train"][label_column])
+    if "eval" in tables and names is None:
+        values += list(tables["eval"][label_column])
+    labels = infer_labels(values, names=names, where=f"{train.describe()}, column {label_column!r}")
+    limits = {"train": max_train_samples, "eval": max_eval_samples}
+    out: dict[str, Any] = {}
+    for name, table in tables.items():
+        limit = limits[name]
+        if limit is not None and limit < len(table):
+            table = table.select(range(limit))
+        out[name] = tokenize(
+            table, tokenizer, labels, task=task, text_column=text_column,
+            text_pair_column=text_pair_column, label_column=label_column, max_length=max_length,
+            source=(train if name == "train" else eval).describe(),
+        )
+    return TaskData(train=out["train"], eval=out.get("eval"), labels=labels, task=task)
+
+
+def prepare_from_recipe(recipe, tokenizer: "PreTrainedTokenizerBase", *, cache_dir: str | None = None) -> TaskData:
+    """`prepare_data` with the recipe's `task` and `data` section (see docs/architecture.md)."""
+    data = recipe.data
+    return prepare_data(
+        Source.from_recipe(data.train),
+        Source.from_recipe(data.eval) if data.eval is not None else None,
+        tokenizer,
+        task=recipe.task,
+        text_column=data.text_column,
+        text_pair_column=data.text_pair_column,
+        label_column=data.label_column,
+        max_length=data.max_length,
+        max_train_samples=data.max_train_samples,
+        max_eval_samples=data.max_eval_samples,
+        cache_dir=cache_dir,
+    )
+
+
+# --- batch order ------------------------------------------------------------------------
+
+
+def train_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[list[int]]:
+    """The row indices of each of this rank's batches in one epoch, in order.
+
+    A pure function of its arguments, so a resumed run skips the batches already done
+    (`batches[start:]`). Order: `torch.randperm(n)` seeded with `seed + epoch`, padded by
+    repeating its start to a multiple of `world_size`, then cut into global batches of
+    `batch_size * world_size`; rank r takes `global_batch[r::world_size]`, exactly the rows
+    `DistributedSampler(shuffle=True, seed=seed)` would give it, batched `batch_size` at a time
+    (so N ranks with batch B see, step by step, the rows one process with batch N*B sees).
+    The last batch may be smaller; none is dropped.
+
+    `group_by_length` (for short texts: less padding): the permutation is cut into megabatches
+    of 50 global batches, each sorted by length (longest first), cut into global batches, and
+    the global batches are shuffled with the same generator, so batch order stays random.
+    """
+    n = len(lengths)
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batching: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    if n == 0:
+        return []
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    total = math.ceil(n / world_size) * world_size
+    order += order[: total - n]
+    step = batch_size * world_size
+    if group_by_length:
+        mega = step * MEGABATCH_BATCHES
+        order = [
+            i
+            for start in range(0, len(order), mega)
+            for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])
+        ]
+    batches = [order[start:start + step] for start in range(0, len(order), step)]
+    if group_by_length:
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in shuffle]
+    return [batch[rank::world_size] for batch in batches]
+
+
+def eval_batches(num_rows: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Consecutive eval batches; with several ranks each takes every world_size-th batch
+    (no padding, so every row is evaluated exactly once)."""
+    batches = [list(range(s, min(s + batch_size, num_rows))) for s in range(0, num_rows, batch_size)]
+    return batches[rank::world_size]
+
+
+# --- padding ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Pads a batch to its longest row: input_ids with `pad_token_id`, attention_mask and
+    token_type_ids with 0, token labels with -100; sequence labels are stacked. Columns other
+    than those four (e.g. `length`) are left out. Rows are right-padded (encoders).
+
+    Accepts a list of row dicts (a DataLoader's batch) or a dict of columns
+    (`dataset[indices]`); `batch(dataset, indices)` does the indexing.
+    """
+
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int | None = None) -> "Collator":
+        pad = tokenizer.pad_token_id
+        return cls(pad_token_id=0 if pad is None else int(pad), pad_to_multiple_of=pad_to_multiple_of)
+
+    def batch(self, dataset: "Dataset", indices: Sequence[int]) -> dict[str, Tensor]:
+        return self(dataset[list(indices)])
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, Tensor]:
+        if isinstance(rows, Mapping):
+            columns = {k: list(v) for k, v in rows.items() if k in _PADDED}
+        else:
+            columns = {k: [row[k] for row in rows] for k in _PADDED if rows and k in rows[0]}
+        if "input_ids" not in columns:
+            raise ValueError("a batch needs input_ids")
+        width = max(len(ids) for ids in columns["input_ids"])
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if "attention_mask" not in columns:
+            columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
+        out: dict[str, Tensor] = {}
+        for key, values in columns.items():
+            if key == "labels" and not isinstance(values[0], (list, tuple)):
+                out[key] = torch.tensor(values, dtype=torch.long)
+                continue
+            pad = self.pad_token_id if key == "input_ids" else _PADDED[key]
+            out[key] = torch.tensor([list(v) + [pad] * (width - len(v)) for v in values], dtype=torch.long)
+        return out

@@ -1,0 +1,278 @@
+"""Feature capture: exactly the hidden states and attention scores the matches use.
+
+Numbering follows Hugging Face's `hidden_states` and TextBrewer 0.2.1:
+
+- hidden layer 0 is the embeddings' output (the input of block 1), hidden layer i the output
+  of block i (1-based), i.e. `hidden_states[i]`; shape (B, L, D).
+- attention layer i is block i's **pre-softmax** attention scores with the additive padding
+  mask, as the BERT of transformers 2.x returned them to TextBrewer (the reference's attention
+  losses, e.g. `att_mse_loss`, were written for these):
+
+      scores = Q K^T / sqrt(d_head) + (1 - mask)[:, None, None, :] * -10000      # (B, H, L, L)
+
+  Q and K are the outputs of the block's own query/key projections (forward hooks on those
+  two `nn.Linear`), so the model keeps its default SDPA kernel (which returns no attention
+  maps) and nothing is computed twice; only the Q K^T product of the matched blocks is
+  added. `softmax(scores, -1)` equals the eager implementation's `attentions`.
+
+Hooks go on exactly the matched blocks; the model is never asked for
+`output_hidden_states`/`output_attentions`. Hidden capture works for any model whose blocks
+form one `nn.ModuleList` of `num_hidden_layers` entries; attention capture is for the BERT
+family (`ATTENTION_MODEL_TYPES`: BERT and the MiniLM checkpoints, RoBERTa, XLM-R, CamemBERT,
+ELECTRA, DistilBERT), anything else is refused with a `FeatureError` when the capture is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from kdcli.errors import RunError
+from kdcli.models import encoder_blocks
+
+#: The additive value at padded key positions (the reference's BERT used -10000).
+MASK_VALUE = -10000.0
+#: Model types whose self-attention is plain scaled dot-product over `query`/`key`
+#: (or DistilBERT's `q_lin`/`k_lin`) projections of the block input, with absolute positions.
+ATTENTION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
+_QK_NAMES = (("query", "key"), ("q_lin", "k_lin"))
+#: Batch keys a model may take; anything else in a batch (labels, lengths) is not passed.
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class FeatureError(RunError):
+    """A match asks for a feature the model cannot provide (layer out of range, architecture)."""
+
+
+@dataclass
+class Features:
+    """What one forward pass produced, for the objective.
+
+    logits: (B, C) or (B, L, C). hidden: {layer: (B, L, D)}. scores: {block: (B, H, L, L)}
+    pre-softmax with the -10000 padding mask. mask: (B, L) attention mask of the inputs
+    (1 = token, 0 = padding), the `mask` every intermediate loss receives.
+    """
+
+    logits: Tensor
+    hidden: dict[int, Tensor] = field(default_factory=dict)
+    scores: dict[int, Tensor] = field(default_factory=dict)
+    mask: Tensor | None = None
+
+    def detached(self) -> "Features":
+        """Copies made outside inference mode, usable in autograd (e.g. kd_ce_loss multiplies
+        by the teacher's probabilities, which inference tensors forbid). Copies only what was
+        captured: logits, the matched layers and the mask."""
+        with torch.inference_mode(False):
+            return Features(
+                logits=self.logits.detach().clone(),
+                hidden={i: t.detach().clone() for i, t in self.hidden.items()},
+                scores={i: t.detach().clone() for i, t in self.scores.items()},
+                mask=None if self.mask is None else self.mask.detach().clone(),
+            )
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) 1/0 mask -> (B, 1, 1, L) additive mask: 0 at tokens, -10000 at padding."""
+    return (1.0 - mask.to(dtype))[:, None, None, :] * MASK_VALUE
+
+
+def attention_scores(query: Tensor, key: Tensor, mask: Tensor | None, num_heads: int) -> Tensor:
+    """Pre-softmax scaled dot-product scores with the additive padding mask.
+
+    query, key: (B, L, H * d) outputs of the query/key projections; mask: (B, L) or None.
+    Returns (B, H, L, L) = Q K^T / sqrt(d) + (1 - mask) * -10000 over key positions
+    (Vaswani et al. 2017; the mask as BERT, Devlin et al. 2019, applied it).
+    """
+    batch, length, width = query.shape
+    if width % num_heads:
+        raise ValueError(f"projection width {width} is not a multiple of {num_heads} heads")
+    d = width // num_heads
+    q = query.view(batch, length, num_heads, d).transpose(1, 2)
+    k = key.view(batch, key.size(1), num_heads, d).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
+    if mask is not None:
+        scores = scores + additive_mask(mask, scores.dtype)
+    return scores
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The part of a collated batch the model's forward takes.
+
+    Drops `labels` (the objective computes every loss), keys the forward does not name
+    (DistilBERT has no `token_type_ids`) and `token_type_ids` when the model has a single
+    token type (RoBERTa), where zeros are the only valid value anyway.
+    """
+    params = inspect.signature(model.forward).parameters
+    single_type = getattr(getattr(model, "config", None), "type_vocab_size", 2) <= 1
+    return {
+        k: batch[k]
+        for k in INPUT_KEYS
+        if k in batch and k in params and not (k == "token_type_ids" and single_type)
+    }
+
+
+def _query_key(block: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear] | None:
+    for module in block.modules():
+        for q_name, k_name in _QK_NAMES:
+            q, k = getattr(module, q_name, None), getattr(module, k_name, None)
+            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+                return module, q, k
+    return None
+
+
+def _num_heads(attention: nn.Module, config) -> int:
+    for name in ("num_attention_heads", "n_heads", "num_heads"):
+        value = getattr(attention, name, None)
+        if isinstance(value, int):
+            return value
+    return int(config.num_attention_heads)
+
+
+class FeatureCapture:
+    """Forward hooks on exactly the layers the matches use; `run(batch)` returns `Features`.
+
+    hidden_layers: hidden_states indices 0..N (0 = embeddings output); attention_layers:
+    blocks 1..N. Hooks record only inside `run`, so other forwards of the same model (eval)
+    are unaffected. Use as a context manager, or call `close()` to remove the hooks.
+    `role` ("teacher", "student") names the model in error messages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hidden_layers: Iterable[int] = (),
+        attention_layers: Iterable[int] = (),
+        *,
+        role: str = "model",
+    ) -> None:
+        self.model = model
+        self.role = role
+        self.hidden_layers = tuple(sorted({int(i) for i in hidden_layers}))
+        self.attention_layers = tuple(sorted({int(i) for i in attention_layers}))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._active = False
+        self._hidden: dict[int, Tensor] = {}
+        self._qk: dict[tuple[int, str], Tensor] = {}
+        self._heads: dict[int, int] = {}
+        if not self.hidden_layers and not self.attention_layers:
+            return
+        config = model.config
+        blocks = encoder_blocks(model)
+        count = len(blocks)
+        for i in self.hidden_layers:
+            if not 0 <= i <= count:
+                raise FeatureError(
+                    f"{role} has hidden layers 0..{count} (0 = embeddings); a match asks for "
+                    f"layer {i}. Fix: use a layer between 0 and {count}"
+                )
+        for i in self.attention_layers:
+            if not 1 <= i <= count:
+                raise FeatureError(
+                    f"{role} has attention layers 1..{count} (one per block, 1-based); a match "
+                    f"asks for layer {i}. Fix: use a layer between 1 and {count}"
+                )
+        if self.attention_layers and config.model_type not in ATTENTION_MODEL_TYPES:
+            raise FeatureError(
+                f"{role} is a {config.model_type!r} model: attention features are computed "
+                f"for {', '.join(ATTENTION_MODEL_TYPES)} only. Fix: match hidden features, or "
+                "use a BERT-family model"
+            )
+        for i in self.hidden_layers:
+            if i == 0:
+                self._handles.append(
+                    blocks.modules[0].register_forward_pre_hook(self._input_hook, with_kwargs=True)
+                )
+            else:
+                self._handles.append(blocks.modules[i - 1].register_forward_hook(self._output_hook(i)))
+        for i in self.attention_layers:
+            found = _query_key(blocks.modules[i - 1])
+            if found is None:
+                raise FeatureError(
+                    f"{role}: block {i} of this {config.model_type} model has no query/key "
+                    "projections. Fix: match hidden features instead"
+                )
+            attention, q, k = found
+            self._heads[i] = _num_heads(attention, config)
+            self._handles.append(q.register_forward_hook(self._projection_hook(i, "q")))
+            self._handles.append(k.register_forward_hook(self._projection_hook(i, "k")))
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def _input_hook(self, module, args, kwargs):
+        if self._active:
+            self._hidden[0] = args[0] if args else kwargs["hidden_states"]
+
+    def _output_hook(self, layer: int) -> Callable:
+        def hook(module, args, output):
+            if self._active:
+                self._hidden[layer] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    def _projection_hook(self, layer: int, which: str) -> Callable:
+        def hook(module, args, output):
+            if self._active:
+                self._qk[(layer, which)] = output
+
+        return hook
+
+    # -- running -----------------------------------------------------------------------
+
+    def run(self, batch: Mapping[str, Tensor], *, forward: Callable | None = None) -> Features:
+        """One forward pass on `batch` (a collated batch; labels are not passed) -> Features.
+
+        `forward` is what to call instead of the hooked model itself, e.g. its
+        DistributedDataParallel wrapper (the hooks sit on the wrapped module).
+        Runs under whatever grad/inference/autocast mode the caller set.
+        """
+        inputs = model_inputs(self.model, batch)
+        self._hidden, self._qk = {}, {}
+        self._active = True
+        try:
+            output = (forward or self.model)(**inputs)
+        finally:
+            self._active = False
+        hidden, qk = self._hidden, self._qk
+        self._hidden, self._qk = {}, {}
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(inputs["input_ids"].shape[:2], dtype=torch.long, device=inputs["input_ids"].device)
+        missing = [i for i in self.hidden_layers if i not in hidden]
+        missing += [i for i in self.attention_layers if (i, "q") not in qk or (i, "k") not in qk]
+        if missing:
+            raise FeatureError(f"{self.role}: the forward pass did not reach layer(s) {missing}")
+        return Features(
+            logits=output.logits,
+            hidden={i: hidden[i] for i in self.hidden_layers},
+            scores={
+                i: attention_scores(qk[(i, "q")], qk[(i, "k")], mask, self._heads[i])
+                for i in self.attention_layers
+            },
+            mask=mask,
+        )
+
+    def run_teacher(self, batch: Mapping[str, Tensor]) -> Features:
+        """A teacher's forward: eval mode, `torch.inference_mode()`, then `Features.detached()`
+        so the result can enter the student's autograd graph."""
+        if self.model.training:
+            self.model.eval()
+        with torch.inference_mode():
+            features = self.run(batch)
+        return features.detached()
+
+    def close(self) -> None:
+        """Remove every hook this capture installed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "FeatureCapture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
