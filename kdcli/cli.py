@@ -67,9 +67,226 @@ def _root(
 
 # --- list-losses -------------------------------------------------------------------------
 
+
+def _feature_choices() -> list[str]:
+    from typing import get_args
+
+    from kdcli.registry import Feature
+
+    return list(get_args(Feature))
+
+
+def _losses_document(feature: Optional[str]) -> dict:
+    """The registry's facts as one JSON-ready document (losses filtered by feature)."""
+    from kdcli import registry
+
+    return {
+        "losses": [s.to_dict() for s in registry.LOSSES if feature is None or s.feature == feature],
+        "projections": [p.to_dict() for p in registry.PROJECTIONS],
+        "schedulers": [s.to_dict() for s in registry.SCHEDULERS],
+        "min_temperature": registry.MIN_TEMPERATURE,
+    }
+
+
+#: Width of the list-losses tables when stdout is not a terminal (a file or pipe has no width).
+_TABLE_WIDTH = 160
+
+
+def _render_losses(doc: dict) -> None:
+    import os
+
+    from rich.table import Table
+
+    # A terminal sets its own width; a file or pipe gets wide tables unless COLUMNS says otherwise.
+    console = out if out.is_terminal or os.environ.get("COLUMNS") else Console(width=_TABLE_WIDTH)
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", show_lines=True)
+        for i, name in enumerate(columns):
+            t.add_column(name, style="bold" if i == 0 else None, no_wrap=i == 0, overflow="fold")
+        return t
+
+    losses = table(
+        "Losses", "name", "aliases", "feature", "layers per side", "input shapes",
+        "needs proj when sizes differ", "formula",
+    )
+    for loss in doc["losses"]:
+        proj = {"hidden": "yes: hidden sizes must agree", "heads": "no; head counts must agree"}
+        losses.add_row(
+            loss["name"],
+            ", ".join(loss["aliases"]) or "-",
+            loss["feature"],
+            str(loss["layers_per_side"]),
+            loss["shapes"],
+            proj.get(loss["same_size"], "no"),
+            loss["formula"],
+        )
+    console.print(losses)
+
+    projections = table("Projections (student size -> teacher size)", "name", "formula")
+    for proj in doc["projections"]:
+        projections.add_row(proj["name"], proj["formula"])
+    console.print(projections)
+
+    schedulers = table("Schedulers", "name", "kind", "params", "formula")
+    for sched in doc["schedulers"]:
+        schedulers.add_row(sched["name"], sched["kind"], ", ".join(sched["params"]) or "-", sched["formula"])
+    console.print(schedulers)
+    console.print(f"Scheduled temperatures are clamped to at least {doc['min_temperature']}.")
+
+
+@app.command("list-losses")
+def list_losses(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
+    feature: Optional[str] = typer.Option(
+        None,
+        "--feature",
+        metavar="[" + "|".join(_feature_choices()) + "]",
+        help="Only losses on this feature: " + ", ".join(_feature_choices()) + ".",
+    ),
+) -> None:
+    """List the losses (with aliases, shapes, size rules, formulas), projections and schedulers."""
+    with _boundary():
+        choices = _feature_choices()
+        if feature is not None and feature not in choices:
+            from kdcli.errors import UsageError
+
+            raise UsageError(f"--feature {feature!r} is not a feature; choose one of {', '.join(choices)}")
+        doc = _losses_document(feature)
+        if as_json:
+            _print_json(doc)
+        else:
+            _render_losses(doc)
+
+
 # --- check-recipe / schema ---------------------------------------------------------------
 
+from enum import Enum  # noqa: E402  (kept inside this command's section)
+
+
+class ReportFormat(str, Enum):
+    text = "text"
+    json = "json"
+    github = "github"
+
+
+@app.command("check-recipe")
+def check_recipe(
+    paths: List[Path] = typer.Argument(
+        ..., help="Recipe files, or folders to search for *.json recipes.", show_default=False, metavar="PATH"
+    ),
+    report_format: ReportFormat = typer.Option(
+        ReportFormat.text,
+        "--format",
+        "-f",
+        case_sensitive=False,
+        help="text (grouped per file), json (one document on stdout), github (workflow annotations).",
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Rules that could not be checked (no config offline) are errors."
+    ),
+) -> None:
+    """Validate recipes without loading any model: exit 0 valid, 1 invalid, 2 usage error.
+
+    Reads only each model's config.json and each data file's header, so it fits a pre-commit hook or a CI lint step (see docs/recipe.md).
+    """
+    from kdcli.checking import check_paths, render_github, render_text
+
+    with _boundary():
+        report = check_paths(paths, strict=strict)
+    if report_format is ReportFormat.json:
+        _print_json(report.to_dict())
+    elif report_format is ReportFormat.github:
+        sys.stdout.write(render_github(report) + "\n")
+    else:
+        render_text(report, out)
+    raise typer.Exit(0 if report.valid else 1)
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the recipe's JSON Schema (point a recipe's "$schema" at it for editor completion)."""
+    from kdcli.recipe import recipe_json_schema
+
+    _print_json(recipe_json_schema())
+
+
 # --- distill / train ---------------------------------------------------------------------
+
+_RECIPE_ARG = typer.Argument(..., help="The recipe file (JSON).", show_default=False)
+_OUTPUT_DIR = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the recipe's training.output_dir).")
+_MAX_STEPS = typer.Option(None, "--max-steps", min=1, help="Train for N optimizer steps (wins over num_epochs/num_steps).")
+_DEVICE = typer.Option(None, "--device", help='"auto", "cpu", "cuda", "cuda:N" or "mps" (default: the recipe\'s).')
+_SEED = typer.Option(None, "--seed", min=0, help="Random seed (default: the recipe's training.seed).")
+_RESUME = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Empty a non-empty output folder first.")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
+_JSON = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout.")
+
+
+def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json) -> None:
+    with _boundary():
+        from kdcli.checking import load_checked
+
+        if device is not None:
+            import re
+
+            if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
+                from kdcli.errors import UsageError
+
+                raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
+        recipe = load_checked(recipe_path, mode=mode)
+        from kdcli import distill
+
+        summary = distill.run(
+            recipe, mode=mode, output_dir=output_dir, max_steps=max_steps, device=device, seed=seed,
+            resume=resume, overwrite=overwrite, quiet=quiet,
+        )
+        if not distill.is_main_process():
+            return
+    if as_json:
+        _print_json(summary)
+    else:
+        from kdcli.report import summary_table
+
+        out.print(summary_table(summary, title=f"kdcli {mode}: {summary['output_dir']}"))
+
+
+@app.command("distill")
+def distill_command(
+    recipe: Path = _RECIPE_ARG,
+    output_dir: Optional[Path] = _OUTPUT_DIR,
+    max_steps: Optional[int] = _MAX_STEPS,
+    device: Optional[str] = _DEVICE,
+    seed: Optional[int] = _SEED,
+    resume: bool = _RESUME,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = _QUIET,
+    as_json: bool = _JSON,
+) -> None:
+    """Distil the recipe's teacher(s) into its student; writes the student, metrics and checkpoints.
+
+    Under `torchrun --nproc-per-node N -m kdcli distill RECIPE` it runs data-parallel.
+    Exit codes: 0 done, 1 invalid recipe or failed run, 2 usage error, 130 interrupted
+    (after writing a checkpoint that --resume continues from).
+    """
+    _run_recipe("distill", recipe, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json)
+
+
+@app.command("train")
+def train_command(
+    recipe: Path = _RECIPE_ARG,
+    output_dir: Optional[Path] = _OUTPUT_DIR,
+    max_steps: Optional[int] = _MAX_STEPS,
+    device: Optional[str] = _DEVICE,
+    seed: Optional[int] = _SEED,
+    resume: bool = _RESUME,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = _QUIET,
+    as_json: bool = _JSON,
+) -> None:
+    """Fine-tune the recipe's student on its labels (no teacher); same loop and outputs as distill."""
+    _run_recipe("train", recipe, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json)
 
 
 def main() -> None:

@@ -1196,14 +1196,6 @@ def distillation_findings(config: DistillationConfig, training: TrainingSection 
                 "set is_caching_logits to false, or remove intermediate_matches",
             )
         )
-    if config.is_caching_logits and training is not None and training.num_steps is not None:
-        out.append(
-            Finding(
-                at + ("is_caching_logits",),
-                "is_caching_logits caches one pass over the data, which cannot be combined with training.num_steps",
-                "train by training.num_epochs (remove num_steps), or set is_caching_logits to false",
-            )
-        )
     if n_teachers > 1 and config.intermediate_matches:
         out.append(
             Finding(

@@ -89,10 +89,13 @@ class SchedulerSpec:
 
     name: str
     kind: Literal["temperature", "weight"]
-    params: tuple[str, ...]  # positional parameters after the name, e.g. ("beta", "gamma")
-    function: str  # attribute of kdcli.schedules
+    params: tuple[str, ...]  # required positional parameters after the name, e.g. ("beta", "gamma")
+    #: attribute of kdcli.schedules: for "temperature", a builder called with the parameters
+    #: that returns f(logits_S, logits_T, base_temperature); for "weight", f(step_fraction)
+    function: str
     formula: str
     paper: str = ""
+    #: optional positional parameters after `params`, with their defaults (flsw's eps)
     defaults: dict = field(default_factory=dict)
 
     def fn(self) -> Callable:
@@ -103,13 +106,14 @@ class SchedulerSpec:
             "name": self.name,
             "kind": self.kind,
             "params": list(self.params),
+            "defaults": dict(self.defaults),
             "formula": self.formula,
             "paper": self.paper,
         }
 
 
-_ATT_SHAPES = "(B, H, L, L) raw attention scores"
-_ATT_SHAPES_3D = "(B, H, L, L) or (B, L, L) raw attention scores"
+_ATT_SHAPES = "(B, H, L, L) raw attention scores, equal H ((B, L, L) is one head)"
+_ATT_SHAPES_3D = "(B, H, L, L) raw attention scores (H may differ) or (B, L, L)"
 _HID_SHAPES = "(B, L, D)"
 _NO_MASK_ATT = "mask (B, L) zeroes padded rows and columns; without a mask, scores <= -1e-3 count as padding"
 _HID_MASK = "mask (B, L) drops padded positions"
@@ -208,7 +212,7 @@ LOSSES: tuple[LossSpec, ...] = (
         kind="match",
         feature="hidden",
         function="pkd_loss",
-        formula="mean_b || h_S/||h_S|| - h_T/||h_T|| ||^2 at position 0",
+        formula="mean_b || h_S/||h_S|| - h_T/||h_T|| ||^2 at position 0 (a zero vector stays 0)",
         shapes="(B, L, D) (position 0 is used) or (B, D)",
         mask="not used",
         paper="Sun et al. 2019, Patient Knowledge Distillation, arXiv:1908.09355",
@@ -260,6 +264,7 @@ SCHEDULERS: tuple[SchedulerSpec, ...] = (
         "flsw_temperature",
         f"w_i = (1 - cos(z_S,i, z_T,i))^gamma; T_i = max(T + (mean(w) - w_i) * beta, {MIN_TEMPERATURE})",
         _PAPER_LESSONS,
+        defaults={"eps": 1e-4},
     ),
     SchedulerSpec(
         "cwsm",

@@ -1,0 +1,242 @@
+"""Atomic files and resumable checkpoints.
+
+Every file kdcli writes goes to a temporary name in the same folder and is then moved into
+place with `os.replace`, so a crash leaves either the old file or the new one, never half a
+file. A checkpoint is a folder `checkpoints/step-N/` holding `state.pt` (student weights,
+projections, optimizer, learning-rate scheduler, grad scaler, RNG states, data position)
+and `meta.json` (the same position in readable form); it is assembled in a hidden temporary
+folder and renamed into place, so `latest_checkpoint` only ever sees complete ones.
+
+Checkpoints are read back with `torch.load(weights_only=True)`: only tensors and plain
+Python values are unpickled, so resuming from a folder someone else wrote cannot run their
+code. RNG states are therefore stored as tensors and plain ints/lists, never as pickled
+objects (python's `random` state and numpy's `RandomState` are converted both ways).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# -- atomic files ----------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary path next to `path`, then move it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, doc: Any) -> Path:
+    return atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+
+
+def atomic_save_pretrained_files(model, tokenizer, folder: Path) -> list[Path]:
+    """`save_pretrained` the model (safetensors) and tokenizer into a temporary folder inside
+    `folder`, then move each file into `folder` with `os.replace` (each file atomic; other
+    files in `folder` are left alone). Returns the files placed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save_pretrained.", dir=folder))
+    placed = []
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar under kdcli's own
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for child in sorted(tmp.iterdir()):
+            if child.is_file():
+                os.replace(child, folder / child.name)
+                placed.append(folder / child.name)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return placed
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename folder `tmp` to `final`, replacing an existing `final` (old one removed after)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# -- RNG states as plain values ------------------------------------------------------------
+
+
+def capture_rng() -> dict:
+    """The RNG states of python, numpy and torch (CPU and every CUDA device), as tensors and
+    plain values that `torch.load(weights_only=True)` accepts."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of `capture_rng`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the run stands: optimizer steps done, the epoch, batches of it consumed."""
+
+    step: int  # optimizer steps completed
+    epoch: int  # 0-based epoch the next batch belongs to
+    batch_in_epoch: int  # batches of that epoch already consumed
+    samples_seen: int = 0  # training examples consumed (all ranks)
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    position: Position
+    student: dict[str, torch.Tensor]
+    objective: dict[str, torch.Tensor]  # the projections' weights
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: dict
+    path: Path | None = None
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step}"
+
+
+def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2) -> Path:
+    """Write `checkpoints/step-N/` atomically (temp folder + rename) and keep the newest
+    `keep_last` checkpoints. Returns the folder."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(output_dir, ckpt.position.step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        payload = {
+            "format": 1,
+            "position": asdict(ckpt.position),
+            "student": ckpt.student,
+            "objective": ckpt.objective,
+            "optimizer": ckpt.optimizer,
+            "scheduler": ckpt.scheduler,
+            "scaler": ckpt.scaler,
+            "rng": ckpt.rng,
+        }
+        torch.save(payload, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps(asdict(ckpt.position), indent=2) + "\n")
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary folders are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / STATE_FILE).is_file() and (child / META_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint folder with `torch.load(weights_only=True)` (no code runs)."""
+    path = Path(path)
+    payload = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+    return Checkpoint(
+        position=Position(**payload["position"]),
+        student=payload["student"],
+        objective=payload["objective"],
+        optimizer=payload["optimizer"],
+        scheduler=payload["scheduler"],
+        scaler=payload["scaler"],
+        rng=payload["rng"],
+        path=path,
+    )

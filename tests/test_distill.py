@@ -1,0 +1,389 @@
+"""End-to-end runs of the loop on tiny models (kdcli/distill.py).
+
+Teachers have hidden size 64, students 32 (2 layers, 2 heads), on the first rows of the real
+SST-2 files (or a tiny NER file): every run is a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdcli import distill
+from kdcli.errors import Interrupted, NonFiniteLossError, UsageError
+from kdcli.recipe import load_recipe
+from tiny import REPO, make_tiny_bert, make_tiny_config, write_sst2_sample, write_tiny_ner
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny teachers (hidden 64), a student folder (hidden 32) and SST-2 / NER data files."""
+    root = tmp_path_factory.mktemp("distill")
+    make_tiny_bert(root / "teacher", hidden=64)
+    make_tiny_bert(root / "teacher2", hidden=64, seed=1)
+    make_tiny_bert(root / "student", hidden=32)
+    make_tiny_bert(root / "ner_teacher", hidden=32, num_labels=4, task="token-classification")
+    make_tiny_config(root / "student_config", hidden=64, layers=1)
+    write_sst2_sample(root, n_train=48, n_eval=24)
+    write_tiny_ner(root / "ner.jsonl", n=16)
+    return root
+
+
+def write_recipe(folder: Path, name: str, **sections) -> Path:
+    recipe = {
+        "teacher": {"model": "teacher"},
+        "student": {"model": "student"},
+        "data": {"train": "train.tsv", "eval": "dev.tsv", "max_length": 24},
+        "training": {"num_steps": 4, "batch_size": 8, "log_every": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0},
+        "distillation": {"temperature": 4},
+    }
+    for key, value in sections.items():
+        if value is None:
+            recipe.pop(key, None)
+        elif key in ("data", "training", "distillation") and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(recipe, indent=1))
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+HIDDEN_AND_ATTENTION = [
+    {"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64, {"lr": 1e-2}]},
+    {"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "cos", "weight": 1, "proj": ["relu", 32, 64]},
+    {"layer_T": 1, "layer_S": 1, "feature": "hidden", "loss": "pkd", "weight": 1, "proj": ["tanh", 32, 64]},
+    {"layer_T": [1, 2], "layer_S": [1, 2], "feature": "hidden", "loss": "fsp", "weight": 0.1, "proj": ["linear", 32, 64]},
+    {"layer_T": [0, 2], "layer_S": [0, 2], "feature": "hidden", "loss": "nst", "weight": 1},
+    {"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1},
+    {"layer_T": 2, "layer_S": 2, "feature": "attention", "loss": "attention_ce", "weight": 1},
+    {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": "attention_mse_sum", "weight": 0.01},
+    {"layer_T": 1, "layer_S": 2, "feature": "attention", "loss": "attention_ce_mean", "weight": 1},
+]
+
+
+def test_full_distill_every_loss_family_with_and_without_proj(world):
+    path = write_recipe(world, "all", distillation={
+        "temperature": 4, "temperature_scheduler": ["flsw", 1, 1], "hard_label_weight": 0.5,
+        "intermediate_matches": HIDDEN_AND_ATTENTION,
+    }, training={"eval_every": 2})
+    out = world / "out-all"
+    summary = distill.run(load_recipe(path, mode="distill"), mode="distill", output_dir=out, quiet=True)
+
+    assert summary["steps"] == 4 and summary["total_steps"] == 4
+    assert set(summary["final_terms"]) == {
+        "kd", "hidden_mse[2->2]", "cos[0->0]", "pkd[1->1]", "fsp[1,2->1,2]", "nst[0,2->0,2]",
+        "attention_mse[1->1]", "attention_ce[2->2]", "attention_mse_sum[2->1]", "attention_ce_mean[1->2]", "hard_label",
+    }
+    assert 0 <= summary["eval"]["accuracy"] <= 1 and summary["eval"]["examples"] == 24
+    assert summary["teacher_eval"]["examples"] == 24
+    assert summary["peak_memory_mb"] > 0 and summary["samples_per_s"] > 0
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "projections.safetensors",
+                 "metrics.jsonl", "summary.json", "recipe.json", "tensorboard", "checkpoints"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "recipe.json").read_text()) == json.loads(path.read_text())
+    assert list((out / "tensorboard").iterdir())
+    records = lines(out / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["loss/hidden_mse[2->2]"] > 0 and r["weight/hard_label"] == 0.5 for r in train)
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [2, 4]
+    projections = load_file(out / "projections.safetensors")
+    assert set(projections) == {f"projections.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")} | {
+        f"projections.{i}.0.{p}" for i in (1, 2) for p in ("weight", "bias")
+    }
+    assert projections["projections.0.weight"].shape == (64, 32)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_saved_student_loads_with_plain_transformers_and_predicts(world):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = world / "out-all"  # written by the test above; run it alone if it is missing
+    if not (out / "model.safetensors").exists():
+        distill.run(load_recipe(write_recipe(world, "plain", training={"num_steps": 1}), mode="distill"),
+                    output_dir=out, quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and config["architectures"] == ["BertForSequenceClassification"]
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["a very good film", "dull and boring"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    assert model.config.id2label == {0: "0", 1: "1"}
+    saved = load_file(out / "model.safetensors")
+    assert torch.equal(saved["classifier.weight"], model.classifier.weight)
+
+
+def test_config_student_multi_teacher_cached_logits_kd_mse(world):
+    path = write_recipe(
+        world, "multi",
+        teacher=[{"model": "teacher"}, {"model": "teacher2"}],
+        student={"config": "student_config", "init_from_teacher": [2]},
+        training={"num_steps": None, "num_epochs": 2, "batch_size": 16},
+        distillation={"kd_loss_type": "mse", "is_caching_logits": True, "probability_shift": True},
+    )
+    summary = distill.run(load_recipe(path, mode="distill"), mode="distill", output_dir=world / "out-multi", quiet=True)
+    assert summary["steps"] == 6 and summary["epochs"] == 2  # 48 rows / 16 = 3 steps per epoch
+    assert summary["teacher_cache_rows"] == 48  # every row's teachers ran once, in epoch 1
+    assert set(summary["final_terms"]) == {"kd", "hard_label"}
+
+
+def test_cached_logits_work_with_num_steps(world):
+    """The reference refuses is_caching_logits with num_steps; kdcli's cache is keyed by row,
+    so it works across epoch boundaries, and the recipe accepts the combination."""
+    path = write_recipe(world, "cachesteps", training={"num_steps": 5, "batch_size": 16},
+                        distillation={"is_caching_logits": True})
+    recipe = load_recipe(path, mode="distill")
+    assert recipe.distillation.is_caching_logits
+    summary = distill.run(recipe, output_dir=world / "out-cs", quiet=True)
+    assert summary["steps"] == 5 and summary["epochs"] == pytest.approx(80 / 48, abs=1e-3)
+    assert summary["teacher_cache_rows"] == 48
+
+
+def test_cached_logits_are_switched_off_with_a_warning_when_matches_need_features(world):
+    path = write_recipe(world, "cachewarn", training={"num_steps": 1}, distillation={
+        "intermediate_matches": [{"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1}],
+    })
+    recipe = load_recipe(path, mode="distill")
+    recipe.distillation.is_caching_logits = True  # recipe.py rejects this; a Recipe built in code may not
+    summary = distill.run(recipe, mode="distill", output_dir=world / "out-cw", quiet=True)
+    assert summary["teacher_cache_rows"] is None
+    assert any("is_caching_logits is off" in w for w in summary["warnings"])
+
+
+def test_token_classification_distill(world):
+    path = write_recipe(
+        world, "ner", teacher={"model": "ner_teacher"}, student={"config": "ner_teacher", "overrides": {"num_hidden_layers": 1}},
+        task="token-classification",
+        data={"train": "ner.jsonl", "eval": "ner.jsonl", "text_column": "tokens", "label_column": "ner_tags"},
+        distillation={"hard_label_weight": 1, "intermediate_matches": [
+            {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1},
+            {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1},
+        ]},
+    )
+    summary = distill.run(load_recipe(path, mode="distill"), mode="distill", output_dir=world / "out-ner", quiet=True)
+    assert set(summary["eval"]) == {"accuracy", "examples", "precision", "recall", "f1"}
+    assert set(summary["final_terms"]) == {"kd", "hidden_mse[2->1]", "attention_mse[2->1]", "hard_label"}
+
+
+def test_train_mode_is_supervised_fine_tuning(world):
+    path = write_recipe(world, "train", teacher=None, distillation=None, training={"num_steps": 3})
+    out = world / "out-train"
+    summary = distill.run(load_recipe(path, mode="train"), mode="train", output_dir=out, quiet=True)
+    assert summary["mode"] == "train" and summary["teacher_eval"] is None
+    assert set(summary["final_terms"]) == {"hard_label"}
+    assert not (out / "projections.safetensors").exists()
+    assert (out / "model.safetensors").exists()
+
+
+def test_seeded_runs_are_identical_and_the_seed_matters(world):
+    path = write_recipe(world, "seed", training={"num_steps": 2})
+    recipe = load_recipe(path, mode="distill")
+    weights = []
+    for name, seed in (("a", None), ("b", None), ("c", 7)):
+        distill.run(recipe, mode="distill", output_dir=world / f"out-seed-{name}", seed=seed, quiet=True)
+        weights.append(load_file(world / f"out-seed-{name}" / "model.safetensors"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkeypatch):
+    """Stop at step 3 of 7 with a SIGINT (dropout on, accumulation 2, lr warm-up and decay),
+    resume from the checkpoint, and compare with a run that never stopped."""
+    path = write_recipe(world, "resume", training={
+        "num_steps": 7, "batch_size": 4, "gradient_accumulation_steps": 2, "warmup_ratio": 0.3, "save_every": 5,
+    }, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0], HIDDEN_AND_ATTENTION[5]]})
+    recipe = load_recipe(path, mode="distill")
+    distill.run(recipe, mode="distill", output_dir=world / "out-straight", quiet=True)
+
+    advance = distill.report.Progress.advance
+
+    def interrupt_at_3(self, step):
+        advance(self, step)
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(distill.report.Progress, "advance", interrupt_at_3)
+    out = world / "out-resumed"
+    with pytest.raises(Interrupted, match=r"interrupted at step 3 of 7.*Resume with: kdcli distill .*--resume"):
+        distill.run(recipe, mode="distill", output_dir=out, quiet=True)
+    assert (out / "checkpoints" / "step-3" / "state.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+
+    summary = distill.run(recipe, mode="distill", output_dir=out, resume=True, quiet=True)
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 7
+    straight = load_file(world / "out-straight" / "model.safetensors")
+    resumed = load_file(out / "model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+    assert load_file(out / "projections.safetensors").keys() == load_file(world / "out-straight" / "projections.safetensors").keys()
+    steps = [r["step"] for r in lines(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+    straight_losses = [r["loss"] for r in lines(world / "out-straight" / "metrics.jsonl") if "loss" in r]
+    resumed_losses = [r["loss"] for r in lines(out / "metrics.jsonl") if "loss" in r]
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-6)
+
+
+def test_non_finite_loss_stops_naming_term_step_and_batch_and_keeps_checkpoint(world, monkeypatch):
+    path = write_recipe(world, "nan", training={"num_steps": 6, "save_every": 1}, distillation={"hard_label_weight": 0.5})
+    recipe = load_recipe(path, mode="distill")
+    from kdcli import objective as objective_module
+
+    calls = {"n": 0}
+    real = objective_module.hard_label_loss
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        value = real(logits, labels)
+        return value * float("nan") if calls["n"] == 4 else value
+
+    monkeypatch.setattr(objective_module, "hard_label_loss", poisoned)
+    out = world / "out-nan"
+    with pytest.raises(NonFiniteLossError, match=r"term hard_label = nan at step 4, batch 4 of epoch 1.*step-3"):
+        distill.run(recipe, mode="distill", output_dir=out, quiet=True)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-2", "step-3"]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_output_folder_rules(world):
+    path = write_recipe(world, "rules", training={"num_steps": 1})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-rules"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    with pytest.raises(UsageError, match="is not empty.*--resume.*--overwrite"):
+        distill.run(recipe, output_dir=out, quiet=True)
+    with pytest.raises(UsageError, match="holds no checkpoint"):
+        distill.run(recipe, output_dir=out, resume=True, quiet=True)
+    with pytest.raises(UsageError, match="contradict"):
+        distill.run(recipe, output_dir=out, resume=True, overwrite=True, quiet=True)
+    with pytest.raises(UsageError, match="would delete"):
+        distill.run(recipe, output_dir=world, overwrite=True, quiet=True)  # holds the recipe and models
+    distill.run(recipe, output_dir=out, overwrite=True, quiet=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_resume_of_a_finished_run_saves_again_without_training(world):
+    path = write_recipe(world, "finished", training={"num_steps": 2})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-finished"
+    distill.run(recipe, output_dir=out, quiet=True)
+    summary = distill.run(recipe, output_dir=out, resume=True, quiet=True)
+    assert summary["steps"] == 2 and summary["resumed_from_step"] == 2 and summary["samples_per_s"] is None
+
+
+def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
+    out = world / "out-finished"  # written by the test above
+    if not (out / "checkpoints").exists():
+        distill.run(load_recipe(write_recipe(world, "finished", training={"num_steps": 2}), mode="distill"),
+                    output_dir=out, quiet=True)
+    other = write_recipe(world, "other", training={"num_steps": 2}, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]})
+    with pytest.raises(UsageError, match="does not fit this recipe"):
+        distill.run(load_recipe(other, mode="distill"), output_dir=out, resume=True, quiet=True)
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(world / "pwned"),))
+
+    latest = distill.ckpt.latest_checkpoint(out)
+    torch.save({"position": Hostile()}, latest / "state.pt")
+    recipe = load_recipe(world / "finished.json", mode="distill")
+    with pytest.raises(distill.RunError, match="cannot read the checkpoint.*weights_only|cannot read the checkpoint"):
+        distill.run(recipe, output_dir=out, resume=True, quiet=True)
+    assert not (world / "pwned").exists()
+
+
+def test_device_and_precision_resolution():
+    procs = distill.Processes()
+    assert distill.resolve_device("cpu", procs).type == "cpu"
+    if not torch.cuda.is_available():
+        assert distill.resolve_device("auto", procs).type in ("cpu", "mps")
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            distill.resolve_device("cuda", procs)
+    cpu = torch.device("cpu")
+    assert distill.resolve_precision("auto", cpu) == "fp32"
+    assert distill.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        distill.resolve_precision("fp16", cpu)
+
+
+def test_learning_rate_warms_up_then_decays():
+    factor = distill.linear_warmup_decay(10, 2)
+    assert [round(factor(s), 3) for s in range(11)] == [0, 0.5, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0]
+
+
+def test_no_weight_decay_on_biases_and_layernorm(world):
+    from kdcli.models import load_model
+    from kdcli.objective import Objective
+    from kdcli.recipe import DistillationConfig
+
+    student = load_model(str(world / "student"), "sequence-classification").model
+    objective = Objective(DistillationConfig.model_validate({"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]}))
+    groups = distill.param_groups(student, objective, 0.01)
+    names = {id(p): n for n, p in student.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    plain = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in plain)
+    assert any("LayerNorm" in n for n in plain) and not any("LayerNorm" in n or n.endswith("bias") for n in decayed)
+    assert len(decayed) + len(plain) == len(names)
+    assert groups[2]["lr"] == 1e-2 and len(groups) == 3
+
+
+@pytest.mark.slow
+def test_sigint_to_a_subprocess_leaves_a_resumable_checkpoint(world):
+    path = write_recipe(world, "sigint", training={"num_steps": 100000, "batch_size": 4})
+    out = world / "out-sigint"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdcli", "distill", str(path), "--output-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=world,
+    )
+    deadline = time.time() + 120
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"Resume with: kdcli distill {path} --output-dir {out} --resume" in stderr
+    latest = distill.ckpt.latest_checkpoint(out)
+    state = distill.ckpt.load_checkpoint(latest)
+    assert state.position.step >= 1 and latest.name == f"step-{state.position.step}"
+    assert stdout == ""
+
+
+def test_teacher_logit_cache_round_trips_token_logits_across_paddings():
+    from kdcli.features import Features
+
+    cache = distill.TeacherLogitCache()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    logits = torch.randn(2, 4, 3)  # one teacher, (B, L, C)
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask}
+    assert cache.lookup([7, 9], batch, "cpu") is None
+    cache.store([7, 9], [Features(logits=logits, mask=mask)], batch)
+    # row 7 alone, in a batch padded to 5
+    narrow = {"input_ids": torch.ones(1, 5, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    (found,) = cache.lookup([7], narrow, "cpu")
+    assert found.logits.shape == (1, 5, 3)
+    assert torch.equal(found.logits[0, :3], logits[0, :3]) and found.logits[0, 3:].abs().sum() == 0
+    assert len(cache) == 2 and cache.lookup([7, 8], narrow, "cpu") is None

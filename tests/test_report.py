@@ -1,0 +1,124 @@
+"""Progress lines, metrics.jsonl, metrics and the summary table (kdcli/report.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from kdcli import report
+
+
+def _info(step: int = 3) -> report.StepInfo:
+    return report.StepInfo(
+        step=step,
+        total_steps=10,
+        epoch=0.75,
+        loss=1.5,
+        terms={"kd": 1.25, "hidden_mse[2->1]": 0.25},
+        lr=1e-4,
+        samples_per_s=12.5,
+        eta_s=65,
+        weights={"kd": 1.0, "hidden_mse[2->1]": 1.0},
+    )
+
+
+def test_progress_mode():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert report.progress_mode(True, Tty()) == "off"
+    assert report.progress_mode(False, Tty()) == "rich"
+    assert report.progress_mode(False, io.StringIO()) == "plain"
+
+
+def test_plain_progress_prints_every_term(capsys):
+    progress = report.Progress("plain", 10)
+    progress.show(_info())
+    progress.message("eval accuracy 0.5")
+    progress.close()
+    err = capsys.readouterr().err
+    assert "step 3/10" in err and "epoch 0.75" in err
+    assert "kd 1.25" in err and "hidden_mse[2->1] 0.25" in err
+    assert "lr 0.0001" in err and "12.5 samples/s" in err and "eta 1:05" in err
+    assert "eval accuracy 0.5" in err
+
+
+def test_quiet_progress_prints_nothing(capsys):
+    progress = report.Progress("off", 10)
+    progress.show(_info())
+    progress.message("x")
+    progress.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_metrics_log_writes_lines_and_truncates_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = report.MetricsLog(path)
+    for step in (1, 2, 3, 4):
+        log.write(_info(step).record())
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert lines[0]["loss/kd"] == 1.25 and lines[0]["weight/kd"] == 1.0 and lines[0]["lr"] == 1e-4
+
+    with open(path, "a") as f:
+        f.write('{"step": 5, "lo')  # cut short by a crash
+    resumed = report.MetricsLog(path, resume_step=2)
+    resumed.write(_info(3).record())
+    resumed.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+
+    fresh = report.MetricsLog(path)  # a new run starts a new file
+    fresh.close()
+    assert path.read_text() == ""
+
+
+def test_classification_metrics_accuracy_ignores_minus_100():
+    m = report.classification_metrics([1, 0, 1, 1], [1, 1, -100, 1])
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["examples"] == 3
+    assert "f1" not in m
+
+
+def test_classification_metrics_micro_f1_over_non_o_tags():
+    # O = 0. labels: B-PER(1) O B-LOC(2) O ; predictions: B-PER O O B-LOC
+    m = report.classification_metrics([1, 0, 0, 2], [1, 0, 2, 0], outside_id=0)
+    assert m["precision"] == pytest.approx(1 / 2)  # 2 predicted non-O, 1 right
+    assert m["recall"] == pytest.approx(1 / 2)  # 2 actual non-O, 1 found
+    assert m["f1"] == pytest.approx(1 / 2)
+    assert m["accuracy"] == pytest.approx(2 / 4)
+
+
+def test_peak_memory_is_positive():
+    assert report.peak_memory_mb("cpu") > 10
+
+
+def test_summary_table_flattens_nested_fields():
+    table = report.summary_table({"steps": 4, "eval": {"accuracy": 0.875}, "files": ["a", "b"]})
+    console = Console(file=io.StringIO(), width=120)
+    console.print(table)
+    text = console.file.getvalue()
+    assert "eval.accuracy" in text and "0.875" in text and "a, b" in text
+
+
+def test_throughput_rate_and_eta():
+    t = report.Throughput(step=0)
+    t.add(64)
+    rate, eta = t.read(step=2, total_steps=10)
+    assert rate > 0 and eta >= 0
+
+
+def test_rich_progress_shows_losses_and_messages_after_close(capsys):
+    progress = report.Progress("rich", 10, description="distill")
+    progress.advance(2)
+    progress.show(_info())
+    progress.message("checkpoint written")
+    progress.close()
+    progress.message("step 10 eval: accuracy 0.5")  # after the bar is gone (final evaluation)
+    err = capsys.readouterr().err
+    assert "checkpoint written" in err and "step 10 eval: accuracy 0.5" in err
+    assert "hidden_mse[2->1] 0.25" in err and "3/10" in err
