@@ -114,7 +114,9 @@ def resolve_device(name: str, procs: Processes) -> torch.device:
         if procs.distributed:
             name = f"cuda:{procs.local_rank}"
         device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:  # plain "cuda": the current device, with its index made explicit
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
             raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s). Fix: pick one of them")
         torch.cuda.set_device(device)
         return device
