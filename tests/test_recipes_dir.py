@@ -149,9 +149,9 @@ def test_sst2_demo_pipeline() -> None:
         str(runs / "sst2-teacher"), {"num_hidden_layers": 3}, [2, 4, 6]
     )
     pairs = [(0, 0), (2, 1), (4, 2), (6, 3)]
-    assert _pairs(distill, "hidden_mse") == pairs and _pairs(distill, "mmd") == _same(pairs)
-    assert distill.distillation.temperature == 8 and distill.distillation.kd_loss_type == "ce"
-    assert (distill.training.num_epochs, distill.training.learning_rate, distill.data.max_length) == (2, 1e-4, 64)
+    assert _pairs(distill, "hidden_mse") == pairs and _pairs(distill, "mmd") == []
+    assert (distill.distillation.temperature, distill.distillation.kd_loss_type, distill.distillation.hard_label_weight) == (2, "ce", 1)
+    assert (distill.training.num_epochs, distill.training.learning_rate, distill.data.max_length) == (2, 2e-4, 64)
     assert distill.training.output_dir == str(runs / "sst2-distill")
 
     control = load_recipe(RECIPES / "sst2-control.json")
@@ -159,5 +159,7 @@ def test_sst2_demo_pipeline() -> None:
     assert (control.student.config, control.student.overrides, control.student.init_from_teacher) == (
         distill.student.config, distill.student.overrides, distill.student.init_from_teacher
     )
-    assert (control.training.num_epochs, control.training.learning_rate, control.data.max_length) == (2, 1e-4, 64)
+    assert (control.training.num_epochs, control.training.learning_rate, control.data.max_length) == (
+        distill.training.num_epochs, distill.training.learning_rate, distill.data.max_length
+    )
     assert control.training.output_dir == str(runs / "sst2-control")
