@@ -286,12 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(exc, "exit_code", 1)
     verdict = targets(figures)
     wall = time.perf_counter() - started
-    Console().print(table(figures))
+    out = Console()
+    if not out.is_terminal:  # a pipe or log file has no width: keep the table's columns whole
+        out = Console(width=120)
+    out.print(table(figures))
     for name, result in verdict.items():
         mark = "[green]met[/]" if result["met"] else "[bold red]missed[/]"
         numbers = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items() if k != "met")
-        Console().print(f"target {name.replace('_', ' ')}: {mark} ({numbers})")
-    Console().print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}")
+        out.print(f"target {name.replace('_', ' ')}: {mark} ({numbers})")
+    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}")
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps({
         "models": {k: asdict(f) for k, f in figures.items()},
