@@ -1,13 +1,17 @@
 """Distillation speed: kdcli against the reference (TextBrewer 0.2.1) on the same work, same run.
 
-    python bench/distill.py                       # both variants, both sides (about 5 min)
+    python bench/distill.py                       # both variants, both sides (about 4 min quiet)
     python bench/distill.py --variants 1 --rows 512   # a quick look
+    python bench/distill.py --repeat 3            # best of 3 interleaved runs (a busy machine)
     python bench/distill.py --reference-padding longest   # the reference with dynamic padding
+    python bench/distill.py --sources --sides kdcli --no-check   # each kdcli speed source off in turn
+    python bench/distill.py --with malloc_mmap    # an engine change under study, with and without
 
-The work (issue 5): teacher all-MiniLM-L6-v2 with a 2-way head (drawn from seed 0 with std 0.5,
-so that its logits are not all near 0; no fine-tuning: speed does not depend on it), student of 3 blocks copied from teacher blocks
-2, 4, 6 (plus embeddings, pooler and head), the first 2,048 rows of ../shared/data/sst2/train.tsv,
-batch 32, max length 64, AdamW lr 1e-4 (no weight decay, no clipping, no schedule), one epoch.
+The work (issue 5): teacher all-MiniLM-L6-v2 with a 2-way head (drawn from seed 0 with std
+HEAD_STD, so that its logits are several units wide; no fine-tuning: speed does not depend on
+it), student of 3 blocks copied from teacher blocks 2, 4, 6 (plus embeddings, pooler and
+head), the first 2,048 rows of ../shared/data/sst2/train.tsv, batch 32, max length 64, AdamW
+lr 1e-4 (no weight decay, no clipping, no schedule), one epoch.
 Objective: KD ce with T=8, plus hidden_mse and mmd (nst) on the hidden-state pairs
 (0,0), (2,1), (4,2), (6,3) (index 0 = embeddings output, k = output of block k), all weights 1.
 Variant 2 adds attention_mse on blocks (2,1), (4,2), (6,3).
@@ -40,9 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,11 @@ HIDDEN_PAIRS = ((0, 0), (2, 1), (4, 2), (6, 3))
 ATTENTION_PAIRS = ((2, 1), (4, 2), (6, 3))
 STUDENT_FROM_TEACHER = (2, 4, 6)  # 1-based teacher blocks
 SEED = 0
+#: std of the teacher's random 2-way head. MiniLM's pooled output has a norm near 1, so the
+#: usual 0.02 gives logits near 0, and even at 0.5 their spread is about 0.5: at T=8 the KD
+#: term would then sit at ln 2 whatever the student does, and the step-1 check would be blind.
+HEAD_STD = 8.0
+BUILD = {"seed": SEED, "head_std": HEAD_STD, "student_from_teacher": list(STUDENT_FROM_TEACHER)}
 
 
 def minilm_dir() -> Path:
@@ -168,14 +175,14 @@ def prepare(paths: BenchPaths, rows: int) -> None:
         write_sst2(paths.train_tsv(rows), data[:rows])
     if not paths.check_tsv.exists():
         write_sst2(paths.check_tsv, data[:BATCH])
-    if (paths.student_no_dropout / "model.safetensors").exists():
+    stamp = paths.root / "build.json"
+    if (paths.student_no_dropout / "model.safetensors").exists() and stamp.exists() \
+            and json.loads(stamp.read_text()) == BUILD:
         return
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     teacher = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    # A head of N(0, 0.5) instead of N(0, 0.02): logits of a few units, so that the KD term
-    # at T=8 is not ln 2 whatever the student does (the step-1 comparison would be blind).
-    torch.nn.init.normal_(teacher.classifier.weight, std=0.5)
+    torch.nn.init.normal_(teacher.classifier.weight, std=HEAD_STD)
     teacher.save_pretrained(paths.teacher)
     tokenizer.save_pretrained(paths.teacher)
 
@@ -201,6 +208,7 @@ def prepare(paths: BenchPaths, rows: int) -> None:
     student.config.attention_probs_dropout_prob = 0.0
     student.save_pretrained(paths.student_no_dropout)
     tokenizer.save_pretrained(paths.student_no_dropout)
+    stamp.write_text(json.dumps(BUILD))
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -416,6 +424,26 @@ SOURCES: dict[str, str] = {
 }
 
 
+# Changes proposed for the engine (docs/speed.md, "For the engine"), which `--with` switches on
+# in the kdcli child, so that their effect can be measured before anyone adopts them.
+PROPOSALS: dict[str, str] = {
+    "malloc_mmap": "glibc mallopt(M_MMAP_THRESHOLD, 1 MiB): tensors over 1 MiB are mmapped, so "
+    "memory freed after a long batch returns to the OS instead of fragmenting the heap",
+}
+
+
+def enable_proposals(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(PROPOSALS))
+    if unknown:
+        raise SystemExit(f"unknown proposal(s) {unknown}; known: {', '.join(PROPOSALS)}")
+    if "malloc_mmap" in names:
+        import ctypes
+
+        M_MMAP_THRESHOLD = -3
+        if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20):
+            raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed (not glibc?)")
+
+
 def disable_sources(names: list[str]) -> None:
     """Switch kdcli's speed sources off in this process (see SOURCES)."""
     import torch
@@ -495,8 +523,9 @@ def read_kdcli_step1(output_dir: Path) -> dict[str, float]:
 
 
 def run_kdcli(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup: int,
-              without: list[str]) -> SideResult:
+              without: list[str], proposals: list[str] = ()) -> SideResult:
     disable_sources(without)
+    enable_proposals(list(proposals))
     from kdcli import distill
     from kdcli.recipe import load_recipe
 
@@ -513,8 +542,9 @@ def run_kdcli(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup
             distill.run(recipe, mode="distill", output_dir=output_dir, quiet=True, overwrite=True)
         wall = time.perf_counter() - start
         step1 = read_kdcli_step1(output_dir)
+    notes = ("without " + ",".join(without) if without else "") + (" with " + ",".join(proposals) if proposals else "")
     result = SideResult("kdcli", variant.number, mode, steps=len(clock.stamps), wall_s=wall,
-                        step1=step1, notes="without " + ",".join(without) if without else "")
+                        step1=step1, notes=notes.strip())
     if not check:
         result.samples_per_s, result.timed_steps = clock.samples_per_s(warmup, BATCH)
     result.peak_mb = peak_rss_mb()
@@ -533,12 +563,14 @@ class Job:
     mode: str = "time"
     without: tuple[str, ...] = ()
     padding: str = "max_length"
+    proposals: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         if self.side == "reference":
             return "reference" + (" (padding longest)" if self.padding == "longest" else "")
-        return "kdcli" + (f" without {', '.join(self.without)}" if self.without else "")
+        return ("kdcli" + (f" without {', '.join(self.without)}" if self.without else "")
+                + (f" with {', '.join(self.proposals)}" if self.proposals else ""))
 
 
 def run_child(job: Job, rows: int, warmup: int) -> SideResult:
@@ -551,6 +583,8 @@ def run_child(job: Job, rows: int, warmup: int) -> SideResult:
     ]
     if job.without:
         cmd += ["--without", *job.without]
+    if job.proposals:
+        cmd += ["--with", *job.proposals]
     print(f"  variant {job.variant} {job.label} ({job.mode}) ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -568,7 +602,7 @@ def child_main(args) -> None:
     if args.child == "reference":
         result = run_reference(variant, paths, data, args.mode, args.warmup, args.reference_padding)
     else:
-        result = run_kdcli(variant, paths, data, args.mode, args.warmup, args.without or [])
+        result = run_kdcli(variant, paths, data, args.mode, args.warmup, args.without or [], args.proposals or [])
     Path(args.result).write_text(json.dumps(asdict(result)))
 
 
@@ -619,6 +653,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="how the reference's batches are padded (default: to max_length, as its examples)")
     parser.add_argument("--without", nargs="+", default=[], metavar="SOURCE",
                         help=f"kdcli speed sources to switch off: {', '.join(SOURCES)}")
+    parser.add_argument("--with", dest="proposals", nargs="+", default=[], metavar="PROPOSAL",
+                        help=f"engine changes under study to switch on for kdcli: {', '.join(PROPOSALS)}")
     parser.add_argument("--sources", action="store_true",
                         help="also time kdcli with each speed source off in turn (docs/speed.md)")
     parser.add_argument("--no-check", action="store_true", help="skip the step-1 loss comparison")
@@ -662,15 +698,21 @@ def main(argv: list[str] | None = None) -> None:
             if side == "reference":
                 main_jobs.append(Job("reference", number, padding=args.reference_padding))
             else:
-                main_jobs.append(Job("kdcli", number, without=tuple(args.without)))
+                main_jobs.append(Job("kdcli", number, without=tuple(args.without), proposals=tuple(args.proposals)))
+                if args.proposals:  # and kdcli as it is, to compare in the same run
+                    main_jobs.append(Job("kdcli", number, without=tuple(args.without)))
     source_jobs: list[Job] = []
     if args.sources:
-        source_jobs = [Job("kdcli", number, without=(name,)) for number in args.variants for name in SOURCES]
+        source_jobs = [Job("kdcli", number, without=(name,), proposals=tuple(args.proposals))
+                       for number in args.variants for name in SOURCES]
     timed = best_of(main_jobs + source_jobs, args.rows, args.warmup, args.repeat, rates)
     checks: dict[Job, SideResult] = {}
     if not args.no_check:
         for job in main_jobs:
-            checks[job] = run_child(Job(job.side, job.variant, "check", job.without, "longest"), args.rows, args.warmup)
+            if job.side == "kdcli" and any(j.side == "kdcli" and j.variant == job.variant for j in checks):
+                continue  # one kdcli check per variant
+            checks[job] = run_child(Job(job.side, job.variant, "check", job.without, "longest", job.proposals),
+                                    args.rows, args.warmup)
     rates.append(matmul_rate())
     rate = max(rates)
     limit = work.limit_samples_per_s(rate)
@@ -720,7 +762,7 @@ def main(argv: list[str] | None = None) -> None:
         for col in ("variant", "switched off", "what runs instead", "samples/s", "peak MB", "speed-up it gives"):
             sources.add_column(col, justify="left" if col in ("variant", "switched off", "what runs instead") else "right")
         for job in source_jobs:
-            base = timed[Job("kdcli", job.variant, without=tuple(args.without))] if "kdcli" in args.sides else None
+            base = timed[Job("kdcli", job.variant, without=tuple(args.without), proposals=tuple(args.proposals))] if "kdcli" in args.sides else None
             r = timed[job]
             gain = f"{base.samples_per_s / r.samples_per_s:.2f}x" if base else "-"
             sources.add_row(VARIANTS[job.variant].label, job.without[0], SOURCES[job.without[0]],
@@ -731,6 +773,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": args.rows, "batch": BATCH, "threads": torch.get_num_threads(), "repeat": args.repeat,
         "matmul_gflops": [r / 1e9 for r in rates], "gflop_per_sample": work.per_sample / 1e9,
         "limit_samples_per_s": limit, "reference_padding": args.reference_padding, "without": args.without,
+        "proposals": args.proposals,
         "timed": [{"job": asdict(j), **asdict(r)} for j, r in timed.items()],
         "checks": [{"job": asdict(j), **asdict(r)} for j, r in checks.items()],
         "step1_comparison": comparisons, "bench_wall_s": time.perf_counter() - started,
