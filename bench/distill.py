@@ -429,6 +429,7 @@ SOURCES: dict[str, str] = {
 PROPOSALS: dict[str, str] = {
     "malloc_mmap": "glibc mallopt(M_MMAP_THRESHOLD, 1 MiB): tensors over 1 MiB are mmapped, so "
     "memory freed after a long batch returns to the OS instead of fragmenting the heap",
+    "malloc_mmap_8m": "the same with an 8 MiB threshold (fewer page faults, less memory returned)",
 }
 
 
@@ -436,12 +437,13 @@ def enable_proposals(names: list[str]) -> None:
     unknown = sorted(set(names) - set(PROPOSALS))
     if unknown:
         raise SystemExit(f"unknown proposal(s) {unknown}; known: {', '.join(PROPOSALS)}")
-    if "malloc_mmap" in names:
-        import ctypes
+    for name, threshold in (("malloc_mmap", 1 << 20), ("malloc_mmap_8m", 8 << 20)):
+        if name in names:
+            import ctypes
 
-        M_MMAP_THRESHOLD = -3
-        if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20):
-            raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed (not glibc?)")
+            M_MMAP_THRESHOLD = -3
+            if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold):
+                raise SystemExit("mallopt(M_MMAP_THRESHOLD) failed (not glibc?)")
 
 
 def disable_sources(names: list[str]) -> None:
