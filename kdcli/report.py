@@ -4,7 +4,10 @@
   samples/s, ETA) when stderr is a terminal, one plain line per log step when it is not,
   nothing when quiet.
 - `MetricsLog`: `metrics.jsonl`, one JSON object per log step (and per evaluation), flushed
-  as written; on resume the lines after the checkpoint's step are dropped first.
+  as written; on resume the lines after the checkpoint's step are dropped first, and an
+  evaluation already logged at a step is not logged again.
+- `Throughput`: samples/s and the ETA from the session's average rate (stable when
+  consecutive log windows differ, as they do under length grouping).
 - `TensorBoard`: scalars to TensorBoard event files when `torch.utils.tensorboard` imports.
 - `classification_metrics`: accuracy, and for token classification micro F1 over the
   non-O tags, from predictions and labels (-100 ignored).
@@ -163,30 +166,44 @@ class MetricsLog:
     """`metrics.jsonl`: one JSON object per line, appended and flushed as the run goes.
 
     With `resume_step`, the lines logged after that step (by a run that went on past its
-    last checkpoint) are dropped first, so the file reads as one uninterrupted run.
+    last checkpoint), training and evaluation alike, are dropped first, so the file reads as
+    one uninterrupted run; an evaluation at a step that already has one (a finished run
+    resumed evaluates its last step again) is not written twice.
     """
 
     def __init__(self, path: Path, *, resume_step: int | None = None):
         self.path = Path(path)
+        self._evaluated: set[int] = set()  # steps with an evaluation line
         if resume_step is not None and self.path.exists():
             kept = []
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(line)
+                    if _is_eval(record):
+                        self._evaluated.add(record.get("step", 0))
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
+        if _is_eval(record):
+            if record.get("step") in self._evaluated:
+                return
+            self._evaluated.add(record.get("step"))
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def _is_eval(record: dict) -> bool:
+    return any(key.startswith("eval/") for key in record)
 
 
 class TensorBoard:
@@ -218,24 +235,22 @@ class TensorBoard:
 
 
 class Throughput:
-    """Samples/s over the steps since the last reading, and an ETA for the rest."""
+    """Samples/s and an ETA for the remaining steps, both from the average over this session
+    (since the run started or resumed). The last window's instant rate swings with the batch
+    lengths (length grouping alternates short and long batches), and the ETA with it."""
 
     def __init__(self, step: int = 0):
-        self._t = time.perf_counter()
+        self.start = time.perf_counter()
         self._samples = 0
         self._step = step
-        self.start = self._t
 
     def add(self, samples: int) -> None:
         self._samples += samples
 
     def read(self, step: int, total_steps: int) -> tuple[float, float]:
-        now = time.perf_counter()
-        elapsed = max(now - self._t, 1e-9)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self._samples / elapsed
-        steps_done = max(step - self._step, 1)
-        eta = (total_steps - step) * elapsed / steps_done
-        self._t, self._samples, self._step = now, 0, step
+        eta = (total_steps - step) * elapsed / max(step - self._step, 1)
         return rate, eta
 
 

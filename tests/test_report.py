@@ -122,3 +122,54 @@ def test_rich_progress_shows_losses_and_messages_after_close(capsys):
     err = capsys.readouterr().err
     assert "checkpoint written" in err and "step 10 eval: accuracy 0.5" in err
     assert "hidden_mse[2->1] 0.25" in err and "3/10" in err
+
+
+def test_eta_is_stable_when_windows_alternate_fast_and_slow(monkeypatch):
+    """Length grouping makes consecutive windows alternate between short and long batches;
+    the ETA comes from the whole session's rate, so it does not jump between log lines."""
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(report.time, "perf_counter", lambda: clock["t"])
+    t = report.Throughput(step=0)
+    etas, rates = [], []
+    for i in range(1, 21):  # 20 log windows of 5 steps: 1 s, then 19 s, then 1 s, ...
+        clock["t"] += 1.0 if i % 2 else 19.0
+        t.add(40)
+        rate, eta = t.read(step=5 * i, total_steps=200)
+        etas.append(eta)
+        rates.append(rate)
+    for before, after in zip(etas[2:], etas[3:]):  # from the third line on
+        assert after <= before * 1.5  # the last window's rate made it jump 19x
+    for before, after in zip(etas[10:], etas[11:]):
+        assert after <= before * 1.1
+    assert etas[-1] == pytest.approx((200 - 100) * (200 / 100), rel=1e-6)  # 2 s per step so far
+    assert rates[-1] == pytest.approx(800 / 200)
+    assert max(rates[2:]) / min(rates[2:]) < 2
+
+
+def test_throughput_after_resume_counts_only_this_session(monkeypatch):
+    clock = {"t": 50.0}
+    monkeypatch.setattr(report.time, "perf_counter", lambda: clock["t"])
+    t = report.Throughput(step=30)
+    clock["t"] += 10
+    t.add(100)
+    rate, eta = t.read(step=40, total_steps=50)
+    assert rate == pytest.approx(10) and eta == pytest.approx(10)
+
+
+def test_metrics_log_on_resume_drops_later_evals_and_never_repeats_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = report.MetricsLog(path)
+    for step in (1, 2, 3, 4):
+        log.write(_info(step).record())
+        if step % 2 == 0:
+            log.write({"step": step, "eval/accuracy": 0.5})
+    log.close()
+
+    resumed = report.MetricsLog(path, resume_step=2)  # the checkpoint was at step 2
+    resumed.write({"step": 2, "eval/accuracy": 0.5})  # the same evaluation again: not repeated
+    resumed.write(_info(3).record())
+    resumed.write({"step": 4, "eval/accuracy": 0.75})
+    resumed.write({"step": 4, "eval/accuracy": 0.75})
+    resumed.close()
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["step"], "eval/accuracy" in r) for r in records] == [(1, False), (2, False), (2, True), (3, False), (4, True)]
