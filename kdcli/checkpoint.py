@@ -7,6 +7,10 @@ projections, optimizer, learning-rate scheduler, grad scaler, RNG states, data p
 and `meta.json` (the same position in readable form); it is assembled in a hidden temporary
 folder and renamed into place, so `latest_checkpoint` only ever sees complete ones.
 
+A full disk (ENOSPC, or a quota) while writing is a `DiskFullError`: one line saying what was
+being written, where, and about how much space it needs (the bytes of the tensors written);
+the temporary folder is removed and the previous checkpoint is kept.
+
 Checkpoints are read back with `torch.load(weights_only=True)`: only tensors and plain
 Python values are unpickled, so resuming from a folder someone else wrote cannot run their
 code. RNG states are therefore stored as tensors and plain ints/lists, never as pickled
@@ -15,12 +19,14 @@ objects (python's `random` state and numpy's `RandomState` are converted both wa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,10 +34,79 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-CHECKPOINTS = "checkpoints"
+from kdcli.errors import KdcliError, RunError
+from kdcli.outdir import CHECKPOINTS
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# -- a full disk -----------------------------------------------------------------------------
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "StorageFull")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True when `exc`, or an error it wraps (torch's writer raises RuntimeError over the OSError;
+    safetensors its own error quoting it), is a full disk or quota."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _NO_SPACE_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of every tensor in a (nested) state: what saving it writes, roughly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class DiskFullError(RunError):
+    """The disk filled up while kdcli wrote `what` into `folder`; `needed` bytes, about."""
+
+    def __init__(self, what: str, folder: Path, needed: int):
+        self.what, self.folder, self.needed = what, Path(folder), needed
+        try:
+            free = f"; {format_bytes(shutil.disk_usage(self.folder).free)} free"
+        except OSError:
+            free = ""
+        super().__init__(
+            f"no space left on the disk of {self.folder} while writing {what} "
+            f"(it needs about {format_bytes(needed)}{free})"
+        )
+
+
+@contextmanager
+def disk_full_as_error(what: str, folder: Path, needed: int):
+    """Turn a full disk inside the block into a `DiskFullError` (other errors pass through)."""
+    try:
+        yield
+    except KdcliError:
+        raise
+    except BaseException as exc:
+        if is_no_space(exc):
+            raise DiskFullError(what, folder, needed) from None
+        raise
 
 
 # -- atomic files ----------------------------------------------------------------------------
@@ -185,24 +260,28 @@ def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2) -
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, ckpt.position.step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        payload = {
-            "format": 1,
-            "position": asdict(ckpt.position),
-            "student": ckpt.student,
-            "objective": ckpt.objective,
-            "optimizer": ckpt.optimizer,
-            "scheduler": ckpt.scheduler,
-            "scaler": ckpt.scaler,
-            "rng": ckpt.rng,
-        }
-        torch.save(payload, tmp / STATE_FILE)
-        (tmp / META_FILE).write_text(json.dumps(asdict(ckpt.position), indent=2) + "\n")
-        _swap_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    payload = {
+        "format": 1,
+        "position": asdict(ckpt.position),
+        "student": ckpt.student,
+        "objective": ckpt.objective,
+        "optimizer": ckpt.optimizer,
+        "scheduler": ckpt.scheduler,
+        "scaler": ckpt.scaler,
+        "rng": ckpt.rng,
+    }
+    with disk_full_as_error(f"checkpoint {final.name}", root, nbytes(payload)):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            # through a Python file, so that a write error keeps its errno (torch's own file
+            # writer reports a full disk as "unexpected pos")
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save(payload, f)
+            (tmp / META_FILE).write_text(json.dumps(asdict(ckpt.position), indent=2) + "\n")
+            _swap_into_place(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

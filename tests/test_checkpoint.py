@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from kdcli import checkpoint as ck
+from kdcli.errors import RunError
 
 
 def _ckpt(step: int) -> ck.Checkpoint:
@@ -105,3 +107,36 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_disk_full_mid_write_keeps_the_previous_checkpoint_and_says_how_much_space(tmp_path, monkeypatch):
+    ck.save_checkpoint(tmp_path, _ckpt(1))
+    state = _ckpt(2)
+    state.student["big"] = torch.zeros(512, 1024)  # 2 MiB of the state's tensors
+
+    def no_space(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", no_space)
+    with pytest.raises(RunError) as err:
+        ck.save_checkpoint(tmp_path, state)
+    message = str(err.value)
+    assert "no space left" in message and "step-2" in message and str(tmp_path / "checkpoints") in message
+    assert "needs about 2.0 MiB" in message and "free" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]  # temp folder gone
+    assert isinstance(err.value, ck.DiskFullError) and err.value.needed >= 2 * 2**20
+
+
+def test_disk_full_is_recognised_through_wrapping_errors():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    except RuntimeError as exc:
+        wrapped = exc
+    assert ck.is_no_space(wrapped)
+    assert ck.is_no_space(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not ck.is_no_space(OSError(errno.EACCES, "Permission denied"))
+    assert ck.nbytes({"a": torch.zeros(4, dtype=torch.float64), "b": [torch.zeros(2, dtype=torch.int8)], "c": 3}) == 34

@@ -207,3 +207,53 @@ def write_tiny_ner(path: str | Path, n: int = 12, *, int_tags: bool = False) -> 
             tags_out = [NER_TAGS.index(t) for t in tags] if int_tags else tags
             f.write(json.dumps({"tokens": words, "ner_tags": tags_out}) + "\n")
     return path
+
+
+# -- output-folder helpers (kdcli/outdir.py) ---------------------------------------------------
+
+
+def hold_output_lock(folder: str | Path):
+    """A separate live process holding `folder`'s kdcli lock (as a running kdcli would);
+    returns the Popen: `.pid` names the holder, `.kill()` ends it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kdcli.outdir import FolderLock; "
+        "lock = FolderLock.acquire(sys.argv[1]); print('held', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def deny_writes(monkeypatch, folder: str | Path) -> None:
+    """Make `folder` read-only for this process: chmod 0o555, and, as root (whom the mode does
+    not stop), refuse every os.open for writing and os.mkdir under it with EACCES."""
+    import errno
+    import os
+
+    folder = os.path.abspath(folder)
+    os.chmod(folder, 0o555)
+    if os.geteuid() != 0:
+        return
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def inside(path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(folder + os.sep)
+
+    def fake_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
