@@ -12,6 +12,12 @@
     finish    final evaluation, checkpoint, the student (save_pretrained + tokenizer),
               projections.safetensors, summary.json
 
+Output folder (`kdcli.outdir`): checked, created, probed for writing and locked (rank 0)
+before anything loads; with --overwrite the previous run is cleared only just before the
+first write, so a run that fails while loading leaves it intact. A full disk while saving is
+one message with the space needed; the last good checkpoint is kept. Resuming with another
+`training.learning_rate` continues the schedule at the new rate.
+
 Data parallel: under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the
 process group is initialised (gloo on CPU, nccl on CUDA), the student and the objective's
 projections are wrapped together in one DistributedDataParallel (the teachers never are),
@@ -28,16 +34,16 @@ then switched off with a warning.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
 import shlex
-import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -49,7 +55,7 @@ from torch import Tensor, nn
 from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import models as kmodels
-from kdcli import report
+from kdcli import outdir, report
 from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError
 from kdcli.features import FeatureCapture, Features, model_inputs
 from kdcli.objective import Objective
@@ -161,47 +167,37 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _non_empty(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def check_output_dir(out: Path, *, resume: bool, overwrite: bool, protected: Sequence[Path]) -> Path | None:
-    """Refuse a non-empty output folder unless resuming (returns the latest checkpoint) or
-    overwriting (refused when the folder holds the recipe, its data or its models)."""
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other. Fix: pass one of them")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output folder {out} is a file. Fix: choose another --output-dir")
-    if resume:
-        latest = ckpt.latest_checkpoint(out)
-        if latest is None:
-            raise UsageError(
-                f"--resume: {out} holds no checkpoint ({out / ckpt.CHECKPOINTS}/step-N). "
-                "Fix: run without --resume to start the run"
-            )
-        return latest
-    if _non_empty(out):
-        if not overwrite:
-            raise UsageError(
-                f"output folder {out} is not empty. Fix: pass --resume to continue the run in it, "
-                "--overwrite to replace it, or choose another --output-dir"
-            )
-        for path in protected:
-            path = Path(os.path.abspath(path))
-            if path == out or out in path.parents:
-                raise UsageError(
-                    f"--overwrite would delete {path}, which this run reads (it is inside {out}). "
-                    "Fix: choose another --output-dir"
-                )
-    return None
-
-
-def clear_output_dir(out: Path) -> None:
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
+def read_paths(recipe) -> list[Path]:
+    """Every local path the run reads (the recipe, its data, models, student config, tokenizer),
+    which `--overwrite` must never delete. A relative reference (a recipe built in code) is
+    taken relative to the recipe's folder, as recipes resolve them, and to the working folder,
+    as `from_pretrained` and the data readers would read it; each one that exists counts."""
+    data = recipe.data
+    refs = [
+        recipe.source, data.train.path, data.eval.path if data.eval is not None else None,
+        *[t.model for t in recipe.teachers], getattr(recipe.student, "model", None),
+        getattr(recipe.student, "config", None), recipe.tokenizer, recipe.init_source,
+    ]
+    bases = ([Path(recipe.source).parent] if recipe.source else []) + [Path.cwd()]
+    paths: list[Path] = []
+    for ref in refs:
+        if not ref:
+            continue
+        ref = os.path.expanduser(str(ref))
+        if os.path.isabs(ref):
+            paths.append(Path(ref))
         else:
-            child.unlink()
+            paths += [base / ref for base in bases if os.path.lexists(base / ref)]
+    return paths
+
+
+def recipe_sha256(recipe) -> str:
+    """The hash of the recipe file (or, for a recipe built in code, of its JSON)."""
+    if recipe.source is not None:
+        data = Path(recipe.source).read_bytes()
+    else:
+        data = recipe.model_dump_json(by_alias=True).encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 def resume_command(mode: Mode, recipe, out: Path, procs: Processes, *, max_steps, device, seed) -> str:
@@ -312,6 +308,17 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def follow_learning_rates(optimizer: torch.optim.Optimizer, scheduler, base_lrs: Sequence[float]) -> None:
+    """After a checkpoint's optimizer and scheduler states are loaded: continue the schedule
+    from `base_lrs` (the resuming recipe's rates) at the checkpoint's step, instead of the
+    rates the checkpoint's run started with."""
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class StudentStep(nn.Module):
@@ -450,7 +457,8 @@ def run(
 
     Overrides: `output_dir`, `max_steps` (optimizer steps; wins over num_epochs/num_steps),
     `device`, `seed`. `resume` continues from the latest checkpoint in the output folder;
-    `overwrite` empties a non-empty output folder first (else it is refused). Raises
+    `overwrite` replaces a previous run's folder (only one kdcli wrote, and only once the
+    models and data have loaded; else a non-empty folder is refused). Raises
     `UsageError`, `RunError` (e.g. `NonFiniteLossError`) or `Interrupted` (Ctrl-C, after a
     resumable checkpoint was written).
     """
@@ -480,18 +488,37 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
     training = recipe.training
     main = procs.is_main
 
-    # --- output folder -------------------------------------------------------------------
+    # --- output folder: checked, created, probed and locked before anything loads; the
+    # previous run is cleared (--overwrite) only just before the first write (folder.begin) ---
     out = Path(os.path.abspath(output_dir or training.output_dir))
-    protected = [p for p in [recipe.source, recipe.data.train.path if recipe.data.train.is_local else None,
-                             recipe.data.eval.path if recipe.data.eval is not None and recipe.data.eval.is_local else None,
-                             *[t.model for t in recipe.teachers], getattr(recipe.student, "model", None),
-                             getattr(recipe.student, "config", None), recipe.tokenizer] if p and os.path.isabs(str(p))]
-    resume_from = check_output_dir(out, resume=resume, overwrite=overwrite, protected=protected)
-    if main:
-        if overwrite and _non_empty(out):
-            clear_output_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
+
+    def open_folder() -> outdir.RunFolder:
+        return outdir.RunFolder.open(
+            out, resume=resume, overwrite=overwrite, protected=read_paths(recipe), main=main, file_names=RUN_FILES,
+        )
+
+    folder = open_folder() if main else None
     procs.barrier()
+    if not main:
+        folder = open_folder()
+    try:
+        return _run_in(folder, recipe, mode, procs, max_steps, device_name, seed, quiet, wall_start)
+    except OSError as exc:  # a full disk anywhere else (metrics.jsonl, TensorBoard): one message too
+        if not ckpt.is_no_space(exc):
+            raise
+        raise RunError(
+            f"no space left on the disk of {out} ({_first_line(exc)}). Fix: free space there, then "
+            f"continue from the last checkpoint in {out / ckpt.CHECKPOINTS} with --resume"
+        ) from None
+    finally:
+        folder.close()
+
+
+def _run_in(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, max_steps, device_name, seed, quiet, wall_start) -> dict:
+    training = recipe.training
+    main = procs.is_main
+    out = folder.path
+    resume_from = folder.latest
 
     warnings: list[str] = []
     progress: report.Progress | None = None
@@ -507,6 +534,9 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
     def warn(text: str) -> None:
         warnings.append(text)
         say(text)
+
+    if main and not folder.locked:
+        warn(f"warning: cannot lock {out} (its file system has no file locks); make sure no other run writes there")
 
     # --- seed, device, precision ---------------------------------------------------------
     run_seed = training.seed if seed is None else seed
@@ -575,6 +605,7 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
 
     # --- resume --------------------------------------------------------------------------
     if resume_from is not None:
+        recipe_lrs = list(scheduler.base_lrs)  # this recipe's rates, before the checkpoint's
         try:
             state = ckpt.load_checkpoint(resume_from, map_location=device)
         except Exception as exc:  # unpickling refused (weights_only), truncated file, ...
@@ -595,6 +626,12 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
                 f"({_first_line(exc)}). Fix: resume with the recipe that started the run, or pass "
                 "--overwrite to start again"
             ) from None
+        if list(scheduler.base_lrs) != recipe_lrs:
+            warn(
+                f"warning: resuming with learning_rate {recipe_lrs[0]:g} (the checkpoint's run used "
+                f"{scheduler.base_lrs[0]:g}): the schedule continues from step {state.position.step} at the new rate"
+            )
+            follow_learning_rates(optimizer, scheduler, recipe_lrs)
         ranks = state.rng.get("ranks", [state.rng])
         if len(ranks) == procs.world_size:
             ckpt.restore_rng(_to_cpu(ranks[procs.rank]))
@@ -620,13 +657,31 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
             rng_all = [rng]
         path = None
         if main:
-            path = ckpt.save_checkpoint(out, ckpt.Checkpoint(
-                position=pos, student=student.state_dict(), objective=objective.state_dict(),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else None, rng={"ranks": rng_all},
-            ))
+            with disk_full_keeps(last_saved):
+                path = ckpt.save_checkpoint(out, ckpt.Checkpoint(
+                    position=pos, student=student.state_dict(), objective=objective.state_dict(),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler.is_enabled() else None, rng={"ranks": rng_all},
+                ))
         procs.barrier()
         return path
+
+    @contextmanager
+    def disk_full_keeps(kept_checkpoint: Path | None):
+        """A full disk: one message naming the space needed, what is kept and how to go on."""
+        try:
+            yield
+        except ckpt.DiskFullError as exc:
+            need = ckpt.format_bytes(exc.needed)
+            if kept_checkpoint is not None:
+                raise RunError(
+                    f"{exc}; the last good checkpoint {kept_checkpoint} is kept. Fix: make at least "
+                    f"{need} free on that disk, then continue with `{command}`"
+                ) from None
+            raise RunError(
+                f"{exc}; no checkpoint had been written yet. Fix: make at least {need} free on that "
+                "disk, or choose an --output-dir on another one, and start again with --overwrite"
+            ) from None
 
     def teacher_features(indices: list[int], batch: dict[str, Tensor]) -> list[Features]:
         if cache is not None:
@@ -645,9 +700,10 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
         teacher_eval = evaluate(_logits_fn(teachers), eval_set, collator, training.eval_batch_size, device, precision, outside_id)
         say("teacher eval: " + _metrics_line(teacher_eval))
 
-    # --- outputs (rank 0) ----------------------------------------------------------------
+    # --- outputs (rank 0): the first write; only now is a replaced run cleared -----------
     metrics = tb = None
     if main:
+        folder.begin({"recipe_sha256": recipe_sha256(recipe), "mode": mode})
         metrics = report.MetricsLog(out / "metrics.jsonl", resume_step=position.step if resume_from else None)
         tb = report.TensorBoard(out / "tensorboard")
         if recipe.source is not None:
@@ -788,9 +844,12 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
                 _log_eval(step, last_eval, metrics, tb, say)
         last_saved = save(position)
         if main:
-            ckpt.atomic_save_pretrained_files(student, tokenizer, out)
-            if len(objective.projections):
-                ckpt.atomic_save_safetensors(objective.state_dict(), out / PROJECTIONS_FILE)
+            with disk_full_keeps(last_saved):
+                with ckpt.disk_full_as_error("the student model", out, ckpt.nbytes(student.state_dict())):
+                    ckpt.atomic_save_pretrained_files(student, tokenizer, out)
+                if len(objective.projections):
+                    with ckpt.disk_full_as_error(PROJECTIONS_FILE, out, ckpt.nbytes(objective.state_dict())):
+                        ckpt.atomic_save_safetensors(objective.state_dict(), out / PROJECTIONS_FILE)
     finally:
         _close(None, metrics, tb, capture_S, *captures_T)
     summary = {
@@ -820,9 +879,10 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
         "warnings": warnings,
     }
     if main:
-        ckpt.atomic_write_json(out / "summary.json", summary)
-        summary["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-        ckpt.atomic_write_json(out / "summary.json", summary)
+        with disk_full_keeps(last_saved), ckpt.disk_full_as_error("summary.json", out, 1 << 16):
+            ckpt.atomic_write_json(out / "summary.json", summary)
+            summary["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+            ckpt.atomic_write_json(out / "summary.json", summary)
     return summary
 
 

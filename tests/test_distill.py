@@ -6,8 +6,11 @@ SST-2 files (or a tiny NER file): every run is a few optimizer steps.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdcli import distill
-from kdcli.errors import Interrupted, NonFiniteLossError, UsageError
+import kdcli
+from kdcli import distill, outdir
+from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError
 from kdcli.recipe import load_recipe
-from tiny import REPO, make_tiny_bert, make_tiny_config, write_sst2_sample, write_tiny_ner
+from tiny import REPO, deny_writes, hold_output_lock, make_tiny_bert, make_tiny_config, write_sst2_sample, write_tiny_ner
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,18 @@ def write_recipe(folder: Path, name: str, **sections) -> Path:
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def interrupt_at(patch: pytest.MonkeyPatch, step: int) -> None:
+    """Deliver a SIGINT to the loop right after optimizer step `step`, as Ctrl-C would."""
+    advance = distill.report.Progress.advance
+
+    def advance_then_interrupt(self, done):
+        advance(self, done)
+        if done == step:
+            signal.raise_signal(signal.SIGINT)
+
+    patch.setattr(distill.report.Progress, "advance", advance_then_interrupt)
 
 
 HIDDEN_AND_ATTENTION = [
@@ -113,10 +129,9 @@ def test_full_distill_every_loss_family_with_and_without_proj(world):
 def test_saved_student_loads_with_plain_transformers_and_predicts(world):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out = world / "out-all"  # written by the test above; run it alone if it is missing
-    if not (out / "model.safetensors").exists():
-        distill.run(load_recipe(write_recipe(world, "plain", training={"num_steps": 1}), mode="distill"),
-                    output_dir=out, quiet=True)
+    out = world / "out-plain"
+    distill.run(load_recipe(write_recipe(world, "plain", training={"num_steps": 1}), mode="distill"),
+                output_dir=out, quiet=True)
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["architectures"] == ["BertForSequenceClassification"]
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -212,19 +227,13 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkey
     recipe = load_recipe(path, mode="distill")
     distill.run(recipe, mode="distill", output_dir=world / "out-straight", quiet=True)
 
-    advance = distill.report.Progress.advance
-
-    def interrupt_at_3(self, step):
-        advance(self, step)
-        if step == 3:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(distill.report.Progress, "advance", interrupt_at_3)
+    interrupt_at(monkeypatch, 3)
     out = world / "out-resumed"
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup or in a background job
     with pytest.raises(Interrupted, match=r"interrupted at step 3 of 7.*Resume with: kdcli distill .*--resume"):
         distill.run(recipe, mode="distill", output_dir=out, quiet=True)
     assert (out / "checkpoints" / "step-3" / "state.pt").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     monkeypatch.undo()
 
     summary = distill.run(recipe, mode="distill", output_dir=out, resume=True, quiet=True)
@@ -268,16 +277,28 @@ def test_output_folder_rules(world):
     out = world / "out-rules"
     out.mkdir()
     (out / "stale.txt").write_text("x")
-    with pytest.raises(UsageError, match="is not empty.*--resume.*--overwrite"):
+    with pytest.raises(UsageError, match="is not empty.*kdcli did not write it.*stale.txt"):
         distill.run(recipe, output_dir=out, quiet=True)
+    with pytest.raises(UsageError, match="kdcli did not write it.*stale.txt"):
+        distill.run(recipe, output_dir=out, overwrite=True, quiet=True)  # not kdcli's: never deleted
+    assert (out / "stale.txt").read_text() == "x"
     with pytest.raises(UsageError, match="holds no checkpoint"):
         distill.run(recipe, output_dir=out, resume=True, quiet=True)
     with pytest.raises(UsageError, match="contradict"):
         distill.run(recipe, output_dir=out, resume=True, overwrite=True, quiet=True)
     with pytest.raises(UsageError, match="would delete"):
         distill.run(recipe, output_dir=world, overwrite=True, quiet=True)  # holds the recipe and models
-    distill.run(recipe, output_dir=out, overwrite=True, quiet=True)
+
+    (out / "stale.txt").unlink()
+    distill.run(recipe, output_dir=out, quiet=True)  # kdcli's own run: marked
+    (out / "stale.txt").write_text("x")
+    with pytest.raises(UsageError, match="is not empty.*--resume.*--overwrite"):
+        distill.run(recipe, output_dir=out, quiet=True)
+    summary = distill.run(recipe, output_dir=out, overwrite=True, quiet=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not any(name.startswith(".") for name in summary["files"])  # marker and lock are not listed
+    marker = json.loads((out / outdir.MARKER).read_text())
+    assert marker["kdcli"] == kdcli.__version__ and len(marker["recipe_sha256"]) == 64
 
 
 def test_resume_of_a_finished_run_saves_again_without_training(world):
@@ -290,10 +311,9 @@ def test_resume_of_a_finished_run_saves_again_without_training(world):
 
 
 def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
-    out = world / "out-finished"  # written by the test above
-    if not (out / "checkpoints").exists():
-        distill.run(load_recipe(write_recipe(world, "finished", training={"num_steps": 2}), mode="distill"),
-                    output_dir=out, quiet=True)
+    out = world / "out-hostile"
+    distill.run(load_recipe(write_recipe(world, "hostile", training={"num_steps": 2}), mode="distill"),
+                output_dir=out, quiet=True)
     other = write_recipe(world, "other", training={"num_steps": 2}, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]})
     with pytest.raises(UsageError, match="does not fit this recipe"):
         distill.run(load_recipe(other, mode="distill"), output_dir=out, resume=True, quiet=True)
@@ -304,7 +324,7 @@ def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
 
     latest = distill.ckpt.latest_checkpoint(out)
     torch.save({"position": Hostile()}, latest / "state.pt")
-    recipe = load_recipe(world / "finished.json", mode="distill")
+    recipe = load_recipe(world / "hostile.json", mode="distill")
     with pytest.raises(distill.RunError, match="cannot read the checkpoint.*weights_only|cannot read the checkpoint"):
         distill.run(recipe, output_dir=out, resume=True, quiet=True)
     assert not (world / "pwned").exists()
@@ -387,3 +407,216 @@ def test_teacher_logit_cache_round_trips_token_logits_across_paddings():
     assert found.logits.shape == (1, 5, 3)
     assert torch.equal(found.logits[0, :3], logits[0, :3]) and found.logits[0, 3:].abs().sum() == 0
     assert len(cache) == 2 and cache.lookup([7, 8], narrow, "cpu") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder's safety (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_an_overwrite_that_fails_before_writing_keeps_the_previous_run(world, monkeypatch):
+    path = write_recipe(world, "keep", training={"num_steps": 1})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-keep"
+    distill.run(recipe, output_dir=out, quiet=True)
+    before = _tree(out)
+
+    def bad_model(*args, **kwargs):
+        raise RunError("cannot load the model: broken on purpose")
+
+    def bad_data(*args, **kwargs):
+        raise UsageError("cannot read the data: broken on purpose")
+
+    for target, broken in ((distill.kmodels, ("load_model", bad_model)), (distill.kdata, ("prepare_from_recipe", bad_data))):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, *broken)
+            with pytest.raises((RunError, UsageError), match="broken on purpose"):
+                distill.run(recipe, output_dir=out, overwrite=True, quiet=True)
+        assert _tree(out) == before
+        never = world / "out-never"  # a folder the failed run created is removed again
+        with monkeypatch.context() as patch:
+            patch.setattr(target, *broken)
+            with pytest.raises((RunError, UsageError), match="broken on purpose"):
+                distill.run(recipe, output_dir=never, quiet=True)
+        assert not never.exists()
+
+
+def _copy_project(world: Path, to: Path) -> Path:
+    to.mkdir()
+    for name in ("teacher", "student"):
+        shutil.copytree(world / name, to / name)
+    for name in ("train.tsv", "dev.tsv"):
+        shutil.copy(world / name, to / name)
+    return write_recipe(to, "project", training={"num_steps": 1})
+
+
+def test_overwrite_through_a_symlink_to_the_recipe_folder_is_refused(world, tmp_path):
+    path = _copy_project(world, tmp_path / "project")
+    outdir.write_marker(tmp_path / "project", {})  # even marked, what the run reads is never deleted
+    before = _tree(tmp_path / "project")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "project", target_is_directory=True)
+    with pytest.raises(UsageError, match=r"--overwrite would delete .*project.*Fix:"):
+        distill.run(load_recipe(path, mode="distill"), output_dir=link, overwrite=True, quiet=True)
+    assert _tree(tmp_path / "project") == before
+
+
+def test_a_relative_model_path_inside_the_output_folder_is_protected(world, tmp_path, monkeypatch):
+    models = tmp_path / "models"  # e.g. a `kdcli train` run (marked) that made the teacher
+    shutil.copytree(world / "teacher", models / "teacher")
+    outdir.write_marker(models, {})
+    recipe = load_recipe(write_recipe(world, "relative", training={"num_steps": 1}), mode="distill")
+    monkeypatch.chdir(tmp_path)
+    recipe.teachers[0].model = "models/teacher"  # a recipe built in code: relative to the working folder
+    with pytest.raises(UsageError, match=r"would delete .*teacher"):
+        distill.run(recipe, output_dir=models, overwrite=True, quiet=True)
+    assert (models / "teacher" / "model.safetensors").exists()
+
+
+def test_a_folder_another_run_holds_is_refused_naming_its_pid(world):
+    path = write_recipe(world, "held", training={"num_steps": 1})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-held"
+    distill.run(recipe, output_dir=out, quiet=True)
+    holder = hold_output_lock(out)
+    try:
+        for flags in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(UsageError, match=rf"in use by another kdcli run \(PID {holder.pid}\)"):
+                distill.run(recipe, output_dir=out, quiet=True, **flags)
+        assert (out / "model.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = distill.run(recipe, output_dir=out, resume=True, quiet=True)  # kill -9 released it
+    assert summary["resumed_from_step"] == 1
+
+
+def test_resume_removes_the_temporary_folders_of_a_killed_save(world):
+    path = write_recipe(world, "killed", training={"num_steps": 2, "save_every": 1})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-killed"
+    distill.run(recipe, output_dir=out, quiet=True)
+    stale = [out / "checkpoints" / ".step-3.x1y2z3w4", out / "checkpoints" / ".step-2.old-31337", out / ".save_pretrained.q9w8e7r6"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"half a checkpoint")
+    summary = distill.run(recipe, output_dir=out, resume=True, quiet=True)
+    assert summary["resumed_from_step"] == 2
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+
+
+def test_eval_lines_are_written_once_across_resumes(world, monkeypatch):
+    path = write_recipe(world, "evalonce", training={"num_steps": 4, "eval_every": 2})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-evalonce"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2)
+        with pytest.raises(Interrupted):
+            distill.run(recipe, output_dir=out, quiet=True)
+    distill.run(recipe, output_dir=out, resume=True, quiet=True)  # from step 2 (evaluated there)
+    distill.run(recipe, output_dir=out, resume=True, quiet=True)  # a finished run: evaluates step 4 again
+    records = lines(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [2, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def _no_space_after(calls: int, target, name: str, monkeypatch) -> None:
+    """Let `target.name` run `calls` times, then write a few bytes and fail with ENOSPC."""
+    real = getattr(target, name)
+    count = {"n": 0}
+
+    def fake(obj, f, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] <= calls:
+            return real(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(target, name, fake)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(world, monkeypatch):
+    path = write_recipe(world, "full", training={"num_steps": 4, "save_every": 1})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-full"
+    _no_space_after(2, distill.ckpt.torch, "save", monkeypatch)
+    with pytest.raises(RunError) as err:
+        distill.run(recipe, output_dir=out, quiet=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "no space left" in message and "step-3" in message and str(out / "checkpoints") in message
+    assert re.search(r"needs about \d+(\.\d+)? (KiB|MiB)", message) and "step-2" in message and "--resume" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]  # no temp folder
+    monkeypatch.undo()
+    assert distill.run(recipe, output_dir=out, resume=True, quiet=True)["steps"] == 4
+
+
+def test_disk_full_during_the_final_save_is_one_message(world, monkeypatch):
+    import transformers
+
+    path = write_recipe(world, "fullsave", training={"num_steps": 1})
+    recipe = load_recipe(path, mode="distill")
+    out = world / "out-fullsave"
+
+    def no_space(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", no_space)
+    with pytest.raises(RunError, match=r"no space left .*student model.*needs about .*Fix: .*--resume"):
+        distill.run(recipe, output_dir=out, quiet=True)
+    assert not list(out.glob(".save_pretrained*")) and not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / "step-1" / "state.pt").exists()
+
+
+def test_unwritable_or_too_long_output_folders_are_refused_before_models_load(world, tmp_path, monkeypatch):
+    recipe = load_recipe(write_recipe(world, "ro", training={"num_steps": 1}), mode="distill")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the output folder")
+
+    monkeypatch.setattr(distill.kmodels, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(distill.kmodels, "load_model", must_not_load)
+    with pytest.raises(UsageError, match=r"'x{20,}.*' has 300 characters.*Fix:"):
+        distill.run(recipe, output_dir=tmp_path / ("x" * 300) / "run", quiet=True)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with monkeypatch.context() as patch:
+        deny_writes(patch, ro)
+        try:
+            with pytest.raises(UsageError, match=r"output folder .*ro is not writable"):
+                distill.run(recipe, output_dir=ro, quiet=True)
+            with pytest.raises(UsageError, match=r"cannot create the output folder .*run"):
+                distill.run(recipe, output_dir=ro / "run", quiet=True)
+        finally:
+            os.chmod(ro, 0o755)
+
+
+def test_resume_follows_a_changed_learning_rate(world, monkeypatch):
+    """The non-finite-loss advice (lower training.learning_rate, then resume) must work: the
+    resumed run's schedule continues at the new rate; a projection's own lr stays its own."""
+    matches = [HIDDEN_AND_ATTENTION[0], {**HIDDEN_AND_ATTENTION[1], "proj": ["linear", 32, 64]}]
+    training = {"num_steps": 6, "warmup_ratio": 0.0}
+    first = load_recipe(write_recipe(world, "lr-a", training={**training, "learning_rate": 1e-3},
+                                     distillation={"intermediate_matches": matches}), mode="distill")
+    second = load_recipe(write_recipe(world, "lr-b", training={**training, "learning_rate": 2e-4},
+                                      distillation={"intermediate_matches": matches}), mode="distill")
+    out = world / "out-lr"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        with pytest.raises(Interrupted):
+            distill.run(first, output_dir=out, quiet=True)
+    summary = distill.run(second, output_dir=out, resume=True, quiet=True)
+    assert any("learning_rate 0.0002" in w and "0.001" in w for w in summary["warnings"])
+    lrs = {r["step"]: r["lr"] for r in lines(out / "metrics.jsonl") if "lr" in r}
+    for step in (1, 2, 3):
+        assert lrs[step] == pytest.approx(1e-3 * (6 - step) / 6)
+    for step in (4, 5, 6):
+        assert lrs[step] == pytest.approx(2e-4 * (6 - step) / 6)
+    groups = distill.ckpt.load_checkpoint(out / "checkpoints" / "step-6").optimizer["param_groups"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([2e-4, 2e-4, 1e-2, 2e-4])
