@@ -112,6 +112,15 @@ def disk_full_as_error(what: str, folder: Path, needed: int):
 # -- atomic files ----------------------------------------------------------------------------
 
 
+def _ordinary_mode(path: Path, *, folder: bool) -> None:
+    """Give a file from mkstemp (0600) or a folder from mkdtemp (0700) the mode an ordinary
+    `open`/`mkdir` would have given it under the process's umask, so that outputs are as
+    readable as the user's other files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary path next to `path`, then move it onto `path`."""
     path = Path(path)
@@ -120,6 +129,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        _ordinary_mode(Path(tmp), folder=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -278,6 +288,7 @@ def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2) -
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(payload, f)
             (tmp / META_FILE).write_text(json.dumps(asdict(ckpt.position), indent=2) + "\n")
+            _ordinary_mode(tmp, folder=True)
             _swap_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -140,3 +140,17 @@ def test_disk_full_is_recognised_through_wrapping_errors():
     assert ck.is_no_space(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert not ck.is_no_space(OSError(errno.EACCES, "Permission denied"))
     assert ck.nbytes({"a": torch.zeros(4, dtype=torch.float64), "b": [torch.zeros(2, dtype=torch.int8)], "c": 3}) == 34
+
+
+def test_outputs_get_the_mode_an_ordinary_write_would_give(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700; outputs must follow the umask like any other file."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        target = ck.atomic_write_json(tmp_path / "summary.json", {"x": 1})
+        folder = ck.save_checkpoint(tmp_path, _ckpt(1))
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
