@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from kdcli import __version__
-from kdcli.errors import EXIT_INTERRUPTED, KdcliError
+from kdcli.errors import EXIT_INTERRUPTED, KdcliError, printable
 
 app = typer.Typer(
     name="kdcli",
@@ -32,21 +32,42 @@ out = Console(soft_wrap=True)  # stdout: results
 err = Console(stderr=True, soft_wrap=True)  # stderr: progress, logs, errors
 
 
+def _error_document(exc: BaseException, exit_code: int) -> dict:
+    """The `--json` document of a failed command: {"ok": false, "error": {...}}."""
+    error = {"type": type(exc).__name__, "message": str(exc) or "interrupted", "exit_code": exit_code}
+    problems = getattr(exc, "problems", None)
+    if isinstance(problems, list):
+        error["problems"] = [p.to_dict() for p in problems]
+    return {"ok": False, "error": error}
+
+
 @contextlib.contextmanager
-def _boundary() -> Iterator[None]:
-    """The one error boundary: known errors become one message and an exit code."""
+def _boundary(as_json: bool = False) -> Iterator[None]:
+    """The one error boundary: known errors become one message on stderr and an exit code;
+    with `as_json`, stdout also gets the error as one JSON document (`_error_document`).
+
+    The message is printed as data: it quotes file names, paths and values, so it is escaped
+    (non-printable characters, rich markup) and printed with emoji codes off."""
+    from rich.markup import escape
+
     try:
         yield
     except KdcliError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        if as_json:
+            _print_json(_error_document(exc, exc.exit_code))
+        text = "\n".join(escape(printable(line)) for line in str(exc).splitlines())
+        err.print(f"[bold red]error:[/] {text}", markup=True, highlight=False, emoji=False)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if as_json:
+            _print_json(_error_document(exc, EXIT_INTERRUPTED))
         err.print("[bold red]interrupted[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _print_json(doc) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    # ensure_ascii: any string (a lone surrogate from a file name included) is written as an escape
+    sys.stdout.write(json.dumps(doc, indent=2, default=str, ensure_ascii=True) + "\n")
     sys.stdout.flush()
 
 
@@ -217,24 +238,29 @@ _RECIPE_ARG = typer.Argument(..., help="The recipe file (JSON).", show_default=F
 _OUTPUT_DIR = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the recipe's training.output_dir).")
 _MAX_STEPS = typer.Option(None, "--max-steps", min=1, help="Train for N optimizer steps (wins over num_epochs/num_steps).")
 _DEVICE = typer.Option(None, "--device", help='"auto", "cpu", "cuda", "cuda:N" or "mps" (default: the recipe\'s).')
-_SEED = typer.Option(None, "--seed", min=0, help="Random seed (default: the recipe's training.seed).")
+_SEED = typer.Option(None, "--seed", help="Random seed, in training.seed's range (default: the recipe's training.seed).")
 _RESUME = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Empty a non-empty output folder first.")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
-_JSON = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout.")
+_JSON = typer.Option(
+    False, "--json", help='Print one JSON document on stdout: the summary with "ok": true, or {"ok": false, "error": {...}}.'
+)
 
 
 def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json) -> None:
-    with _boundary():
+    with _boundary(as_json):
         from kdcli.checking import load_checked
+        from kdcli.errors import UsageError
+        from kdcli.recipe import SEED_RANGE
 
         if device is not None:
             import re
 
             if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
-                from kdcli.errors import UsageError
-
                 raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
+        if seed is not None and seed not in SEED_RANGE:
+            low, high = SEED_RANGE.start, SEED_RANGE.stop - 1
+            raise UsageError(f"--seed {seed} is outside training.seed's range {low}..{high}. Fix: use a seed from {low} to {high}")
         recipe = load_checked(recipe_path, mode=mode)
         from kdcli import distill
 
@@ -245,11 +271,13 @@ def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, see
         if not distill.is_main_process():
             return
     if as_json:
-        _print_json(summary)
+        _print_json({"ok": True, **summary})
     else:
+        from rich.markup import escape
+
         from kdcli.report import summary_table
 
-        out.print(summary_table(summary, title=f"kdcli {mode}: {summary['output_dir']}"))
+        out.print(summary_table(summary, title=f"kdcli {mode}: {escape(printable(str(summary['output_dir'])))}"))
 
 
 @app.command("distill")

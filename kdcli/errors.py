@@ -15,6 +15,26 @@ EXIT_USAGE = 2  # bad flag, missing file, output folder in the way
 EXIT_INTERRUPTED = 130  # Ctrl-C (after a resumable checkpoint was written)
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal or log would not show as itself written as an
+    escape: control characters (\\x1b, \\x07, line breaks...), invisible format characters
+    (U+202E...) and lone surrogates (\\udcff, which no encoder writes). Strings from users' files
+    go through it before they are printed, so they are shown as data and always encode."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One finding in a recipe: where it is, what is wrong, and how to fix it."""

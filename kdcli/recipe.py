@@ -33,6 +33,7 @@ import json.scanner
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
@@ -146,12 +147,13 @@ class Position:
 
 
 class JsonSyntaxError(ValueError):
-    """Invalid JSON at character offset `offset`."""
+    """Invalid JSON at character offset `offset` (`fix`: how to repair it, when known)."""
 
-    def __init__(self, message: str, offset: int) -> None:
+    def __init__(self, message: str, offset: int, fix: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.offset = offset
+        self.fix = fix
 
 
 @dataclass
@@ -193,6 +195,14 @@ _LITERALS = (
 _MAX_DEPTH = 100
 
 
+_UNICODE_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
+_CONTROL_NAMES = {"\t": "a tab", "\n": "a line break", "\r": "a carriage return"}
+
+
+def _is_surrogate(ch: str) -> bool:
+    return "\ud800" <= ch <= "\udfff"
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
@@ -201,11 +211,15 @@ class _Parser:
     def ws(self, i: int) -> int:
         return _WS.match(self.text, i).end()
 
-    def fail(self, message: str, i: int):
-        raise JsonSyntaxError(message, i)
+    def fail(self, message: str, i: int, fix: str = ""):
+        raise JsonSyntaxError(message, i, fix)
 
     def describe(self, i: int) -> str:
         return "the end of the file" if i >= len(self.text) else repr(self.text[i])
+
+    def where(self, i: int) -> str:
+        pos = self.map.position(i)
+        return f"{pos.line}:{pos.col}"
 
     def value(self, i: int, path: JsonPath):
         if len(path) > _MAX_DEPTH:
@@ -226,66 +240,120 @@ class _Parser:
             integer, frac, exp = match.groups()
             if frac or exp:
                 return float(integer + (frac or "") + (exp or "")), match.end()
-            return int(integer), match.end()
+            try:
+                return int(integer), match.end()
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                self.fail(f"an integer of {len(integer.lstrip('-'))} digits is too long", i, "write a shorter number")
         if ch == "'":
             self.fail("strings must use double quotes, not single quotes", i)
         self.fail(f"expected a value, found {self.describe(i)}", i)
 
     def string(self, i: int):
         try:
-            return json.decoder.scanstring(self.text, i + 1, True)
+            value, end = json.decoder.scanstring(self.text, i + 1, True)
         except json.JSONDecodeError as exc:
+            bad = self.text[exc.pos : exc.pos + 1]
+            if exc.msg.startswith("Unterminated"):
+                self.fail("unterminated string: the string starting here is not closed", i, 'add the closing "')
+            if bad in ("\n", "\r"):
+                self.fail(f"the string starting here is not closed on its line (found a line break at {self.where(exc.pos)})", i, 'add the closing " (write a line break inside a string as \\n)')
+            if exc.msg.startswith("Invalid control"):
+                name = _CONTROL_NAMES.get(bad, f"U+{ord(bad):04X}")
+                self.fail(f"a raw control character ({name}) inside a string", exc.pos, "escape it, e.g. \\t for a tab, or remove it")
             self.fail(exc.msg.lower(), exc.pos)
+        if any(_is_surrogate(ch) for ch in value):
+            self.lone_surrogate(i + 1, end)
+        return value, end
+
+    def lone_surrogate(self, start: int, end: int) -> None:
+        """Fail at the first \\uXXXX escape in text[start:end] that is half of no surrogate pair."""
+        escapes = [(m.start(), int(m.group(1), 16)) for m in _UNICODE_ESCAPE.finditer(self.text, start, end) if m.group(1)]
+        k = 0
+        while k < len(escapes):
+            at, code = escapes[k]
+            paired = (
+                0xD800 <= code <= 0xDBFF
+                and k + 1 < len(escapes)
+                and escapes[k + 1][0] == at + 6
+                and 0xDC00 <= escapes[k + 1][1] <= 0xDFFF
+            )
+            if paired:
+                k += 2
+                continue
+            if 0xD800 <= code <= 0xDFFF:
+                self.fail(
+                    f"a lone surrogate \\u{code:04x} is not valid text",
+                    at,
+                    "write the character itself, or a complete surrogate pair (e.g. \\ud83d\\ude00), or remove the escape",
+                )
+            k += 1
+
+    def missing_comma(self, prev_end: int, i: int, what: str, closer: str, opened: int, kind: str):
+        """After an item: a new item starts (a missing comma, reported where the comma belongs)
+        or something else is there (reported where it is)."""
+        if i >= len(self.text):
+            self.fail(f"expected ',' or '{closer}' {what}, found the end of the file: the {kind} opened at {self.where(opened)} is not closed", i, f"add the missing '{closer}'")
+        if self.text[i] in '"{[-0123456789tfnNI':
+            self.fail(f"missing ',' {what}: expected ',' here, before the next item at {self.where(i)}", prev_end, "add a comma")
+        self.fail(f"expected ',' or '{closer}' {what}, found {self.describe(i)}", i)
 
     def object(self, i: int, path: JsonPath):
         out: dict = {}
+        opened = i
         i = self.ws(i + 1)
         if self.text[i : i + 1] == "}":
             return out, i + 1
+        comma = None
         while True:
             if self.text[i : i + 1] != '"':
-                if self.text[i : i + 1] == "}":
-                    self.fail("trailing comma before '}'", i)
+                if self.text[i : i + 1] == "}" and comma is not None:
+                    self.fail("trailing comma before '}'", comma, "remove the comma")
+                if i >= len(self.text):
+                    self.fail(f"expected a key in double quotes, found the end of the file: the object opened at {self.where(opened)} is not closed", i, "add the missing '}'")
                 self.fail(f"expected a key in double quotes, found {self.describe(i)}", i)
             key_at = i
-            key, i = self.string(i)
-            i = self.ws(i)
+            key, key_end = self.string(i)
+            i = self.ws(key_end)
             if self.text[i : i + 1] != ":":
-                self.fail(f"expected ':' after the key \"{key}\", found {self.describe(i)}", i)
+                self.fail(f"expected ':' after the key {show(key)}, found {self.describe(i)}", key_end, "add ':' between the key and its value")
             i = self.ws(i + 1)
             child = path + (key,)
             if key in out:
                 self.map.duplicates.append(child)
             self.map.keys[child] = key_at
-            out[key], i = self.value(i, child)
+            out[key], end = self.value(i, child)
             self.map.values.setdefault(child, self.map.values[child])
-            i = self.ws(i)
+            i = self.ws(end)
             ch = self.text[i : i + 1]
             if ch == ",":
+                comma = i
                 i = self.ws(i + 1)
             elif ch == "}":
                 return out, i + 1
             else:
-                self.fail(f"expected ',' or '}}' after the value of \"{key}\", found {self.describe(i)}", i)
+                self.missing_comma(end, i, f"after the value of {show(key)}", "}", opened, "object")
 
     def array(self, i: int, path: JsonPath):
         out: list = []
+        opened = i
         i = self.ws(i + 1)
         if self.text[i : i + 1] == "]":
             return out, i + 1
+        comma = None
         while True:
-            if self.text[i : i + 1] == "]":
-                self.fail("trailing comma before ']'", i)
-            value, i = self.value(i, path + (len(out),))
+            if self.text[i : i + 1] == "]" and comma is not None:
+                self.fail("trailing comma before ']'", comma, "remove the comma")
+            value, end = self.value(i, path + (len(out),))
             out.append(value)
-            i = self.ws(i)
+            i = self.ws(end)
             ch = self.text[i : i + 1]
             if ch == ",":
+                comma = i
                 i = self.ws(i + 1)
             elif ch == "]":
                 return out, i + 1
             else:
-                self.fail(f"expected ',' or ']' in a list, found {self.describe(i)}", i)
+                self.missing_comma(end, i, f"after the list's item [{len(out) - 1}]", "]", opened, "list")
 
     def document(self):
         i = self.ws(0)
@@ -339,6 +407,126 @@ def _local_path(ref: str, base: Path) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
 
 
+#: the longest file or folder name, and the longest path, that file systems commonly accept (bytes)
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` cannot name a file (a NUL, a name over NAME_MAX bytes, over PATH_MAX bytes in
+    all), or None. Checked before any file-system call, which would raise instead."""
+    if "\x00" in path:
+        return "contains a NUL character"
+    encoded = path.encode("utf-8", "surrogatepass")
+    if len(encoded) >= PATH_MAX:
+        return f"is {len(encoded)} bytes long, over the {PATH_MAX} a path may have"
+    longest = max(re.split(r"[/\\]", path), key=lambda part: len(part.encode("utf-8", "surrogatepass")))
+    size = len(longest.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX:
+        return f"has a name of {size} bytes ({show(longest, 24)}), over 255 bytes, the most a file or folder name may have"
+    return None
+
+
+def _check_path_text(ref: str, *resolved: str) -> None:
+    """Raise a recipe error when a path (as written, or resolved) cannot name a file."""
+    for path in (ref, *resolved):
+        why = path_problem(path)
+        if why is not None:
+            raise _error(f"path {show(ref)} {why}", "shorten the path or rename the file or folder")
+
+
+def _probe(test, path: str | Path) -> bool:
+    """A file-system test that answers False instead of raising (permissions, odd names)."""
+    try:
+        return bool(test(Path(path)))
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: str | Path) -> bool:
+    return _probe(Path.is_dir, path)
+
+
+def is_file(path: str | Path) -> bool:
+    return _probe(Path.is_file, path)
+
+
+def exists(path: str | Path) -> bool:
+    return _probe(Path.exists, path)
+
+
+#: folders whose files are never read, whatever a recipe says (kernel, process and device files)
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+class NotRegularFile(Exception):
+    """A path kdcli will not open: not a regular file, or a file under a system folder."""
+
+
+def open_regular(path: str | Path):
+    """Open a regular file for reading (binary), following symbolic links, and refuse folders,
+    devices, FIFOs, sockets and anything under /proc, /sys or /dev (NotRegularFile).
+
+    A non-regular file is never opened (opening a FIFO blocks, reading a device never ends):
+    the real path is checked with stat first, then opened non-blocking and checked again with
+    fstat, so a file swapped in between cannot block either. OSError when it cannot be read.
+    """
+    real = os.path.realpath(path)
+    for folder in SYSTEM_FOLDERS:
+        if real == folder or real.startswith(folder + "/"):
+            raise NotRegularFile(f"it is a system file (under {folder}), not a recipe or data file")
+    what = "it is not a regular file (a folder, device, FIFO or socket)"
+    if not stat.S_ISREG(os.stat(real).st_mode):
+        raise NotRegularFile(what)
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(real, os.O_RDONLY | nonblocking | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(what)
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_small(path: str | Path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes; None for anything else (larger,
+    unreadable, not a regular file). For cheap looks at sibling files."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(limit + 1)
+    except (OSError, ValueError, NotRegularFile):
+        return None
+    return data if len(data) <= limit else None
+
+
+def repository_root(recipe_file: Path) -> Path:
+    """The nearest folder above the recipe holding a `.git` entry, else the recipe's own folder."""
+    folder = Path(os.path.abspath(recipe_file)).parent
+    for candidate in (folder, *folder.parents):
+        if _probe(lambda p: os.path.lexists(p / ".git"), candidate):
+            return candidate
+    return folder
+
+
+def leaves_repository(written: str, resolved: str, root: Path) -> str | None:
+    """How a local path written in a recipe reaches outside its repository (absolute, or out
+    through `..` or a symbolic link), or None when it stays inside. `pkg:` references name an
+    installed package and never count."""
+    if written.startswith(PACKAGE_PREFIX):
+        return None
+    if written.startswith("~") or os.path.isabs(written):
+        return "is an absolute path"
+    try:
+        real, real_root = os.path.realpath(resolved), os.path.realpath(root)
+        inside = os.path.commonpath([real, real_root]) == real_root
+    except (OSError, ValueError):
+        inside = False
+    return None if inside else "leads outside the recipe's repository"
+
+
 def resolve_model_ref(ref: str, base: Path) -> str:
     """A model reference as kdcli stores it: an absolute folder, or a hub id.
 
@@ -348,13 +536,16 @@ def resolve_model_ref(ref: str, base: Path) -> str:
     """
     if not ref or ref != ref.strip():
         raise _error(f"{show(ref)} is not a model reference", _MODEL_REF_FIX)
+    _check_path_text(ref)
     if ref.startswith(PACKAGE_PREFIX):
         try:
             return str(package_folder(ref))
         except PackageRefError as exc:
             raise _error(exc.message, exc.fix) from None
-    if ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") >= 2 or (base / ref).is_dir():
-        return _local_path(ref, base)
+    if ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") >= 2 or is_dir(base / ref):
+        local = _local_path(ref, base)
+        _check_path_text(ref, local)
+        return local
     if not _HUB_ID.fullmatch(ref) or "--" in ref or ".." in ref or len(ref) > 96:
         raise _error(f"{show(ref)} is neither an existing folder nor a valid hub id", _MODEL_REF_FIX)
     return ref
@@ -375,7 +566,7 @@ def _looks_local_data(ref: str, base: Path) -> bool:
         or "\\" in ref
         or ref.count("/") >= 2
         or data_format_of(ref) is not None
-        or (base / ref).exists()
+        or exists(base / ref)
     )
 
 
@@ -541,8 +732,13 @@ class DataSource(_Section):
     def _check_path(cls, value: str, info: ValidationInfo) -> str:
         if not value.strip():
             raise _error("the data path is empty", "write a file path or a hub dataset id")
+        _check_path_text(value)
         base = _context(info).base
-        return _local_path(value, base) if _looks_local_data(value, base) else value
+        if not _looks_local_data(value, base):
+            return value
+        local = _local_path(value, base)
+        _check_path_text(value, local)
+        return local
 
     @field_validator("format")
     @classmethod
@@ -641,6 +837,8 @@ class DataSection(_Section):
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+#: the seeds training.seed (and the --seed flag) accept: what torch and numpy seed from
+SEED_RANGE = range(0, 2**32)
 
 
 class TrainingSection(_Section):
@@ -655,7 +853,7 @@ class TrainingSection(_Section):
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, allow_inf_nan=False, description="Gradient clipping norm; <= 0 disables.")
-    seed: int = Field(42, ge=0, lt=2**32)
+    seed: int = Field(42, ge=SEED_RANGE.start, lt=SEED_RANGE.stop)
     device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:N" or "mps".')
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(10, ge=1, description="Log every N optimizer steps.")
@@ -683,7 +881,9 @@ class TrainingSection(_Section):
             return None
         if not value.strip():
             raise _error("output_dir is empty", "write a folder path, e.g. runs/my-run")
-        return _local_path(value, _context(info).base)
+        local = _local_path(value, _context(info).base)
+        _check_path_text(value, local)
+        return local
 
 
 def _proj_from_list(value: Any) -> Any:
@@ -1300,15 +1500,16 @@ def default_output_dir(recipe_file: Path) -> Path:
 #: JSON files larger than this are not considered when looking for recipes among siblings
 #: (recipes are a few KiB; a data file next to them may be gigabytes)
 DISCOVERY_MAX_BYTES = 1 << 20
+#: a recipe file larger than this is not read
+RECIPE_MAX_BYTES = 16 << 20
 
 
 def output_dir_of(recipe_file: Path) -> Path | None:
     """The folder a recipe file writes its final model to, read cheaply (None if not a recipe)."""
+    data = read_small(recipe_file, DISCOVERY_MAX_BYTES)
     try:
-        if recipe_file.stat().st_size > DISCOVERY_MAX_BYTES:
-            return None
-        raw = json.loads(recipe_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raw = json.loads(data.decode("utf-8")) if data is not None else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(raw, dict) or "student" not in raw:
         return None
@@ -1328,8 +1529,12 @@ def find_producers(recipe_files: Iterable[Path]) -> dict[str, list[Path]]:
     for file in recipe_files:
         file = Path(os.path.abspath(file))
         candidates[file] = None
-        if file.parent.is_dir():
-            for sibling in sorted(file.parent.glob("*.json")):
+        if is_dir(file.parent):
+            try:
+                siblings = sorted(file.parent.glob("*.json"))
+            except OSError:
+                siblings = []
+            for sibling in siblings:
                 candidates[Path(os.path.abspath(sibling))] = None
     producers: dict[str, list[Path]] = {}
     for file in candidates:
@@ -1339,11 +1544,18 @@ def find_producers(recipe_files: Iterable[Path]) -> dict[str, list[Path]]:
     return producers
 
 
-def _close_names(missing: Path, want_dir: bool) -> str:
+def _close_names(missing: Path, want_dir: bool, outside: bool = False) -> str:
+    """A did-you-mean among the missing path's neighbours; none outside the repository (a
+    lint step in CI must not list folders of the machine it runs on)."""
+    if outside:
+        return "check the path; keep models and data inside the repository, relative to the recipe's folder"
     parent = missing.parent
-    if not parent.is_dir():
+    if not is_dir(parent):
         return f"its folder {parent} does not exist either"
-    names = [p.name for p in parent.iterdir() if p.is_dir() == want_dir and not p.name.startswith(".")]
+    try:
+        names = [p.name for p in parent.iterdir() if is_dir(p) == want_dir and not p.name.startswith(".")]
+    except OSError:
+        names = []
     guess = suggest(missing.name, names)
     return f"did you mean '{guess}'?" if guess else "check the spelling; relative paths resolve against the recipe's folder"
 
@@ -1416,28 +1628,61 @@ class LoadedRecipe:
         """Problems in file order (those without a position first)."""
         return sorted(self.problems, key=lambda p: (p.line or 0, p.col or 0))
 
+    @functools.cached_property
+    def root(self) -> Path:
+        """The repository the recipe belongs to (see `repository_root`)."""
+        return repository_root(self.source)
+
+    def outside(self, path: JsonPath, resolved: str) -> str | None:
+        """How the local path written at `path` (resolved: `resolved`) leaves the repository,
+        or None (see `leaves_repository`; None too when nothing is written there)."""
+        written = self.written(path)
+        return leaves_repository(written, resolved, self.root) if isinstance(written, str) else None
+
 
 def display_name(path: Path) -> str:
     """A file name for messages: relative to the working directory when below it."""
     try:
         return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
-    except ValueError:
+    except (ValueError, OSError):  # not below the working directory, or no working directory
         return str(path)
 
 
 def _kind_of_file(path: Path) -> str:
+    data = read_small(path, DISCOVERY_MAX_BYTES)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        raw = json.loads(data.decode("utf-8")) if data is not None else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "train"
     return "distill" if isinstance(raw, dict) and raw.get("distillation") is not None else "train"
+
+
+_OUTSIDE_FIX = (
+    "keep models and data inside the repository and refer to them relative to the recipe's folder "
+    "(or use a hub id or pkg:<package>/<folder>)"
+)
+
+
+def _warn_outside(loaded: LoadedRecipe, path: JsonPath, resolved: str, what: str) -> bool:
+    """A warning when the local path at `path` leaves the repository; True when it does."""
+    why = loaded.outside(path, resolved)
+    if why is not None:
+        loaded.add(
+            path,
+            f"{what} {show(loaded.written(path))} {why}: a recipe should name only files inside its repository "
+            f"({loaded.root}); check-recipe shows nothing read from it",
+            _OUTSIDE_FIX,
+            "warning",
+        )
+    return why is not None
 
 
 def _check_model_folder(loaded: LoadedRecipe, path: JsonPath, folder: str, role: str, producers: dict[str, list[Path]], mode: Mode | None) -> None:
     folder_path = Path(folder)
     written = loaded.written(path)
     shown = show(written) if isinstance(written, str) else show(folder)
-    if (folder_path / "config.json").is_file():
+    outside = _warn_outside(loaded, path, folder, f"{role} folder")
+    if is_file(folder_path / "config.json"):
         return
     makers = [p for p in producers.get(os.path.normpath(folder), []) if p != loaded.source]
     if makers:
@@ -1454,10 +1699,10 @@ def _check_model_folder(loaded: LoadedRecipe, path: JsonPath, folder: str, role:
             if note not in loaded.notes:
                 loaded.notes.append(note)
         return
-    if folder_path.is_dir():
+    if is_dir(folder_path):
         loaded.add(path, f"{role} folder {shown} has no config.json ({folder})", "point it at a folder written by save_pretrained")
         return
-    loaded.add(path, f"{role} folder {shown} not found ({folder})", _close_names(folder_path, want_dir=True))
+    loaded.add(path, f"{role} folder {shown} not found ({folder})", _close_names(folder_path, want_dir=True, outside=outside))
 
 
 def _check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mode | None) -> None:
@@ -1477,17 +1722,24 @@ def _check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: M
         if loaded.written(("student", "config")) is not None:
             _check_model_folder(loaded, ("student", "config"), student.config, "student config", producers, mode)
     if "tokenizer" in sections and recipe.tokenizer and os.path.isabs(recipe.tokenizer):
-        if not Path(recipe.tokenizer).is_dir() and (mode is not None or os.path.normpath(recipe.tokenizer) not in producers):
-            loaded.add(("tokenizer",), f"tokenizer folder {show(loaded.written(('tokenizer',)))} not found ({recipe.tokenizer})", _close_names(Path(recipe.tokenizer), want_dir=True))
+        outside = _warn_outside(loaded, ("tokenizer",), recipe.tokenizer, "tokenizer folder")
+        if not is_dir(recipe.tokenizer) and (mode is not None or os.path.normpath(recipe.tokenizer) not in producers):
+            loaded.add(("tokenizer",), f"tokenizer folder {show(loaded.written(('tokenizer',)))} not found ({recipe.tokenizer})", _close_names(Path(recipe.tokenizer), want_dir=True, outside=outside))
     if "data" in sections:
         for name, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
             if source is None or not source.is_local:
                 continue
             path = ("data", name) if isinstance(loaded.written(("data", name)), str) else ("data", name, "path")
             file = Path(source.path)
-            if not file.is_file():
-                what = "is a folder, not a file" if file.is_dir() else "not found"
-                loaded.add(path, f"data file {show(loaded.written(path))} {what} ({source.path})", _close_names(file, want_dir=False))
+            outside = _warn_outside(loaded, path, source.path, f"data.{name} file")
+            if not is_file(file):
+                if is_dir(file):
+                    what = "is a folder, not a file"
+                elif exists(file):
+                    what = "is not a regular file (a device, FIFO or socket)"
+                else:
+                    what = "not found"
+                loaded.add(path, f"data file {show(loaded.written(path))} {what} ({source.path})", _close_names(file, want_dir=False, outside=outside))
     if "training" not in sections:
         return
     out_dir = os.path.normpath(recipe.training.output_dir or "")
@@ -1575,24 +1827,33 @@ def read_recipe(path: str | Path, mode: Mode | None = None, producers: dict[str,
     (`find_producers`); by default the recipe's own folder is searched.
     """
     source = Path(os.path.abspath(Path(path).expanduser()))
-    if not source.exists():
+    if not exists(source):
         raise UsageError(f"no such recipe file: {path}")
-    if source.is_dir():
+    if is_dir(source):
         raise UsageError(f"{path} is a folder; pass a recipe file (check-recipe also takes folders)")
     loaded = LoadedRecipe(source=source, display=display_name(source))
     try:
-        text = source.read_bytes().decode("utf-8-sig")
+        with open_regular(source) as f:
+            data = f.read(RECIPE_MAX_BYTES + 1)
+    except NotRegularFile as exc:
+        loaded.problems.append(Problem(loaded.display, "", f"not read: {exc}", "pass a recipe file (a regular JSON file)"))
+        return loaded
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
+    if len(data) > RECIPE_MAX_BYTES:
+        loaded.problems.append(Problem(loaded.display, "", f"the file is over {RECIPE_MAX_BYTES >> 20} MiB; a recipe is a few KiB", "pass a recipe file"))
+        return loaded
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         loaded.problems.append(Problem(loaded.display, "", f"the file is not UTF-8 text (byte {exc.start})", "save it as UTF-8"))
         return loaded
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         raw, positions = parse_json(text)
     except JsonSyntaxError as exc:
         pos = SourceMap(text).position(exc.offset)
         loaded.problems.append(
-            Problem(loaded.display, "", f"invalid JSON: {exc.message}", "fix the JSON syntax at this spot", pos.line, pos.col)
+            Problem(loaded.display, "", f"invalid JSON: {exc.message}", exc.fix or "fix the JSON syntax at this spot", pos.line, pos.col)
         )
         return loaded
     loaded.raw, loaded.positions = raw, positions

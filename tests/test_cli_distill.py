@@ -40,14 +40,15 @@ def test_distill_json_prints_one_document_and_refuses_a_used_folder(folder):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # exactly one JSON document on stdout
-    assert summary["steps"] == 2 and summary["mode"] == "distill"
+    assert summary["ok"] is True and summary["steps"] == 2 and summary["mode"] == "distill"
     assert "hidden_mse[2->2]" in summary["final_terms"]
     assert "step 2/2" in result.stderr  # plain progress lines: stderr is not a terminal
 
     again = runner.invoke(app, args)
     assert again.exit_code == 2
     assert "is not empty" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.output
-    assert again.stdout == ""
+    failed = json.loads(again.stdout)  # still exactly one JSON document: the error
+    assert failed["ok"] is False and failed["error"]["exit_code"] == 2 and "is not empty" in failed["error"]["message"]
 
     resumed = runner.invoke(app, [*args, "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output

@@ -100,13 +100,24 @@ def test_parse_json_matches_stdlib_and_keeps_positions() -> None:
 @pytest.mark.parametrize(
     "text, line, col, words",
     [
-        ('{\n  "a": 1,\n}', 3, 1, "trailing comma"),
-        ('{"a": 1 "b": 2}', 1, 9, "expected ','"),
+        ('{\n  "a": 1,\n}', 2, 9, "trailing comma"),  # at the comma, not at the '}' after it
+        ('[1,\n 2,\n]', 2, 3, "trailing comma"),
+        ('{"a": 1 "b": 2}', 1, 8, "expected ','"),  # where the comma is missing: after the value
+        ('{\n  "a": 1\n  "b": 2\n}', 2, 9, "missing ',' after the value of \"a\""),
+        ('[1\n 2]', 1, 3, "missing ',' after the list's item [0]"),
+        ('{"a" 1}', 1, 5, "expected ':' after the key"),
+        ('{"a": "abc,\n "b": 1}', 1, 7, "string starting here is not closed"),
+        ('{"a": "abc', 1, 7, "unterminated string"),
+        ('{"a": "x\ty"}', 1, 9, "control character"),
         ("{'a': 1}", 1, 2, "double quotes"),
         ('{"a": tru}', 1, 7, "expected a value"),
         ("", 1, 1, "empty"),
         ('{"a": 1} x', 1, 10, "after the end"),
         ('[1, 2', 1, 6, "expected ','"),
+        ('{\n "a": [1, 2\n', 3, 1, "the list opened at 2:7"),
+        ('{"a": "\\ud800"}', 1, 8, "lone surrogate \\ud800"),
+        ('["\\udc00\\ud800"]', 1, 3, "lone surrogate \\udc00"),
+        ('[' + '1' * 5000 + ']', 1, 2, "digits"),
     ],
 )
 def test_parse_json_syntax_errors_have_positions(text: str, line: int, col: int, words: str) -> None:
@@ -126,8 +137,29 @@ def test_syntax_error_in_a_recipe_is_one_problem_with_line_and_col(tmp_path: Pat
     path = write(tmp_path, '{\n  "student": {"model": "x"},\n  "data": {"train": "a.tsv",}\n}')
     loaded = read_recipe(path)
     [problem] = loaded.problems
-    assert (problem.line, problem.col) == (3, 29)
+    assert (problem.line, problem.col) == (3, 28)  # the comma before '}'
     assert "invalid JSON" in problem.message and "trailing comma" in problem.message
+
+
+def test_lone_surrogate_in_a_recipe_is_one_problem_at_its_place(tmp_path: Path) -> None:
+    path = write(tmp_path, '{\n  "student": {"model": "x"},\n  "description": "ok \\ud83d\\ude00 \\ud800"\n}')
+    [problem] = read_recipe(path).problems
+    assert (problem.line, problem.col) == (3, 35)
+    assert "lone surrogate \\ud800" in problem.message and "surrogate pair" in problem.fix
+    problem.one_line().encode("utf-8")  # the message itself is printable text
+
+
+def test_over_long_path_components_and_nul_are_one_problem_each(ws: Path) -> None:
+    recipe = base_recipe()
+    recipe["data"]["eval"] = "./" + "d" * 300 + ".tsv"
+    recipe["teacher"]["model"] = "./" + "t" * 300
+    recipe["tokenizer"] = "x" * 256 + "/y/z"
+    recipe["training"]["output_dir"] = "runs/" + "o" * 256
+    recipe["data"]["train"] = "data/tr\x00ain.tsv"
+    found = errors_of(write(ws, recipe))
+    for where in ("data.eval", "teacher.model", "tokenizer", "training.output_dir"):
+        assert "over 255" in found[where], found
+    assert "NUL" in found["data.train"], found
 
 
 def test_duplicate_keys_are_reported(ws: Path) -> None:
