@@ -3,10 +3,13 @@
 - `load_table(source)`: a local csv / tsv (tab, no quoting, `quoting=3`) / json / jsonl /
   parquet file, or a hub dataset, through `datasets.load_dataset`. csv/tsv cells are read as
   strings (no NA guessing: a review reading "null" stays text; integer labels are recognised
-  afterwards).
-- `infer_labels(...)` / `Labels`: label ids. Integer labels keep their values (0..max);
-  string labels get ids in sorted order (deterministic); a `ClassLabel` column keeps its names.
-  Computed on the full train and eval columns, so `max_*_samples` never changes the head size.
+  afterwards). csv/tsv files are validated first (`kdcli.tabular`: every record has the
+  header's fields, no quote left open), so a malformed line is an error naming it.
+- `infer_labels(...)` / `Labels` (from `kdcli.labels`, shared with check-recipe): label ids.
+  Integer labels ("1", 1, "1.0", 1.0 are one class) keep their values (0..max); string labels
+  get ids in sorted order (deterministic); a `ClassLabel` column keeps its names; empty labels,
+  scores and ids mixed with names are refused naming the file and row. Computed on the full
+  train and eval columns, so `max_*_samples` never changes the head size.
 - `tokenize(...)`: one `map(batched=True)` (cached by datasets) producing `input_ids`,
   `attention_mask`, `token_type_ids` (when the tokenizer makes them), `labels`, `length`.
   Token classification takes words + tags per row (`is_split_into_words=True`); the tag goes
@@ -24,12 +27,15 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from kdcli.errors import RunError
+# DataError, Labels and infer_labels live torch-free in kdcli.labels (check-recipe counts labels
+# with the same code) and are re-exported here.
+from kdcli.labels import DataError, Labels, infer_labels, labels_of_splits  # noqa: F401
+from kdcli.tabular import validate_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -41,10 +47,6 @@ TASKS = ("sequence-classification", "token-classification")
 #: Batches per length-sorted megabatch when grouping by length.
 MEGABATCH_BATCHES = 50
 _PADDED = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
-
-
-class DataError(RunError):
-    """The data cannot be read or does not fit the recipe (file, column, labels)."""
 
 
 @dataclass(frozen=True)
@@ -75,38 +77,6 @@ class Source:
         return self.path
 
 
-@dataclass(frozen=True)
-class Labels:
-    """Label ids: `kind` "int" (values kept) or "str" (ids in sorted order); `names[i]` is id i."""
-
-    kind: Literal["int", "str"]
-    names: tuple[str, ...]
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.names)}
-
-    def encode(self, value: Any) -> int:
-        """The id of one label value; `DataError` for a value outside the mapping."""
-        if self.kind == "int":
-            number = _as_int(value)
-            if number is None or not 0 <= number < self.num_labels:
-                raise DataError(f"label {value!r} is not one of 0..{self.num_labels - 1}")
-            return number
-        key = str(value)
-        if key not in self.label2id:
-            raise DataError(f"label {value!r} is not one of {list(self.names)}")
-        return self.label2id[key]
-
-
 @dataclass
 class TaskData:
     """Tokenised splits and their labels. Rows hold input_ids, attention_mask,
@@ -129,21 +99,11 @@ class TaskData:
 # --- reading ----------------------------------------------------------------------------
 
 
-def _header(path: Path, delimiter: str, quoting: int) -> list[str]:
-    """The header row of a csv/tsv file; `DataError` when there is no header or no data row."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        row = next(reader, None)
-        first = next((r for r in reader if r), None)
-    if not row:
-        raise DataError(f"{path}: the file is empty. Fix: give a file with a header line and rows")
-    if first is None:
-        raise DataError(f"{path}: a header line but no rows. Fix: give a file with data rows")
-    return row
+def load_table(source: Source, *, cache_dir: str | None = None, label_column: str | None = None) -> "Dataset":
+    """One split as a `datasets.Dataset`, columns as in the file (csv/tsv cells as strings).
 
-
-def load_table(source: Source, *, cache_dir: str | None = None) -> "Dataset":
-    """One split as a `datasets.Dataset`, columns as in the file (csv/tsv cells as strings)."""
+    A csv/tsv file is first checked record by record (`kdcli.tabular.validate_table`: field
+    counts, quotes; `label_column` lets it spot rows merged by an open quote)."""
     import datasets
 
     fmt = source.format
@@ -157,7 +117,7 @@ def load_table(source: Source, *, cache_dir: str | None = None) -> "Dataset":
         if fmt in ("csv", "tsv"):
             delimiter = source.delimiter or ("\t" if fmt == "tsv" else ",")
             quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-            columns = _header(path, delimiter, quoting)
+            columns = validate_table(path, delimiter=delimiter, quoting=quoting, label_column=label_column).header
             kwargs.update(
                 delimiter=delimiter,
                 quoting=quoting,
@@ -190,30 +150,6 @@ def load_table(source: Source, *, cache_dir: str | None = None) -> "Dataset":
 # --- labels -----------------------------------------------------------------------------
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            return int(text)
-    return None
-
-
-def _flatten(values: Iterable[Any]) -> list[Any]:
-    out: list[Any] = []
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            out.extend(value)
-        else:
-            out.append(value)
-    return out
-
-
 def class_names(table: "Dataset", column: str) -> list[str] | None:
     """Names of a `ClassLabel` column (or a sequence of ClassLabel, as NER tags), else None."""
     import datasets
@@ -222,34 +158,6 @@ def class_names(table: "Dataset", column: str) -> list[str] | None:
     while hasattr(feature, "feature") or isinstance(feature, list):  # List / Sequence / [x]
         feature = feature[0] if isinstance(feature, list) else feature.feature
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-def infer_labels(values: Iterable[Any], *, names: Sequence[str] | None = None, where: str = "labels") -> Labels:
-    """Labels from all label values (tag lists are flattened).
-
-    `names` (a ClassLabel's) wins; all-integer values (ints or integer strings, as csv gives
-    them) keep their values, 0..max; anything else: strings sorted. `where` names the column
-    in error messages.
-    """
-    if names is not None:
-        return Labels("int", tuple(str(n) for n in names))
-    flat = _flatten(values)
-    if not flat:
-        raise DataError(f"{where}: no labels. Fix: check data.label_column")
-    if any(v is None for v in flat):
-        raise DataError(f"{where}: some rows have no label. Fix: drop unlabelled rows (e.g. a test split)")
-    ints = [_as_int(v) for v in flat]
-    if all(i is not None for i in ints):
-        low, high = min(ints), max(ints)
-        if low < 0:
-            raise DataError(
-                f"{where}: label {low} is negative (an unlabelled test split?). Fix: use labelled "
-                "rows; integer labels must be 0..num_labels-1"
-            )
-        return Labels("int", tuple(str(i) for i in range(high + 1)))
-    if any(isinstance(v, float) for v in flat):
-        raise DataError(f"{where}: labels must be class ids or names, got a float. Fix: use classes, not scores")
-    return Labels("str", tuple(sorted({str(v) for v in flat})))
 
 
 # --- tokenising -------------------------------------------------------------------------
@@ -368,16 +276,19 @@ def prepare_data(
     cache_dir: str | None = None,
 ) -> TaskData:
     """Read, label and tokenise the train (and eval) split; `max_*_samples` keep the first N rows."""
-    tables = {"train": load_table(train, cache_dir=cache_dir)}
+    tables = {"train": load_table(train, cache_dir=cache_dir, label_column=label_column)}
     if eval is not None:
-        tables["eval"] = load_table(eval, cache_dir=cache_dir)
+        tables["eval"] = load_table(eval, cache_dir=cache_dir, label_column=label_column)
+    sources = {"train": train, "eval": eval}
     for name, table in tables.items():
-        _check_columns(table, {"label_column": label_column}, (train if name == "train" else eval).describe())
+        _check_columns(table, {"label_column": label_column}, sources[name].describe())
     names = class_names(tables["train"], label_column)
-    values = list(tables["train"][label_column])
-    if "eval" in tables and names is None:
-        values += list(tables["eval"][label_column])
-    labels = infer_labels(values, names=names, where=f"{train.describe()}, column {label_column!r}")
+    splits = [
+        (f"{sources[name].describe()}, column {label_column!r}", table[label_column])
+        for name, table in tables.items()
+        if name == "train" or names is None
+    ]
+    labels = labels_of_splits(splits, names=names)
     limits = {"train": max_train_samples, "eval": max_eval_samples}
     out: dict[str, Any] = {}
     for name, table in tables.items():

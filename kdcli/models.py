@@ -4,7 +4,15 @@
   `AutoModelForSequenceClassification` / `AutoModelForTokenClassification`, safetensors
   preferred, the default attention kernel (SDPA) kept, float32 unless asked otherwise. When the
   checkpoint has no head, or a head of another size than `num_labels`, the head is new
-  (`ignore_mismatched_sizes`), and the returned `LoadedModel` says so (`new_head`).
+  (`ignore_mismatched_sizes`), and the returned `LoadedModel` says so (`new_head`); a teacher
+  passes `resize_head=False` (its trained head must fit the labels: `HeadMismatch`). Nothing
+  else may start at random: a config.json that disagrees with the weights (other sizes, layers
+  missing or left over, per transformers' loading info) is a `ModelError` naming the tensors
+  with both shapes. Weight files are checked first without torch (`kdcli.modelinfo`: damaged
+  safetensors, pickles that call more than tensor constructors), and `warn` gets a
+  trust_remote_code warning naming the folder's .py files before anything is loaded.
+- `check_vocabularies(tokenizer, ref, models)`: every model reads the run's token ids as its
+  own tokens (enough embeddings; a pretrained model's own tokenizer agrees on shared ids).
 - `build_student(config_ref, overrides, task, ...)`: a model built from a config plus
   overrides, optionally initialised from a teacher: embeddings, the chosen teacher blocks
   (1-based, in the order given), pooler and head, as TextBrewer's examples initialise
@@ -13,23 +21,38 @@
 - `load_tokenizer(ref)`, `model_dims(model)`, `encoder_blocks(model)` (the transformer block
   list, found generically) and `resolve_model_ref("pkg:<package>/<folder>")`.
 
-Every user mistake (missing folder, unknown override, unreachable hub id, mismatched shapes)
-raises `ModelError`, a `RunError`, with one line naming the model and the fix.
+Every user mistake (missing folder, unknown override, unreachable hub id, mismatched shapes,
+damaged or hostile weight files, another vocabulary) raises `ModelError`, a `RunError` (exit
+code 1), with one line naming the model, the file and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from kdcli.errors import RunError
-from kdcli.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
+from kdcli.modelinfo import (
+    PACKAGE_PREFIX,
+    PICKLE_FIX,
+    PackageRefError,
+    WeightsUnreadable,
+    check_pickles,
+    package_folder,
+    refused_pickle,
+    weight_shapes,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from kdcli.vocab import Vocab
     from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -43,6 +66,7 @@ _DTYPES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "fp16": "float16", "float16": "float16",
 }
+_REDOWNLOAD = "re-download the model, or save it again with save_pretrained"
 #: Files of which a local folder must hold at least one to count as having a tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model",
@@ -52,6 +76,15 @@ TOKENIZER_FILES = (
 
 class ModelError(RunError):
     """A model, config or tokenizer could not be loaded or built as the recipe asks."""
+
+
+class HeadMismatch(ModelError):
+    """A trained head whose class count is not the data's (`saved` vs `wanted`)."""
+
+    def __init__(self, message: str, *, saved: int, wanted: int) -> None:
+        super().__init__(message)
+        self.saved = saved
+        self.wanted = wanted
 
 
 @dataclass(frozen=True)
@@ -206,6 +239,136 @@ def _has_safetensors(ref: str) -> bool:
 # --- loading ----------------------------------------------------------------------------
 
 
+def remote_code_notice(ref: str, role: str) -> str:
+    """The warning printed before a model is loaded with `trust_remote_code`: which folder and
+    which of its .py files (or which hub repository) will run with the user's permissions."""
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        files = sorted(p.name for p in folder.glob("*.py"))
+        try:
+            auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            auto_map = {}
+        values = auto_map.values() if isinstance(auto_map, dict) else []
+        elsewhere = sorted({v.split("--")[0] for v in values if isinstance(v, str) and "--" in v})
+        what = ", ".join(files) if files else "it holds no .py file now"
+        if elsewhere:
+            what += f"; its config.json also points at code in {', '.join(elsewhere)}"
+        return (
+            f"warning: {role} {ref}: trust_remote_code is on, so the Python code of this folder runs "
+            f"with your permissions ({what}). Keep it only for folders you trust"
+        )
+    return (
+        f"warning: {role} {ref}: trust_remote_code is on, so the .py files of the hub repository "
+        f"{ref} are downloaded and run with your permissions. Keep it only for repositories you trust"
+    )
+
+
+def _check_weight_files(ref: str, role: str) -> None:
+    """A local folder's weight files, checked without torch before transformers reads them:
+    safetensors headers whole, pickles calling nothing but tensor constructors. A `ModelError`
+    naming the file and the fix instead of a traceback from inside transformers."""
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        return
+    try:
+        weight_shapes(folder)
+        check_pickles(folder)
+    except WeightsUnreadable as exc:
+        raise ModelError(f"{role} {ref!r}: {exc.reason}. Fix: {exc.fix}") from None
+
+
+def _load_failure(exc: BaseException, ref: str, role: str, task: str) -> ModelError:
+    """One line for an exception out of `from_pretrained` (weights that cannot be read)."""
+    text = str(exc)
+    folder = Path(ref).expanduser()
+    bins = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+    pickled = bool(bins) and not _has_safetensors(ref)
+    file = bins[0] if bins else "pytorch_model.bin"
+    if "GLOBAL" in text and ("Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError)):
+        called = re.search(r"GLOBAL ([\w.]+)", text)
+        return ModelError(f"{role} {ref!r}: {refused_pickle(file, [called.group(1) if called else 'a callable'])}. Fix: {PICKLE_FIX}")
+    if type(exc).__name__ == "SafetensorError":
+        return ModelError(f"{role} {ref!r}: its safetensors weights cannot be read ({_first_line(exc)}). Fix: {_REDOWNLOAD}")
+    missing_file = "does not appear to have" in text or "no file named" in text.lower()
+    if pickled and not missing_file and isinstance(exc, (OSError, RuntimeError, EOFError, pickle.UnpicklingError)):
+        detail = _first_line(exc.__context__ or exc) if "Weights only load failed" in text else _first_line(exc)
+        return ModelError(
+            f"{role} {ref!r}: {file} is damaged or not a PyTorch checkpoint ({detail}). Fix: "
+            "re-download the model, or save it again (preferably as model.safetensors)"
+        )
+    return ModelError(
+        f"{role} {ref!r}: cannot load it as a {task} model ({_first_line(exc)}). "
+        "Fix: give a local folder with config.json and weights, or a hub id reachable "
+        "from this machine"
+    )
+
+
+def _in_body(key: str, model: "PreTrainedModel") -> bool:
+    """Whether a parameter name (the model's, or a headless checkpoint's) is inside the base model."""
+    prefix = model.base_model_prefix
+    if key.startswith(prefix + "."):
+        return True
+    base = getattr(model, prefix, None)
+    first = key.split(".", 1)[0]
+    return base is not None and first in dict(base.named_children())
+
+
+def _is_pooler(key: str) -> bool:
+    return key.startswith("pooler.") or ".pooler." in key
+
+
+def _shape(shape) -> str:
+    return str(tuple(int(d) for d in shape))
+
+
+def _names(keys: Sequence[str], limit: int = 3) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _check_loading_info(model: "PreTrainedModel", info: dict, ref: str, role: str, *, resize_head: bool) -> None:
+    """Refuse a load where anything but a classification head (and the pooler under a new
+    head) was initialised at random instead of read from the checkpoint."""
+    mismatched = sorted((k[0], k[1], k[2]) if isinstance(k, tuple) else (k, None, None) for k in info.get("mismatched_keys", ()))
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    head_new = any(not _in_body(k, model) for k in missing) or any(not _in_body(k, model) for k, _, _ in mismatched)
+    fix = (
+        "use the config.json that was saved with these weights (its hidden_size, num_hidden_layers, "
+        "vocab_size, ... must describe the tensors in the file), or save the model again with save_pretrained"
+    )
+    bad = [m for m in mismatched if _in_body(m[0], model)]
+    if bad:
+        shown = "; ".join(f"{k} is {_shape(c)} in the weights but {_shape(m)} by config.json" for k, c, m in bad[:3])
+        more = f" (and {len(bad) - 3} more of {len(bad)})" if len(bad) > 3 else ""
+        raise ModelError(f"{role} {ref!r}: config.json disagrees with the weights: {shown}{more}. Fix: {fix}")
+    lacking = [k for k in missing if _in_body(k, model) and not (_is_pooler(k) and head_new)]
+    if lacking:
+        raise ModelError(
+            f"{role} {ref!r}: config.json declares {len(lacking)} tensor(s) the weights do not hold "
+            f"({_names(lacking)}), which would start at random. Fix: {fix}"
+        )
+    extra = [k for k in unexpected if _in_body(k, model) and not _is_pooler(k)]
+    if extra:
+        raise ModelError(
+            f"{role} {ref!r}: the weights hold {len(extra)} tensor(s) config.json has no place for "
+            f"({_names(extra)}), which would be dropped. Fix: {fix}"
+        )
+    resized = [m for m in mismatched if not _in_body(m[0], model)]
+    if resized and not resize_head:
+        key, saved, wanted = resized[0]
+        saved_n, wanted_n = int(saved[0]), int(wanted[0])
+        raise HeadMismatch(
+            f"{role} {ref!r}: its trained head has {saved_n} classes but the data has {wanted_n} labels "
+            f"({key} is {_shape(saved)}, the data needs {_shape(wanted)}): the teacher cannot produce "
+            f"these labels. Fix: distil on data labelled like the teacher's training data "
+            f"({saved_n} classes), or use a teacher fine-tuned on these {wanted_n} labels",
+            saved=saved_n,
+            wanted=wanted_n,
+        )
+
+
 def load_model(
     ref: str,
     task: str,
@@ -216,17 +379,26 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: "torch.dtype | str | None" = None,
     role: str = "model",
+    resize_head: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a pretrained model for `task` from a local folder or a hub id.
 
     `num_labels`/`id2label` set the head size and label names (None: keep the checkpoint's).
-    A head that is missing or of another size is created new (`LoadedModel.new_head`).
-    Weights come from safetensors whenever the folder has them; `dtype` None means float32.
-    `role` names the model in error messages ("teacher", "student").
+    A head that is missing is created new (`LoadedModel.new_head`); one of another size too,
+    unless `resize_head=False` (a teacher: its trained head must fit the labels, `HeadMismatch`).
+    Every other tensor must come from the checkpoint with the shape config.json gives it:
+    `ModelError` naming the tensors otherwise (a config.json that is not the weights' own).
+    Weights come from safetensors whenever the folder has them, checked before loading;
+    `dtype` None means float32. `role` names the model in error messages ("teacher",
+    "student"); `warn` gets the trust_remote_code warning before anything is loaded.
     """
     ref = resolve_model_ref(ref)
     _check_local(ref, role)
     auto = _auto_class(task)
+    if trust_remote_code and warn is not None:
+        warn(remote_code_notice(ref, role))
+    _check_weight_files(ref, role)
     kwargs: dict[str, Any] = dict(_label_kwargs(num_labels, id2label))
     if _has_safetensors(ref):
         kwargs["use_safetensors"] = True
@@ -241,12 +413,13 @@ def load_model(
                 output_loading_info=True,
                 **kwargs,
             )
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ModelError(
-            f"{role} {ref!r}: cannot load it as a {task} model ({_first_line(exc)}). "
-            "Fix: give a local folder with config.json and weights, or a hub id reachable "
-            "from this machine"
-        ) from exc
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _load_failure(exc, ref, role, task) from exc
+    except Exception as exc:  # safetensors' SafetensorError derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise _load_failure(exc, ref, role, task) from exc
+    _check_loading_info(model, info, ref, role, resize_head=resize_head)
     return LoadedModel(
         model=model,
         ref=ref,
@@ -262,12 +435,16 @@ def load_tokenizer(
     revision: str | None = None,
     trust_remote_code: bool = False,
     role: str = "tokenizer",
+    warn: Callable[[str], None] | None = None,
 ) -> "PreTrainedTokenizerBase":
-    """The tokenizer saved in a model folder or hub repo (`AutoTokenizer.from_pretrained`)."""
+    """The tokenizer saved in a model folder or hub repo (`AutoTokenizer.from_pretrained`);
+    `warn` gets the trust_remote_code warning before anything is loaded."""
     from transformers import AutoTokenizer
 
     ref = resolve_model_ref(ref)
     _check_local(ref, role)
+    if trust_remote_code and warn is not None:
+        warn(remote_code_notice(ref, role))
     folder = Path(ref).expanduser()
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
         # transformers 5 would build an empty tokenizer from config.json alone: refuse it.
@@ -323,12 +500,20 @@ def encoder_blocks(model: "nn.Module") -> Blocks:
 # --- students ---------------------------------------------------------------------------
 
 
-def load_config(config_ref: str, *, revision: str | None = None, trust_remote_code: bool = False):
+def load_config(
+    config_ref: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    warn: Callable[[str], None] | None = None,
+):
     """A transformers config from a folder, a config.json path or a hub id."""
     from transformers import AutoConfig
 
     ref = resolve_model_ref(config_ref)
     _check_local(ref, "student config")
+    if trust_remote_code and warn is not None:
+        warn(remote_code_notice(ref, "student config"))
     try:
         return AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -368,6 +553,7 @@ def build_student(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: "torch.dtype | str | None" = None,
+    warn: Callable[[str], None] | None = None,
 ) -> "PreTrainedModel":
     """A student built from a config (+ overrides) with random weights, for `task`.
 
@@ -376,7 +562,7 @@ def build_student(
     `len(init_layers)` must equal the student's layer count and every shape must agree.
     Uses the global torch RNG (seed it first for reproducible initialisation).
     """
-    config = load_config(config_ref, revision=revision, trust_remote_code=trust_remote_code)
+    config = load_config(config_ref, revision=revision, trust_remote_code=trust_remote_code, warn=warn)
     apply_overrides(config, dict(overrides or {}))
     for key, value in _label_kwargs(num_labels, id2label).items():
         setattr(config, key, value)
@@ -458,3 +644,54 @@ def init_from_teacher(student: "PreTrainedModel", teacher: "PreTrainedModel", la
         )
     with torch.no_grad():
         student.load_state_dict(copied, strict=True)
+
+
+# --- vocabularies -----------------------------------------------------------------------
+
+
+def _own_vocab(ref: str) -> "Vocab | None":
+    """The vocabulary a model was trained with, from its folder's tokenizer files (or its hub
+    tokenizer); None when it cannot be had."""
+    from kdcli.vocab import read_vocab, vocab_of
+
+    ref = resolve_model_ref(ref)
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        vocab = read_vocab(folder)
+        if vocab is not None and vocab.kind == "hf":
+            return vocab
+        if not any((folder / name).exists() for name in TOKENIZER_FILES):
+            return None
+    try:
+        with _quiet_transformers():
+            tokenizer = load_tokenizer(ref)
+    except ModelError:
+        return None
+    return vocab_of(tokenizer.get_vocab(), "tokenizer")
+
+
+def check_vocabularies(
+    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer_ref: str,
+    models: Sequence[tuple[str, str | None, "PreTrainedModel"]],
+) -> None:
+    """Refuse a run whose models cannot read the tokenizer's ids: `models` holds (role,
+    reference or None for a model built from a config, model). A model needs as many token
+    embeddings as the tokenizer has ids, and a pretrained one must have been trained with the
+    same vocabulary (every id both have maps to the same token; a padded vocabulary is fine).
+    `ModelError` naming the model, an id that differs and the fix."""
+    from kdcli.vocab import VOCAB_FIX, vocab_of, vocabulary_problem
+
+    used = vocab_of(tokenizer.get_vocab(), "get_vocab()")
+    own_path = str(Path(resolve_model_ref(tokenizer_ref)).expanduser())
+    used_name = f"the tokenizer {tokenizer_ref}"
+    for role, ref, model in models:
+        embeddings = model.get_input_embeddings()
+        rows = getattr(embeddings, "num_embeddings", None)
+        own = None
+        if ref is not None and str(Path(resolve_model_ref(ref)).expanduser()) != own_path:
+            own = _own_vocab(ref)
+        problem = vocabulary_problem(used, used_name, own, rows, f"the {role}")
+        if problem is not None:
+            where = f"{role} {ref!r}" if ref is not None else role
+            raise ModelError(f"{where}: {problem}. Fix: {VOCAB_FIX}")

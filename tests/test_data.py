@@ -137,6 +137,36 @@ def test_class_label_names_win_and_bad_labels_are_refused():
         infer_labels([0.5, 1.0])
 
 
+def test_labels_are_counted_over_both_splits_with_one_rule(tmp_path, tokenizer, cache):
+    """"1" and "1.0" are one class; names in train with ids in eval, or an empty label, are
+    refused naming the file and the row (they would silently change the head)."""
+    train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
+    train.write_text("label\tsentence\n1\ta good film\n0\ta bad film\n", encoding="utf-8")
+    dev.write_text("label\tsentence\n1.0\tgood\n0\tbad\n", encoding="utf-8")
+    data = _prepare(Source(str(train), "tsv"), Source(str(dev), "tsv"), tokenizer, cache)
+    assert data.labels.num_labels == 2 and data.eval["labels"] == [1, 0]
+    train.write_text("label\tsentence\npos\ta good film\nneg\ta bad film\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"dev.tsv, column 'label', row 1: labels mix class ids and names"):
+        _prepare(Source(str(train), "tsv"), Source(str(dev), "tsv"), tokenizer, cache)
+    train.write_text("label\tsentence\n1\ta good film\n\ta film\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.tsv, column 'label', row 2: some rows have no label"):
+        _prepare(Source(str(train), "tsv"), None, tokenizer, cache)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('label,sentence\n0,ok\n1,"a fine film\n0,a dull one"\n1,fine\n', "line 3: a quote opened on line 3"),
+        ("label,sentence\n0,ok\n1,a,b\n", "line 3: 3 fields but the header has 2"),
+    ],
+)
+def test_ambiguous_csv_is_refused_before_datasets_reads_it(tmp_path, tokenizer, cache, text, words):
+    path = tmp_path / "d.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=f"d.csv, {words}.*Fix"):
+        _prepare(Source(str(path), "csv"), None, tokenizer, cache)
+
+
 # --- tokenising -------------------------------------------------------------------------
 
 

@@ -145,3 +145,77 @@ def test_unreachable_hub_is_config_unavailable(tmp_path: Path, monkeypatch) -> N
 def test_describe() -> None:
     facts = facts_from_config({"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "vocab_size": 30522}, "x")
     assert facts.describe() == "6 layers x 384 hidden, 12 heads, vocab 30522"
+
+
+def test_two_label_heads_are_known_without_id2label() -> None:
+    """transformers 5 writes neither id2label nor num_labels for 2 labels."""
+    assert facts_from_config({"architectures": ["BertForSequenceClassification"]}, "x").num_labels == 2
+    assert facts_from_config({"architectures": ["BertForSequenceClassification"], "label2id": {"a": 0, "b": 1, "c": 2}}, "x").num_labels == 3
+    assert facts_from_config({"architectures": ["BertModel"]}, "x").num_labels is None
+
+
+def test_weight_shapes_from_safetensors_headers(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    from tiny import make_tiny_bert
+
+    folder = make_tiny_bert(tmp_path / "one")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert modelinfo.weight_shapes(folder) == expected
+    assert modelinfo.weight_disagreements(expected, modelinfo.read_config(folder)) == []
+    assert modelinfo.weight_head_size(expected) == 2
+    from transformers import AutoModelForSequenceClassification
+
+    sharded = tmp_path / "sharded"
+    AutoModelForSequenceClassification.from_pretrained(str(folder)).save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert modelinfo.weight_shapes(sharded) == expected
+    assert modelinfo.weight_shapes(tmp_path) is None  # no weights at all
+
+
+def test_weight_disagreements_name_both_values() -> None:
+    shapes = {
+        "bert.embeddings.word_embeddings.weight": (100, 32),
+        "bert.encoder.layer.0.output.LayerNorm.weight": (32,),
+        "bert.encoder.layer.1.output.LayerNorm.weight": (32,),
+        "classifier.weight": (2, 32),
+    }
+    config = {"architectures": ["BertForSequenceClassification"], "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2}
+    assert modelinfo.weight_disagreements(shapes, config) == []
+    found = modelinfo.weight_disagreements(shapes, {**config, "vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 4, "num_labels": 3})
+    assert found == [
+        "vocab_size is 120 but bert.embeddings.word_embeddings.weight has 100 rows",
+        "hidden_size is 64 but bert.embeddings.word_embeddings.weight is 32 wide (100, 32)",
+        "num_hidden_layers is 4 but the weights hold 2 blocks (bert.encoder.layer.0-1)",
+        "hidden_size is 64 but bert.encoder.layer.0.output.LayerNorm.weight is 32 wide",
+        "the config declares 3 labels but the head classifier.weight has 2 rows",
+    ]
+
+
+def test_damaged_safetensors_are_unreadable(tmp_path: Path) -> None:
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    good = struct.pack("<Q", len(header)) + header + bytes(16)
+    cases = {
+        "empty": (b"", "is not a safetensors file (it is empty)"),
+        "short": (good[:5], "(it is 5 bytes)"),
+        "random": (bytes(range(200)), "is not a safetensors file or is truncated"),
+        "truncated": (good[:-4], "is truncated: tensor 'w' ends at byte 16"),
+        "trailing": (good + b"xx", "cover 16 bytes but the file holds 18"),
+        "not json": (struct.pack("<Q", 4) + b"\xff\xfe{}" + bytes(16), "its header is not JSON"),
+    }
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(good)
+    assert modelinfo.read_safetensors_header(path) == {"w": (2, 2)}
+    for name, (content, words) in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(modelinfo.WeightsUnreadable) as info:
+            modelinfo.weight_shapes(tmp_path)
+        assert words in info.value.reason and str(path) in info.value.reason, name
+    path.unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors"}}))
+    with pytest.raises(modelinfo.WeightsUnreadable, match="names the shard model-00001.safetensors"):
+        modelinfo.weight_shapes(tmp_path)

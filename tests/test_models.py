@@ -10,15 +10,17 @@ import torch
 from kdcli.errors import KdcliError
 from kdcli.models import (
     Dims,
+    HeadMismatch,
     ModelError,
     build_student,
+    check_vocabularies,
     encoder_blocks,
     load_model,
     load_tokenizer,
     model_dims,
     resolve_model_ref,
 )
-from tiny import MINILM_DIR, make_tiny_bert, make_tiny_config, make_tiny_model
+from tiny import MINILM_DIR, TINY_VOCAB, make_tiny_bert, make_tiny_config, make_tiny_model
 
 SEQ = "sequence-classification"
 TOK = "token-classification"
@@ -121,6 +123,126 @@ def test_load_errors_are_kdcli_errors_naming_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(KdcliError, match=r"'nobody/no-model'.*cannot load it.*Fix"):
         load_model("nobody/no-model", SEQ)
+
+
+# --- refusing what would silently train garbage -------------------------------------------
+
+
+def _edit_config(folder, **changes):
+    import json
+
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "build, changes, words",
+    [
+        ({}, {"hidden_size": 64, "intermediate_size": 128}, r"config.json disagrees with the weights: .* is \(32,\) in the weights but \(64,\) by config.json"),
+        ({}, {"num_hidden_layers": 4}, r"config.json declares 32 tensor\(s\) the weights do not hold \(bert.encoder.layer.2"),
+        ({"layers": 4}, {"num_hidden_layers": 2}, r"the weights hold 32 tensor\(s\) config.json has no place for \(bert.encoder.layer.2"),
+    ],
+    ids=["hidden 64 over 32-wide tensors", "4 layers declared over 2 stored", "2 layers declared over 4 stored"],
+)
+def test_a_config_that_is_not_the_weights_own_is_refused(tmp_path, build, changes, words):
+    folder = _edit_config(make_tiny_bert(tmp_path, **build), **changes)
+    with pytest.raises(ModelError, match=f"teacher '{tmp_path}': {words}.*Fix: use the config.json that was saved with these weights"):
+        load_model(str(folder), SEQ, num_labels=2, role="teacher")
+
+
+def test_a_teacher_head_of_another_size_is_refused_when_it_must_be_kept(tmp_path):
+    folder = make_tiny_bert(tmp_path)  # 2 labels: transformers 5 writes no id2label
+    with pytest.raises(HeadMismatch, match=r"teacher .*its trained head has 2 classes but the data has 5 labels.*Fix"):
+        load_model(str(folder), SEQ, num_labels=5, role="teacher", resize_head=False)
+    assert load_model(str(folder), SEQ, num_labels=2, resize_head=False).model.classifier.out_features == 2
+    assert load_model(str(folder), SEQ, num_labels=5).new_head  # a student's head may be new
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda b: b[: len(b) // 2], "is truncated"),
+        (lambda b: b"", "is not a safetensors file \\(it is empty\\)"),
+        (lambda b: bytes(range(256)) * 8, "is not a safetensors file or is truncated"),
+    ],
+    ids=["truncated", "empty", "random bytes"],
+)
+def test_damaged_safetensors_are_one_line(tiny_dir, tmp_path, damage, words):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ModelError, match=f"teacher .*model.safetensors {words}.*Fix: re-download the model"):
+        load_model(str(folder), SEQ, role="teacher")
+
+
+def test_a_hostile_pickle_is_refused_with_a_message(tiny_dir, tmp_path):
+    import os
+    import shutil
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"weight": Hostile()}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"refused to unpickle pytorch_model.bin: it calls \w+.system beyond plain tensors.*Fix: convert it to model.safetensors"):
+        load_model(str(folder), SEQ, role="teacher")
+    assert not (tmp_path / "ran").exists()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ModelError, match=r"pytorch_model.bin is damaged or not a PyTorch checkpoint"):
+        load_model(str(folder), SEQ, role="teacher")
+
+
+def test_trust_remote_code_is_announced_before_loading(tiny_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "modeling_mine.py").write_text("x = 1\n")
+    (folder / "model.safetensors").write_bytes(b"")  # loading fails after the warning
+    said: list[str] = []
+    with pytest.raises(ModelError):
+        load_model(str(folder), SEQ, role="teacher", trust_remote_code=True, warn=said.append)
+    assert len(said) == 1 and f"teacher {folder}" in said[0] and "modeling_mine.py" in said[0]
+    load_tokenizer(str(tiny_dir), trust_remote_code=True, warn=said.append)
+    assert "tokenizer" in said[1] and "no .py file" in said[1]
+    load_model(str(tiny_dir), SEQ, warn=said.append)  # without trust_remote_code: nothing said
+    assert len(said) == 2
+
+
+def _other_vocab_model(folder):
+    """A tiny BERT trained (here: saved) with TINY_VOCAB's words in another order."""
+    from transformers import BertTokenizer
+
+    make_tiny_bert(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    words = TINY_VOCAB[:5] + TINY_VOCAB[5:][::-1]
+    BertTokenizer(vocab={t: i for i, t in enumerate(words)}, do_lower_case=True).save_pretrained(folder)
+    return folder
+
+
+def test_models_must_read_the_tokenizer_ids_as_their_tokens(tiny_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_dir))
+    teacher = load_model(str(tiny_dir), SEQ).model
+    check_vocabularies(tokenizer, str(tiny_dir), [("teacher", str(tiny_dir), teacher)])
+    other = _other_vocab_model(tmp_path / "other")
+    student = load_model(str(other), SEQ).model
+    with pytest.raises(ModelError, match=r"student '.*other': the student was trained with another vocabulary than the tokenizer .*: id 5 is '.' in .* but 'fresh' in its own .*Fix"):
+        check_vocabularies(tokenizer, str(tiny_dir), [("teacher", str(tiny_dir), teacher), ("student", str(other), student)])
+    # a padded vocabulary (more embeddings than tokens) with the same tokens is fine
+    config = make_tiny_config(tmp_path / "config")
+    wide = build_student(str(config), {"vocab_size": len(TINY_VOCAB) + 7}, SEQ, 2, None)
+    check_vocabularies(tokenizer, str(tiny_dir), [("student", None, wide)])
+    narrow = build_student(str(config), {"vocab_size": 100}, SEQ, 2, None)
+    with pytest.raises(ModelError, match=rf"student: the student has 100 token embeddings but the tokenizer .* produces ids up to {len(TINY_VOCAB) - 1}"):
+        check_vocabularies(tokenizer, str(tiny_dir), [("student", None, narrow)])
 
 
 # --- references and tokenizers ----------------------------------------------------------
