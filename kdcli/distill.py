@@ -225,10 +225,13 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
     id2label = labels.id2label
     teachers = []
     if mode == "distill":
+        kd = recipe.distillation  # a teacher whose logits are used must have a head of the data's size
+        uses_logits = kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none"
         for i, ref in enumerate(recipe.teachers):
             loaded = kmodels.load_model(
                 ref.model, task, id2label=id2label, revision=ref.revision,
                 trust_remote_code=ref.trust_remote_code, role="teacher",
+                resize_head=not uses_logits, warn=warn,
             )
             if loaded.new_head:
                 warn(
@@ -241,7 +244,7 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
     if isinstance(student_ref, PretrainedModel):
         loaded = kmodels.load_model(
             student_ref.model, task, id2label=id2label, revision=student_ref.revision,
-            trust_remote_code=student_ref.trust_remote_code, role="student",
+            trust_remote_code=student_ref.trust_remote_code, role="student", warn=warn,
         )
         return teachers, loaded.model
     init_from, layers = None, student_ref.init_from_teacher
@@ -251,12 +254,12 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
         else:  # train mode: copy from the model the student's config comes from
             init_from = kmodels.load_model(
                 recipe.init_source, task, id2label=id2label, revision=student_ref.revision,
-                trust_remote_code=student_ref.trust_remote_code, role="student.config",
+                trust_remote_code=student_ref.trust_remote_code, role="student.config", warn=warn,
             ).model
     student = kmodels.build_student(
         student_ref.config, student_ref.overrides, task, labels.num_labels, id2label,
         init_from=init_from, init_layers=layers, revision=student_ref.revision,
-        trust_remote_code=student_ref.trust_remote_code,
+        trust_remote_code=student_ref.trust_remote_code, warn=warn,
     )
     return teachers, student
 
@@ -546,7 +549,7 @@ def _run_in(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, max_
 
     # --- tokenizer and data (rank 0 tokenises first; the others read datasets' cache) ------
     ref, revision, trust = tokenizer_ref(recipe)
-    tokenizer = kmodels.load_tokenizer(ref, revision=revision, trust_remote_code=trust)
+    tokenizer = kmodels.load_tokenizer(ref, revision=revision, trust_remote_code=trust, warn=warn)
     if not main:
         procs.barrier()
     task_data = _quietly(kdata.prepare_from_recipe, recipe, tokenizer)
@@ -560,6 +563,11 @@ def _run_in(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, max_
 
     # --- models and objective ------------------------------------------------------------
     teachers, student = load_models(recipe, mode, labels, warn)
+    kmodels.check_vocabularies(  # every model reads the tokenizer's ids as its own tokens
+        tokenizer, ref,
+        [("teacher", t.model, m) for t, m in zip(recipe.teachers, teachers)]
+        + [("student", getattr(recipe.student, "model", None), student)],
+    )
     objective = Objective(
         recipe.distillation if mode == "distill" else None,
         hidden_S=kmodels.model_dims(student).hidden_size,
