@@ -194,6 +194,8 @@ def read_config(folder: Path) -> dict:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigUnavailable(f"{path} is not valid JSON (line {exc.lineno})") from None
+    except RecursionError:
+        raise ConfigUnavailable(f"{path} is nested too deeply to be a config") from None
     if not isinstance(config, dict):
         raise ConfigUnavailable(f"{path} is not a JSON object")
     return config
@@ -356,7 +358,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise WeightsUnreadable(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise WeightsUnreadable(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise WeightsUnreadable(f"{path} is not a safetensors file (its header is not a JSON object)")
@@ -404,7 +406,7 @@ def weight_shapes(folder: str | Path) -> dict[str, tuple[int, ...]] | None:
         return None
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         weight_map = None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsUnreadable(f"{index} is not a safetensors index (no weight_map)")
@@ -520,7 +522,7 @@ def pickle_calls(path: str | Path) -> list[str]:
             safe = module.split(".")[0] in _SAFE_GLOBAL_MODULES or (module == "builtins" and name in _SAFE_BUILTINS)
             if not safe and f"{module}.{name}" not in calls:
                 calls.append(f"{module}.{name}")
-    except (ValueError, IndexError, UnicodeDecodeError):
+    except Exception:  # pickletools' errors on damaged opcodes are of several kinds
         raise WeightsUnreadable(f"{path} is damaged (its pickle cannot be read)") from None
     return calls
 

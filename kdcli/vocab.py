@@ -158,7 +158,7 @@ def read_vocab(folder: str | Path) -> Vocab | None:
             continue
         try:
             vocab = _READERS[name](path)
-        except (OSError, ValueError, UnicodeDecodeError, IndexError, TypeError):
+        except (OSError, ValueError, UnicodeDecodeError, IndexError, TypeError, RecursionError, AttributeError):
             vocab = None
         if vocab is not None and vocab.tokens:
             return vocab
