@@ -526,17 +526,19 @@ def _run_in(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, max_
     warnings: list[str] = []
     progress: report.Progress | None = None
 
-    def say(text: str) -> None:
+    def say(text: str, *, even_if_quiet: bool = False) -> None:
         """A line on stderr (rank 0, not quiet): above the progress bar once it runs."""
-        if main and not quiet:
+        if main and (even_if_quiet or not quiet):
             if progress is not None:
                 progress.message(text)
             else:
                 print(text, file=sys.stderr, flush=True)
 
     def warn(text: str) -> None:
+        """A warning: on stderr even under --quiet (which silences progress and log lines,
+        not what the user must know, such as code that trust_remote_code will run)."""
         warnings.append(text)
-        say(text)
+        say(text, even_if_quiet=True)
 
     if main and not folder.locked:
         warn(f"warning: cannot lock {out} (its file system has no file locks); make sure no other run writes there")

@@ -98,7 +98,8 @@ def test_trust_remote_code_is_announced_at_run_time(root):
     shutil.copytree(root / "teacher", root / "t-remote", dirs_exist_ok=True)
     (root / "t-remote" / "modeling_custom.py").write_text("x = 1\n")
     recipe = _recipe(root, "remote", teacher={"model": "t-remote", "trust_remote_code": True})
-    result = runner.invoke(app, ["distill", recipe, "-o", str(root / "out-remote"), "--max-steps", "1"])
+    # --quiet silences progress, not this warning
+    result = runner.invoke(app, ["distill", recipe, "-o", str(root / "out-remote"), "--max-steps", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     warning = f"teacher {root / 't-remote'}: trust_remote_code is on, so the Python code of this folder runs"
     assert warning in result.stderr and "modeling_custom.py" in result.stderr
