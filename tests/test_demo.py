@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kdcli import demo
+from kdcli import demo, outdir
 from tiny import REPO, make_tiny_bert, write_sst2_sample
 
 
@@ -102,7 +102,8 @@ def test_unfinished_teacher_folder_is_trained_again(tmp_path):
     recipes = tiny_recipes(tmp_path)
     unfinished = tmp_path / "runs" / "sst2-teacher"
     unfinished.mkdir(parents=True)
-    (unfinished / "config.json").write_text("{}")  # a run that stopped before saving
+    (unfinished / "config.json").write_text("{}")  # a kdcli run that stopped before saving
+    outdir.write_marker(unfinished, {"mode": "train"})
     assert not demo.is_finished(unfinished)
     run = demo.run_stage(demo.STAGES[0], recipes, reuse=True, console=Console(quiet=True))
     assert run.reused is False and demo.is_finished(unfinished)
