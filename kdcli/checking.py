@@ -8,11 +8,20 @@ header (or first record):
 - `proj` sizes equal the student's and teacher's hidden sizes, and a `proj` is present when a
   loss that needs equal sizes (hidden_mse, cos, pkd, fsp/gram) meets different sizes;
 - attention_mse / attention_ce need equal head counts (the _sum/_mean variants do not);
-- teacher and student share a vocabulary when intermediate matches or token-level logits are
-  compared; `data.max_length` fits every model's position embeddings;
+- every model reads the run's tokenizer ids as its own tokens (`kdcli.vocab`: the tokenizer
+  files of each model folder are compared on shared ids, a padded vocabulary is fine, and
+  every model has an embedding per id), with or without intermediate matches; when the files
+  cannot be read, teacher and student share a vocab_size when intermediate matches or
+  token-level logits are compared; `data.max_length` fits every model's position embeddings;
+- each model folder's weights agree with its config.json (safetensors headers: vocabulary
+  rows, widths, block count, head rows), are whole, and a pickle calls nothing but tensor
+  constructors (`kdcli.modelinfo`);
 - `init_from_teacher` lists one existing block per student block, of the same shape;
 - `student.overrides` names fields of the base config (did-you-mean);
-- the teacher's classification head has as many classes as the data has labels;
+- the teacher's classification head has as many classes as the data has labels, counted over
+  train and eval with the run's own rule (`kdcli.labels`: "1" and "1.0" one class; empty
+  labels, scores, and ids mixed with names refused); local csv/tsv records are validated as
+  the run validates them (`kdcli.tabular`: field counts, open quotes), naming the line;
 - the text and label columns exist in every local data file.
 
 A model folder that another recipe produces (see `recipe.find_producers`) is described by that
@@ -27,19 +36,27 @@ imports torch, transformers or datasets.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from kdcli.errors import Problem, RecipeError, UsageError
+from kdcli.errors import Problem, RecipeError, UsageError, printable
+from kdcli.labels import DataError, Labels, labels_of_splits
 from kdcli.modelinfo import (
     GENERIC_CONFIG_KEYS,
     ConfigUnavailable,
     ModelFacts,
+    WeightsUnreadable,
+    cached_hub_config,
+    check_pickles,
     hub_facts,
     local_facts,
+    read_config,
+    weight_disagreements,
+    weight_shapes,
     with_overrides,
 )
 from kdcli.recipe import (
@@ -51,14 +68,20 @@ from kdcli.recipe import (
     LoadedRecipe,
     Match,
     Mode,
+    NotRegularFile,
     PretrainedModel,
     Recipe,
     display_name,
     find_producers,
+    is_file,
+    open_regular,
     read_recipe,
     show,
     suggest,
 )
+
+from kdcli.tabular import validate_table
+from kdcli.vocab import VOCAB_FIX, read_vocab, vocabulary_problem
 
 #: data files larger than this are not scanned for their labels (headers are always read)
 LABEL_SCAN_LIMIT_BYTES = 64 * 1024 * 1024
@@ -148,7 +171,7 @@ class _Resolver:
         self.producers = producers
         self._cache: dict[tuple, Resolved] = {}
         self._visiting: set[Path] = set()
-        self._labels: dict[tuple, int | None] = {}
+        self._labels: dict[tuple, LabelScan] = {}
 
     def model(self, ref: str, revision: str | None = None) -> Resolved:
         key = ("model", ref, revision)
@@ -190,12 +213,12 @@ class _Resolver:
             student = self.student(recipe)
             if student.facts is None:
                 return Resolved(None, f"the student of {name}, which produces it: {student.reason}")
-            labels = self.label_count(recipe.data.train, recipe.data.label_column, recipe.task)
+            labels = self.labels(recipe.data).labels
             facts = replace(
                 student.facts,
                 source=f"produced by {name}",
                 head=recipe.task,
-                num_labels=labels if labels is not None else student.facts.num_labels,
+                num_labels=labels.num_labels if labels is not None else student.facts.num_labels,
             )
             return Resolved(facts, partial=student.partial, reason=student.reason)
         finally:
@@ -212,10 +235,12 @@ class _Resolver:
             return Resolved(partial, base.reason, partial=True)
         return Resolved(with_overrides(base.facts, student.overrides), partial=base.partial, reason=base.reason)
 
-    def label_count(self, source: DataSource, column: str, task: str) -> int | None:
-        key = (source.path, source.format, source.delimiter, column, task)
+    def labels(self, data: Any) -> LabelScan:
+        """The labels of a recipe's `data` section, train and eval together (cached)."""
+        splits = [("train", data.train)] + ([("eval", data.eval)] if data.eval is not None else [])
+        key = (tuple((s, d.path, d.format, d.delimiter) for s, d in splits), data.label_column)
         if key not in self._labels:
-            self._labels[key] = count_labels(source, column, token_level=task == "token-classification")
+            self._labels[key] = scan_labels(splits, data.label_column)
         return self._labels[key]
 
 
@@ -225,54 +250,111 @@ class _Resolver:
 
 
 class DataUnreadable(Exception):
-    """A local data file whose header or first record cannot be read."""
+    """A local data file whose header or first record cannot be read. Its message never holds a
+    byte of the file: it is printed for files that may not be data files at all."""
+
+
+#: a csv/tsv header line must end within this many characters
+HEADER_MAX_CHARS = 64 * 1024
+#: the first record of a json/jsonl file must end within this many characters
+RECORD_MAX_CHARS = 1 << 20
+#: a column name longer than this (characters) makes a header implausible
+COLUMN_NAME_MAX = 100
+#: headers with more columns are still checked, but their columns are not listed in messages
+LISTED_COLUMNS_MAX = 200
 
 
 @dataclass(frozen=True)
 class DataHeader:
+    """The columns of a data file: printable names of at most COLUMN_NAME_MAX characters, read
+    from its header line or first record only (`read_header` checks them)."""
+
     columns: list[str]
     #: column -> whether its first value is a list (None: not known, e.g. csv)
     list_columns: dict[str, bool] | None = None
 
+    @property
+    def listable(self) -> bool:
+        """Few enough columns to list in a message."""
+        return len(self.columns) <= LISTED_COLUMNS_MAX
+
 
 def _open_text(path: str):
-    return open(path, encoding="utf-8-sig", newline="")
+    """A data file opened as text; only a regular file outside /proc, /sys and /dev is ever
+    opened (`recipe.open_regular`), else DataUnreadable."""
+    try:
+        binary = open_regular(path)
+    except NotRegularFile as exc:
+        raise DataUnreadable(str(exc)) from None
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+
+
+def _plausible(columns: list[Any], fmt: str, where: str) -> list[str]:
+    """`columns` when they look like the column names of a `fmt` file, else DataUnreadable
+    (whose message shows none of them)."""
+    for name in columns:
+        if not isinstance(name, str):
+            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a column name is not text")
+        if "\n" in name or "\r" in name:
+            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a quoted column name goes on over more than one line")
+        if not name.replace("\t", "").isprintable():  # a tab: a csv read with the wrong delimiter
+            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a column name holds a non-printable character")
+        if len(name) > COLUMN_NAME_MAX:
+            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a column name is over {COLUMN_NAME_MAX} characters long")
+    return list(columns)
 
 
 def read_header(source: DataSource) -> DataHeader:
-    """The columns of a local data file, from its header line or first record only."""
+    """The columns of a local data file, from its header line or first record only.
+
+    DataUnreadable unless the file is a regular file that parses as its declared format with a
+    plausible header (`_plausible`): a check-recipe report may then show its column names, and
+    nothing else of it.
+    """
     fmt, path = source.format, source.path
     try:
         if fmt in ("csv", "tsv"):
             quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
             with _open_text(path) as f:
-                row = next(csv.reader(f, delimiter=source.delimiter or ",", quoting=quoting), None)
+                line = f.readline(HEADER_MAX_CHARS + 1)
+            if len(line) > HEADER_MAX_CHARS:
+                raise DataUnreadable(f"its first line is over {HEADER_MAX_CHARS // 1024} KiB long, not a header line")
+            row = next(csv.reader([line], delimiter=source.delimiter or ",", quoting=quoting), None)
             if not row:
                 raise DataUnreadable("it is empty (a header line is needed)")
-            return DataHeader([c.strip() for c in row])
+            if any("\n" in c or "\r" in c for c in row):  # an open quote: the row goes on
+                raise DataUnreadable(f"its first line does not look like a {fmt} header: a quoted column name goes on over more than one line")
+            return DataHeader(_plausible([c.strip() for c in row], fmt, "first line"))
         if fmt == "jsonl":
-            with _open_text(path) as f:
-                for line in f:
-                    if line.strip():
-                        return _header_of_record(json.loads(line))
-            raise DataUnreadable("it holds no records")
+            return _header_of_record(_first_jsonl_record(path))
         if fmt == "json":
             return _header_of_record(_first_json_record(path))
         if fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            schema = pq.read_schema(path)
+            try:
+                binary = open_regular(path)
+            except NotRegularFile as exc:
+                raise DataUnreadable(str(exc)) from None
+            with binary:
+                schema = pq.read_schema(binary)
             return DataHeader(
-                list(schema.names),
+                _plausible(list(schema.names), fmt, "schema"),
                 {f.name: pa.types.is_list(f.type) or pa.types.is_large_list(f.type) for f in schema},
             )
     except DataUnreadable:
         raise
     except UnicodeDecodeError:
         raise DataUnreadable("it is not UTF-8 text") from None
-    except (ValueError, csv.Error) as exc:
-        raise DataUnreadable(f"its first record cannot be parsed ({str(exc).splitlines()[0][:80]})") from None
+    except json.JSONDecodeError as exc:
+        raise DataUnreadable(f"its first record cannot be parsed ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except csv.Error as exc:
+        raise DataUnreadable(f"its header line cannot be parsed ({str(exc).splitlines()[0][:80]})") from None
+    except RecursionError:
+        raise DataUnreadable("its first record cannot be parsed (nested too deeply)") from None
+    except ValueError as exc:
+        raise DataUnreadable(f"its first record cannot be parsed ({exc.__class__.__name__})") from None
     except OSError as exc:
         raise DataUnreadable(f"it cannot be read ({exc.strerror or exc.__class__.__name__})") from None
     except Exception as exc:  # pyarrow's own errors (ArrowInvalid) are not OSError/ValueError everywhere
@@ -280,16 +362,36 @@ def read_header(source: DataSource) -> DataHeader:
     raise DataUnreadable(f"unknown format {fmt!r}")
 
 
+_JSON_KINDS = {list: "a list", str: "a string", bool: "true or false", int: "a number", float: "a number", type(None): "null"}
+
+
 def _header_of_record(record: Any) -> DataHeader:
     if not isinstance(record, dict):
-        raise DataUnreadable(f"its first record is not a JSON object ({show(record, 30)})")
-    return DataHeader(list(record), {k: isinstance(v, list) for k, v in record.items()})
+        raise DataUnreadable(f"its first record is {_JSON_KINDS.get(type(record), 'a value')}, not a JSON object")
+    columns = _plausible(list(record), "JSON", "first record")
+    return DataHeader(columns, {k: isinstance(v, list) for k, v in record.items()})
+
+
+def _first_jsonl_record(path: str) -> Any:
+    """The first record of a .jsonl file (blank lines skipped), read within RECORD_MAX_CHARS."""
+    read = 0
+    with _open_text(path) as f:
+        while read <= RECORD_MAX_CHARS:
+            line = f.readline(RECORD_MAX_CHARS + 1)
+            if not line:
+                raise DataUnreadable("it holds no records")
+            if len(line) > RECORD_MAX_CHARS:
+                break
+            read += len(line)
+            if line.strip():
+                return json.loads(line)
+    raise DataUnreadable(f"its first record does not end within {RECORD_MAX_CHARS >> 20} MiB")
 
 
 def _first_json_record(path: str) -> Any:
     """The first record of a .json file: a JSON array of objects, or JSON lines."""
     with _open_text(path) as f:
-        head = f.read(1 << 20)
+        head = f.read(RECORD_MAX_CHARS)
     text = head.lstrip()
     decoder = json.JSONDecoder()
     if text.startswith("["):
@@ -309,7 +411,7 @@ def _label_values(source: DataSource, column: str) -> Iterable[Any]:
     if fmt in ("csv", "tsv"):
         quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
         with _open_text(path) as f:
-            reader = csv.reader(f, delimiter=source.delimiter or ",", quoting=quoting)
+            reader = csv.reader(f, delimiter=source.delimiter or ("\t" if fmt == "tsv" else ","), quoting=quoting)
             header = [c.strip() for c in next(reader, [])]
             index = header.index(column)
             for row in reader:
@@ -335,38 +437,85 @@ def _label_values(source: DataSource, column: str) -> Iterable[Any]:
         yield from pq.read_table(path, columns=[column]).column(column).to_pylist()
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
+@dataclass(frozen=True)
+class LabelScan:
+    """The labels of a recipe's local data files, counted as `kdcli.data` counts them (the same
+    `kdcli.labels` code). `labels` None: unknown or refused; `complete`: every split was read
+    (else `labels` is a lower bound); `error`: why a file (at `where`) or its labels are refused."""
+
+    labels: Labels | None = None
+    complete: bool = False
+    error: DataError | None = None
+    where: JsonPath = ("data", "label_column")
+    path: str = ""
+
+    def problem(self, show_values: bool) -> Finding | None:
+        """The error as a finding; without label values unless `show_values`."""
+        if self.error is None:
+            return None
+        text, _, fix = (str(self.error) if show_values else self.error.redacted).partition(". Fix: ")
+        return Finding(self.where, text.replace(self.path, os.path.basename(self.path)) if self.path else text, fix)
+
+
+def _values_shown(recipe: Recipe, loaded: LoadedRecipe) -> bool:
+    """Whether label values may appear in messages: every local data file is inside the recipe's
+    repository with a plausible header, as `data_findings` requires to list column names."""
+    for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        if source is None or not source.is_local:
+            continue
+        where: JsonPath = ("data", split)
+        written_path = where if isinstance(loaded.written(where), str) else where + ("path",)
+        try:
+            if loaded.outside(written_path, source.path) is not None or not read_header(source).listable:
+                return False
+        except DataUnreadable:
+            return False
+    return True
+
+
+def scan_labels(splits: list[tuple[str, DataSource]], column: str) -> LabelScan:
+    """Validate each local csv/tsv split (`kdcli.tabular`) and count the labels of all splits
+    together (`kdcli.labels`), as a run does; hub data, files over LABEL_SCAN_LIMIT_BYTES and
+    files whose header lacks the column are skipped (other rules report those)."""
+    values: list[tuple[str, list[Any]]] = []
+    complete = True
+    for split, source in splits:
+        if not source.is_local or source.format is None:
+            complete = False
+            continue
+        try:
+            if os.path.getsize(source.path) > LABEL_SCAN_LIMIT_BYTES or column not in read_header(source).columns:
+                complete = False
+                continue
+        except (OSError, DataUnreadable):
+            complete = False
+            continue
+        if source.format in ("csv", "tsv"):
+            quoting = csv.QUOTE_NONE if source.format == "tsv" else csv.QUOTE_MINIMAL
+            delimiter = source.delimiter or ("\t" if source.format == "tsv" else ",")
+            try:
+                validate_table(source.path, delimiter=delimiter, quoting=quoting, label_column=column)
+            except DataError as exc:
+                return LabelScan(error=exc, where=("data", split), path=source.path)
+        try:
+            rows = list(_label_values(source, column))
+        except Exception:  # read_header reports unreadable files; here we just do not know
+            complete = False
+            continue
+        values.append((f"data.{split} file {os.path.basename(source.path)}, column {column!r}", rows))
+    if not values:
+        return LabelScan()
+    try:
+        return LabelScan(labels_of_splits(values), complete)
+    except DataError as exc:
+        return LabelScan(error=exc)
 
 
 def count_labels(source: DataSource, column: str, *, token_level: bool = False) -> int | None:
-    """How many classes the data's labels make, as `kdcli.data` counts them (integer labels:
-    max + 1; names: distinct values); None when unknown (hub data, a large file, unreadable)."""
-    if not source.is_local or source.format is None:
-        return None
-    try:
-        if os.path.getsize(source.path) > LABEL_SCAN_LIMIT_BYTES:
-            return None
-        values: list[Any] = []
-        for value in _label_values(source, column):
-            if token_level and isinstance(value, list):
-                values.extend(value)
-            else:
-                values.append(value)
-    except Exception:  # the columns rule reports unreadable files; here we just do not know
-        return None
-    if not values or any(v is None for v in values):
-        return None
-    ints = [_as_int(v) for v in values]
-    if all(i is not None for i in ints):
-        return max(ints) + 1 if min(ints) >= 0 else None
-    return len({str(v) for v in values})
+    """How many classes one file's labels make, as `kdcli.data` counts them (integer labels:
+    max + 1; names: distinct values; tag lists flattened); None when unknown or refused."""
+    labels = scan_labels([("train", source)], column).labels
+    return labels.num_labels if labels is not None else None
 
 
 def _delimiter_hint(header: DataHeader, source: DataSource) -> str:
@@ -402,28 +551,32 @@ def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
                 )
             )
             continue
-        if not Path(source.path).is_file():
+        if not is_file(source.path):
             continue  # reported by recipe.read_recipe
+        written_path = where if isinstance(loaded.written(where), str) else where + ("path",)
         try:
             header = read_header(source)
         except DataUnreadable as exc:
-            out.append(Finding(where, f"data file {show(loaded.written(where) if isinstance(loaded.written(where), str) else source.path)}: {exc}", f"give a {source.format} file with a header or records"))
+            out.append(Finding(where, f"data file {show(loaded.written(written_path) or source.path)}: {exc}", f"give a {source.format} file with a header or records"))
             continue
         name = os.path.basename(source.path)
-        misread = _delimiter_hint(header, source)
+        # Column names are shown only for a plausible header of a file inside the repository
+        # (check-recipe runs in CI on recipes from pull requests).
+        outside = loaded.outside(written_path, source.path)
+        listed = outside is None and header.listable
+        misread = _delimiter_hint(header, source) if listed else ""
         for option, column in columns:
             written = loaded.written(("data", option)) is not None
             if column not in header.columns:
-                guess = suggest(column, header.columns)
                 default = "" if written else f" (the default {option})"
+                guess = suggest(column, header.columns) if listed else None
                 fix = f"set data.{option} to {show(guess)}" if guess else f"set data.{option} to one of its columns"
-                out.append(
-                    Finding(
-                        ("data", option),
-                        f"data.{split} file {name} has no column {show(column)}{default}; its columns: {', '.join(map(show, header.columns)) or 'none'}",
-                        misread or fix,
-                    )
-                )
+                if listed:
+                    known = f"its columns: {', '.join(map(show, header.columns)) or 'none'}"
+                else:
+                    why = "the file is outside the recipe's repository" if outside else f"it has {len(header.columns)} columns"
+                    known = f"its columns are not listed ({why})"
+                out.append(Finding(("data", option), f"data.{split} file {name} has no column {show(column)}{default}; {known}", misread or fix))
             elif recipe.task == "token-classification" and option != "text_pair_column" and header.list_columns is not None:
                 if not header.list_columns.get(column, False):
                     what = "words" if option == "text_column" else "tags"
@@ -575,6 +728,96 @@ def override_findings(recipe: Recipe, base: ModelFacts | None) -> list[Finding]:
     return out
 
 
+def _model_folder(ref: str | None, revision: str | None = None) -> Path | None:
+    """A model reference's folder on this machine: a local folder, or a hub id's snapshot in
+    the Hugging Face cache; None when there is none (not downloaded, produced by a recipe)."""
+    if not ref:
+        return None
+    if os.path.isabs(ref):
+        return Path(ref) if Path(ref).is_dir() else None
+    cached = cached_hub_config(ref, revision)
+    return Path(cached[1]).parent if cached is not None else None
+
+
+_WEIGHTS_CONFIG_FIX = (
+    "use the config.json that was saved with these weights (it must describe the tensors in the "
+    "file), or save the model again with save_pretrained"
+)
+
+
+def weight_findings(recipe: Recipe, models: _Models) -> list[Finding]:
+    """Each loaded model folder's safetensors headers are whole and agree with its config.json
+    (vocabulary rows, embedding width, block count, hidden width, head rows)."""
+    out: list[Finding] = []
+    seen: set[str] = set()
+    for path, role, ref, _ in models.refs:
+        if role == "student config" and not (recipe.init_source and not recipe.teachers):
+            continue  # a student built from a config: no weights are loaded from there
+        folder = Path(ref) if os.path.isabs(ref) else None
+        if folder is None or ref in seen or not (folder / "config.json").is_file():
+            continue
+        seen.add(ref)
+        try:
+            shapes = weight_shapes(folder)
+            check_pickles(folder)
+            config = read_config(folder) if shapes else {}
+        except WeightsUnreadable as exc:
+            reason = exc.reason.replace(str(folder) + os.sep, "")  # the finding's path names the folder
+            out.append(Finding(path, f"the {role}'s weights cannot be read: {reason}", exc.fix))
+            continue
+        except ConfigUnavailable:
+            continue
+        disagreements = weight_disagreements(shapes or {}, config)
+        if disagreements:
+            more = f" (and {len(disagreements) - 3} more)" if len(disagreements) > 3 else ""
+            out.append(
+                Finding(
+                    path,
+                    f"the {role}'s config.json disagrees with its weights: {'; '.join(disagreements[:3])}{more}; "
+                    "loading it would start those tensors at random",
+                    _WEIGHTS_CONFIG_FIX,
+                )
+            )
+    return out
+
+
+def vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: _Models) -> tuple[list[Finding], bool]:
+    """Every model reads the run's tokenizer ids as its own tokens (`kdcli.vocab`, as the run
+    checks them): enough token embeddings, and a pretrained model's own tokenizer files agree
+    with the tokenizer on every id both have. Also returns whether the tokens could be
+    compared for every model (then vocab_size alone decides nothing)."""
+    student = recipe.student if "student" in loaded.sections else None
+    teachers = recipe.teachers if "teacher" in loaded.sections else []
+    if isinstance(recipe.tokenizer, str) and recipe.tokenizer and "tokenizer" in loaded.sections:
+        used_ref, revision, used_name = recipe.tokenizer, None, "the recipe's tokenizer"
+    elif teachers:
+        used_ref, revision, used_name = teachers[0].model, teachers[0].revision, "the teacher's tokenizer"
+    elif student is not None:
+        used_ref, revision, used_name = getattr(student, "model", None) or student.config, student.revision, "the student's tokenizer"
+    else:
+        return [], False
+    used_folder = _model_folder(used_ref, revision)
+    used = read_vocab(used_folder) if used_folder is not None else None
+    if used is None:
+        return [], False
+    out: list[Finding] = []
+    all_compared = True
+    for path, role, ref, resolved in models.refs:
+        if role == "student config":
+            facts, own, same = models.student.facts, None, True  # built from a config: learns these ids
+        else:
+            facts = resolved.facts
+            folder = _model_folder(ref)
+            same = folder is not None and folder.resolve() == used_folder.resolve()
+            own = read_vocab(folder) if folder is not None and not same else None
+            all_compared = all_compared and (same or own is not None)
+        rows = facts.vocab_size if facts is not None else None
+        problem = vocabulary_problem(used, used_name, own, rows, f"the {role}")
+        if problem is not None:
+            out.append(Finding(path, problem, VOCAB_FIX))
+    return out, all_compared
+
+
 def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: _Models, resolver: _Resolver) -> list[Finding]:
     """All rules that need the models' configs (each skipped where a fact is unknown)."""
     out: list[Finding] = []
@@ -586,9 +829,12 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: _Models, resolv
         out += init_findings(recipe, loaded, models.init_source.facts if models.init_source else None, s)
         out += override_findings(recipe, models.base.facts if models.base else None)
 
+    out += weight_findings(recipe, models)
+    vocab, tokens_compared = vocab_findings(recipe, loaded, models)
+    out += vocab
     has_matches = bool(loaded.matches)
     compares_tokens = has_matches or recipe.task == "token-classification"
-    if compares_tokens and s is not None and s.vocab_size is not None:
+    if compares_tokens and not tokens_compared and s is not None and s.vocab_size is not None:
         for t in teachers:
             if t.facts is not None and t.facts.vocab_size is not None and t.facts.vocab_size != s.vocab_size:
                 why = "intermediate matches compare token positions" if has_matches else "token-level logits are compared position by position"
@@ -608,7 +854,8 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: _Models, resolv
     kd = recipe.distillation
     uses_logits = kd is not None and (kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none")
     if uses_logits and "data" in loaded.sections:
-        n_data = resolver.label_count(recipe.data.train, recipe.data.label_column, recipe.task)
+        scan = resolver.labels(recipe.data)
+        data_labels = scan.labels
         for i, t in enumerate(teachers):
             facts = t.facts
             if facts is None:
@@ -617,14 +864,18 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: _Models, resolv
             if facts.head not in (None, recipe.task):
                 kind = "no classification head" if facts.head == "" else f"a {facts.head} head"
                 out.append(Finding(path, f"the teacher has {kind} for {recipe.task} (config: {facts.source}); its logits would come from a randomly initialised head", _HEADLESS_FIX, "warning"))
-            elif facts.head == recipe.task and facts.num_labels is not None and n_data is not None and facts.num_labels != n_data:
-                out.append(
-                    Finding(
-                        path,
-                        f"the teacher's head has {facts.num_labels} classes but data.train has {n_data} labels",
-                        "distil on data labelled like the teacher's training data, or use a teacher trained on these labels",
+            elif facts.head == recipe.task and facts.num_labels is not None and data_labels is not None:
+                n_data = data_labels.num_labels
+                if n_data > facts.num_labels or (scan.complete and n_data != facts.num_labels):
+                    also = ", counting data.eval too" if recipe.data.eval is not None else ""
+                    shown = data_labels.describe() if _values_shown(recipe, loaded) else f"{n_data} labels"
+                    out.append(
+                        Finding(
+                            path,
+                            f"the teacher's head has {facts.num_labels} classes but data.train has {shown}{also}: the teacher cannot produce these labels",
+                            "distil on data labelled like the teacher's training data, or use a teacher trained on these labels",
+                        )
                     )
-                )
     return out
 
 
@@ -723,6 +974,9 @@ def check_loaded(loaded: LoadedRecipe, resolver: _Resolver, strict: bool = False
     if "data" in loaded.sections:
         for finding in data_findings(recipe, loaded):
             _place(loaded, finding, strict)
+        problem = resolver.labels(recipe.data).problem(_values_shown(recipe, loaded))  # csv/tsv records, labels
+        if problem is not None:
+            _place(loaded, problem, strict)
 
 
 def check_file(path: str | Path, *, strict: bool = False, mode: Mode | None = None, producers: dict[str, list[Path]] | None = None, resolver: _Resolver | None = None) -> tuple[FileReport, LoadedRecipe]:
@@ -737,12 +991,20 @@ def check_file(path: str | Path, *, strict: bool = False, mode: Mode | None = No
 
 def _is_recipe_like(path: Path) -> bool:
     """A JSON file found in a folder counts as a recipe when it is an object with a student
-    (or fails to parse, so that a broken recipe is not silently skipped)."""
+    (or fails to parse, so that a broken recipe is not silently skipped). A *.json that is not a
+    regular file (a link to /dev/zero, a FIFO) is never opened, and is reported, not skipped."""
     try:
-        if path.stat().st_size > DISCOVERY_MAX_BYTES:
-            return False
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError):
+        with open_regular(path) as f:
+            data = f.read(DISCOVERY_MAX_BYTES + 1)
+    except NotRegularFile:
+        return True
+    except (OSError, ValueError):
+        return False
+    if len(data) > DISCOVERY_MAX_BYTES:
+        return False
+    try:
+        raw = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
         return False
     except (ValueError, RecursionError):
         return True
@@ -800,8 +1062,19 @@ def load_checked(path: str | Path, mode: Mode | None = None, *, strict: bool = F
 
 
 def render_text(report: CheckReport, console) -> None:
-    """Rich text, grouped per file, on `console` (a rich Console)."""
+    """Rich text, grouped per file, on `console` (a rich Console).
+
+    Every string that comes from a user's files (file names, paths, messages quoting values,
+    keys or column names) is printed as data: non-printable characters escaped (`printable`),
+    rich markup escaped, and emoji codes (`:x:`) and highlighting off.
+    """
     from rich.markup import escape
+
+    def data(text: str) -> str:
+        return escape(printable(text))
+
+    def line(markup: str) -> None:
+        console.print(markup, highlight=False, emoji=False)
 
     for file in report.files:
         if file.valid:
@@ -812,27 +1085,28 @@ def render_text(report: CheckReport, console) -> None:
             status = f"[red]invalid[/] ({len(file.errors)} error{'s' * (len(file.errors) != 1)}" + (
                 f", {len(file.warnings)} warning{'s' * (len(file.warnings) != 1)})" if file.warnings else ")"
             )
-        kind = f" [dim]{file.kind}[/]" if file.kind else ""
-        console.print(f"[bold]{escape(file.file)}[/]{kind}: {status}", highlight=False)
+        kind = f" [dim]{data(file.kind)}[/]" if file.kind else ""
+        line(f"[bold]{data(file.file)}[/]{kind}: {status}")
         for p in file.problems:
             where = f"{p.line}:{p.col}" if p.line is not None else "-"
             color = "red" if p.severity == "error" else "yellow"
-            at = f" [cyan]{escape(p.path)}[/]:" if p.path else ""
-            console.print(f"  [dim]{where}[/] [{color}]{p.severity}[/]{at} {escape(p.message)}", highlight=False)
+            at = f" [cyan]{data(p.path)}[/]:" if p.path else ""
+            line(f"  [dim]{where}[/] [{color}]{data(p.severity)}[/]{at} {data(p.message)}")
             if p.fix:
-                console.print(f"      [dim]fix:[/] {escape(p.fix)}", highlight=False)
+                line(f"      [dim]fix:[/] {data(p.fix)}")
         for note in file.notes:
-            console.print(f"  [dim]note: {escape(note)}[/]", highlight=False)
+            line(f"  [dim]note: {data(note)}[/]")
     s = report.summary()
-    console.print(
+    line(
         f"{s['files']} file{'s' * (s['files'] != 1)} checked: {s['valid']} valid, {s['invalid']} invalid "
-        f"({s['errors']} error{'s' * (s['errors'] != 1)}, {s['warnings']} warning{'s' * (s['warnings'] != 1)})",
-        highlight=False,
+        f"({s['errors']} error{'s' * (s['errors'] != 1)}, {s['warnings']} warning{'s' * (s['warnings'] != 1)})"
     )
 
 
 def _escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """A workflow command's message: non-printable characters escaped (`printable`: no raw
+    control character or lone surrogate reaches the log), then %, CR and LF as GitHub wants."""
+    return printable(text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
 
 
 def _escape_property(text: str) -> str:

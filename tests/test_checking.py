@@ -3,7 +3,11 @@ unchecked rules and --strict, and the three report formats."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -349,3 +353,289 @@ def test_wrong_delimiter_gets_a_hint(ws: Path) -> None:
     recipe["data"]["eval"] = {"path": "data/dev.tsv", "format": "csv"}
     found = problems(write(ws, recipe))
     assert "looks tab-separated" in found["data.text_column"]
+
+
+# --- what check-recipe reveals: nothing but the header of a real data file -------------------
+
+
+def _every_format(report: CheckReport) -> str:
+    """The report rendered as text, GitHub annotations and JSON, joined."""
+    console = Console(record=True, width=400, file=io.StringIO())
+    render_text(report, console)
+    return console.export_text() + "\n" + render_github(report) + "\n" + json.dumps(report.to_dict(), ensure_ascii=False)
+
+
+def _environ_values() -> list[str]:
+    """The values of this process's environment as /proc shows them (the secrets at stake)."""
+    raw = Path("/proc/self/environ").read_bytes().split(b"\0")
+    return [v.decode(errors="replace") for v in raw if len(v) >= 12]
+
+
+class _Hung(BaseException):
+    """Raised by the alarm: a BaseException, so that no `except Exception` swallows it."""
+
+
+@contextlib.contextmanager
+def _no_hang(seconds: int = 10):
+    """Fail instead of hanging (opening a FIFO for reading blocks until a writer comes, and
+    reading /dev/zero never ends)."""
+    def alarm(*_):
+        raise _Hung("check-recipe blocked")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("target", ["/proc/self/environ", "link", "fifo", "/dev/zero", "/dev/null"])
+def test_system_and_special_files_are_never_read_or_shown(ws: Path, target: str) -> None:
+    (ws / "data" / "env.csv").symlink_to("/proc/self/environ")
+    os.mkfifo(ws / "data" / "pipe.csv")
+    path = {"link": "data/env.csv", "fifo": "data/pipe.csv"}.get(target, target)
+    recipe = base_recipe()
+    recipe["data"]["train"] = {"path": path, "format": "csv"}
+    recipe["data"]["eval"] = {"path": path, "format": "jsonl"}
+    with _no_hang():
+        report = check_paths([write(ws, recipe)])
+    shown = _every_format(report)
+    assert not report.valid
+    for value in _environ_values():
+        assert value not in shown
+    assert "its columns:" not in shown and "\\u0000" not in shown
+
+
+def test_passwd_declared_as_csv_shows_nothing_and_warns(ws: Path) -> None:
+    recipe = base_recipe()
+    recipe["data"]["train"] = {"path": "/etc/passwd", "format": "csv", "delimiter": ":"}
+    recipe["data"]["text_column"] = "sentense"
+    del recipe["data"]["eval"]
+    report = check_paths([write(ws, recipe)])
+    shown = _every_format(report)
+    for leaked in ('"root"', "root:x", "/bin/", "nologin", "daemon"):
+        assert leaked not in shown
+    assert "not listed" in problems(write(ws, recipe))["data.text_column"]
+    warning = problems(write(ws, recipe), "warning")["data.train.path"]
+    assert "/etc/passwd" in warning and "absolute path" in warning and "inside the repository" in warning
+
+
+def test_paths_leaving_the_repository_warn_and_show_nothing(ws: Path, tmp_path_factory) -> None:
+    (ws / ".git").mkdir()  # ws is the repository; the recipe sits in a sub-folder
+    (ws / "recipes").mkdir()
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "dev.tsv").write_text("secretcolumn\tother\nx\ty\n")
+    (outside / "neighbour-secret.tsv").write_text("a\tb\n")
+    (ws / "data" / "link.tsv").symlink_to(outside / "dev.tsv")
+    recipe = base_recipe()
+    recipe["teacher"]["model"] = "../teacher"  # inside the repository: no warning
+    recipe["student"]["model"] = str(ws / "student")  # absolute
+    recipe["data"]["train"] = "../data/link.tsv"  # inside, but a link to a file outside
+    recipe["data"]["eval"] = os.path.relpath(outside / "neighbour-secre.tsv", ws / "recipes")  # out through ..
+    recipe["tokenizer"] = "../../" + outside.name + "/tok"
+    path = write(ws / "recipes", recipe, "r.json")
+    warnings = problems(path, "warning")
+    assert "teacher.model" not in warnings
+    assert "absolute path" in warnings["student.model"]
+    assert "leads outside the recipe's repository" in warnings["data.train"]
+    assert "leads outside the recipe's repository" in warnings["data.eval"]
+    assert "leads outside" in warnings["tokenizer"] and str(ws) in warnings["tokenizer"]
+    shown = _every_format(check_paths([path]))
+    assert "secretcolumn" not in shown and "neighbour-secret" not in shown
+    assert "not listed" in problems(path)["data.text_column"]
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("ctl.csv", "sentence,la\x1b[2Jbel\n1,2\n", "non-printable"),
+        ("nul.csv", "SECRET_TOKEN=abc\x00PATH=/bin\n", "non-printable"),
+        ("long.csv", "x" * 101 + ",label\n", "over 100 characters"),
+        ("huge.csv", "y" * 70_000, "over 64 KiB"),
+        ("quote.csv", '"SECRET_TOKEN\nnext line",label\n', "over more than one line"),
+        ("str.json", '"SECRET_TOKEN in a string"', "a string, not a JSON object"),
+        ("list.jsonl", '["SECRET_TOKEN"]\n', "a list, not a JSON object"),
+        ("keys.jsonl", '{"SECRET_TOKEN\\u0007": 1}\n', "non-printable"),
+        ("bad.jsonl", '{"SECRET_TOKEN": \n', "cannot be parsed"),
+    ],
+)
+def test_implausible_headers_are_errors_that_show_nothing(ws: Path, name: str, content: str, why: str) -> None:
+    (ws / "data" / name).write_text(content)
+    recipe = base_recipe()
+    recipe["data"]["eval"] = f"data/{name}"
+    report = check_paths([write(ws, recipe)])
+    shown = _every_format(report)
+    assert "SECRET_TOKEN" not in shown and "la\x1b" not in shown and "xxxxxxxxxx" not in shown and "yyyyyyyy" not in shown
+    assert why in problems(write(ws, recipe))["data.eval"]
+
+
+def test_a_wide_header_is_checked_but_not_listed(ws: Path) -> None:
+    (ws / "data" / "wide.tsv").write_text("\t".join(f"c{i}" for i in range(300)) + "\tsentence\n" + "\t".join("0" * 301) + "\n")
+    recipe = base_recipe()
+    recipe["data"]["eval"] = "data/wide.tsv"
+    found = problems(write(ws, recipe))
+    assert "301 columns" in found["data.label_column"] and "c299" not in found["data.label_column"]
+    assert "data.text_column" not in found
+
+
+def test_text_output_prints_user_strings_as_data(ws: Path) -> None:
+    (ws / "data" / "odd.tsv").write_text("root:x:0\t[red]col[/]\t:smile:\n1\t2\t3\n")
+    recipe = base_recipe()
+    recipe["data"]["eval"] = "data/odd.tsv"
+    recipe["teacher"]["model"] = "./te\u001b[2Jacher[bold]"
+    report = check_paths([write(ws, recipe)])
+    console = Console(record=True, width=400, file=io.StringIO())
+    render_text(report, console)
+    text = console.export_text()
+    assert '"root:x:0", "[red]col[/]", ":smile:"' in text and "❌" not in text and "😄" not in text
+    assert "\x1b" not in text and "\\x1b[2Jacher[bold]" in text
+    github = render_github(report)
+    assert "\x1b" not in github and "\\x1b" in github
+
+
+def test_renderers_encode_lone_surrogates_and_control_characters(ws: Path) -> None:
+    from kdcli.checking import FileReport
+    from kdcli.errors import Problem
+
+    odd = "bad\udcff\ud800\x07\u202e.json"
+    report = CheckReport([FileReport(odd, "train", [Problem(odd, "data.x", f"message {odd}", f"fix {odd}")], [f"note {odd}"])])
+    console = Console(record=True, width=400, file=io.StringIO())
+    render_text(report, console)
+    text = console.export_text()
+    for out in (text, render_github(report), json.dumps(report.to_dict())):
+        out.encode("utf-8")  # no lone surrogate left
+        assert "\x07" not in out and "\u202e" not in out
+    assert "bad\\udcff\\ud800\\x07\\u202e.json" in text
+
+
+# --- weights, labels, tokenizers and csv records (real tiny models) ------------------------
+
+
+@pytest.fixture
+def real(ws: Path) -> Path:
+    """ws plus real tiny models: ./t (hidden 64) and ./s (hidden 32), one tokenizer."""
+    from tiny import make_tiny_bert
+
+    make_tiny_bert(ws / "t", hidden=64)
+    make_tiny_bert(ws / "s")
+    return ws
+
+
+def real_recipe(**data) -> dict:
+    recipe = base_recipe()
+    recipe["teacher"] = {"model": "./t"}
+    recipe["student"] = {"model": "./s"}
+    recipe["distillation"]["intermediate_matches"] = []
+    recipe["data"].update(data)
+    return recipe
+
+
+def test_real_models_are_clean(real: Path) -> None:
+    assert problems(write(real, real_recipe())) == {}
+
+
+def test_config_json_must_describe_the_weights(real: Path) -> None:
+    config = json.loads((real / "t" / "config.json").read_text())
+    (real / "t" / "config.json").write_text(json.dumps({**config, "hidden_size": 32, "num_hidden_layers": 4}))
+    found = problems(write(real, real_recipe()))["teacher.model"]
+    assert "config.json disagrees with its weights" in found and "num_hidden_layers is 4 but the weights hold 2 blocks" in found
+    assert "hidden_size is 32 but bert.embeddings.word_embeddings.weight is 64 wide" in found
+
+
+def test_damaged_weights_are_an_error(real: Path) -> None:
+    weights = real / "s" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    found = problems(write(real, real_recipe()))["student.model"]
+    assert "the student's weights cannot be read" in found and "re-download" in found
+    import os
+
+    import torch
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    weights.unlink()
+    torch.save({"w": Hostile()}, real / "s" / "pytorch_model.bin")
+    found = problems(write(real, real_recipe()))["student.model"]
+    assert "refused to unpickle pytorch_model.bin: it calls" in found and "system" in found and "convert it to model.safetensors" in found
+
+
+def test_labels_are_counted_over_train_and_eval(real: Path) -> None:
+    """The teacher's 2-label config has no id2label (transformers 5): its head still counts 2."""
+    assert "id2label" not in json.loads((real / "t" / "config.json").read_text())
+    data = real / "data"
+    (data / "five.tsv").write_text("label\tsentence\n" + "".join(f"{i}\tfilm {i}\n" for i in range(5)))
+    found = problems(write(real, real_recipe(train="data/five.tsv", eval=None)))
+    assert "the teacher's head has 2 classes but data.train has 5 labels (0, 1, 2, 3, 4)" in found["teacher.model"]
+    (data / "names.tsv").write_text("label\tsentence\npos\ta\nneg\tb\n")
+    found = problems(write(real, real_recipe(train="data/names.tsv")))
+    assert "labels mix class ids and names" in found["data.label_column"] and "dev.tsv" in found["data.label_column"]
+    (data / "floaty.tsv").write_text("label\tsentence\n1.0\ta\n0\tb\n")
+    assert problems(write(real, real_recipe(train="data/floaty.tsv"))) == {}  # "1.0" is class 1
+    (data / "blank.tsv").write_text("label\tsentence\n1\ta\n\tb\n")
+    found = problems(write(real, real_recipe(train="data/blank.tsv")))
+    assert "data.train file blank.tsv, column 'label', row 2: some rows have no label" in found["data.label_column"]
+
+
+def test_tokenizers_are_compared_from_their_files(real: Path) -> None:
+    from transformers import BertTokenizer
+
+    from tiny import TINY_VOCAB, make_tiny_bert
+
+    other = make_tiny_bert(real / "o")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).unlink()
+    BertTokenizer(vocab={t: i for i, t in enumerate(TINY_VOCAB[:5] + TINY_VOCAB[5:][::-1])}).save_pretrained(other)
+    recipe = real_recipe()
+    recipe["student"] = {"model": "./o"}
+    found = problems(write(real, recipe))["student.model"]  # no intermediate matches: still refused
+    assert "the student was trained with another vocabulary than the teacher's tokenizer: id 5 is '.'" in found
+    recipe["student"] = {"config": "./s", "overrides": {"vocab_size": 100}}
+    found = problems(write(real, recipe))["student.config"]
+    assert f"the student config has 100 token embeddings but the teacher's tokenizer (tokenizer.json) produces ids up to {len(TINY_VOCAB) - 1}" in found
+    recipe["student"] = {"config": "./s", "overrides": {"vocab_size": len(TINY_VOCAB) + 40}}  # padded: fine
+    recipe["distillation"]["intermediate_matches"] = [{"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]}]
+    assert problems(write(real, recipe)) == {}
+
+
+def test_ambiguous_csv_records_are_findings(real: Path) -> None:
+    (real / "data" / "open.csv").write_text('label,sentence\n0,ok\n1,"a fine film\n0,a dull one"\n1,fine\n')
+    found = problems(write(real, real_recipe(train="data/open.csv", eval=None)))
+    assert "open.csv, line 3: a quote opened on line 3" in found["data.train"] and "/" not in found["data.train"].split(",")[0]
+    (real / "data" / "extra.csv").write_text("label,sentence\n0,ok\n1,a,b\n")
+    found = problems(write(real, real_recipe(eval="data/extra.csv")))
+    assert "extra.csv, line 3: 3 fields but the header has 2" in found["data.eval"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_folder_scan_never_opens_special_files(ws: Path) -> None:
+    """A *.json among the recipes that is a FIFO or a link to /dev/zero or /proc is reported,
+    never opened (opening a FIFO blocks; /dev/zero never ends) and never skipped silently."""
+    write(ws, base_recipe(), "good.json")
+    os.mkfifo(ws / "pipe.json")
+    (ws / "zero.json").symlink_to("/dev/zero")
+    (ws / "env.json").symlink_to("/proc/self/environ")
+    with _no_hang():
+        report = check_paths([ws])
+    found = {Path(f.file).name: f for f in report.files}
+    assert found["good.json"].valid
+    for name in ("pipe.json", "zero.json", "env.json"):
+        [problem] = found[name].problems
+        assert "not read" in problem.message and ("system file" in problem.message or "not a regular file" in problem.message)
+
+
+def test_label_values_of_files_outside_the_repository_are_not_shown(real: Path) -> None:
+    (real / "data" / "names.tsv").write_text("label\tsentence\nsecret-name\ta\n0\tb\n")
+    (real / "repo").mkdir()
+    recipe = real_recipe(train="../data/names.tsv", eval=None)
+    recipe["teacher"] = {"model": "../t"}
+    recipe["student"] = {"model": "../s"}
+    found = problems(write(real / "repo", recipe))["data.label_column"]
+    assert "labels mix class ids and names: an id in data.train file names.tsv, column 'label', row 2" in found
+    assert "secret-name" not in found
+    found = problems(write(real, real_recipe(train="data/names.tsv", eval=None)))["data.label_column"]
+    assert "'secret-name'" in found  # inside the repository: the values help
