@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kdcli.safe_files import NotRegularFile, open_regular, read_regular_text
+
 #: the package-folder reference prefix: `pkg:<python package>/<sub/folder>`
 PACKAGE_PREFIX = "pkg:"
 
@@ -185,9 +187,11 @@ def read_config(folder: Path) -> dict:
     """The parsed `<folder>/config.json`; ConfigUnavailable when missing or not a JSON object."""
     path = Path(folder) / "config.json"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path)
     except FileNotFoundError:
         raise ConfigUnavailable(f"{path} does not exist") from None
+    except NotRegularFile as exc:
+        raise ConfigUnavailable(f"{path} is not read: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigUnavailable(f"{path} cannot be read ({exc.__class__.__name__})") from None
     try:
@@ -342,7 +346,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             prefix = f.read(8)
             length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
             if size < 8:
@@ -354,6 +358,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
                     f"{length}-byte header, the file has {size} bytes)"
                 )
             raw = f.read(length)
+    except NotRegularFile as exc:
+        raise WeightsUnreadable(f"{path} is not read: {exc}") from None
     except OSError as exc:
         raise WeightsUnreadable(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     try:
@@ -405,8 +411,8 @@ def weight_shapes(folder: str | Path) -> dict[str, tuple[int, ...]] | None:
     if not index.is_file():
         return None
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        weight_map = json.loads(read_regular_text(index)).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError, NotRegularFile):
         weight_map = None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsUnreadable(f"{index} is not a safetensors index (no weight_map)")

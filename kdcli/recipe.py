@@ -33,7 +33,6 @@ import json.scanner
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
@@ -57,6 +56,16 @@ from pydantic_core import PydanticCustomError
 from kdcli import registry
 from kdcli.errors import Problem, RecipeError, UsageError
 from kdcli.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
+from kdcli.safe_files import (  # noqa: F401  (re-exported: the recipe side's file tests)
+    SYSTEM_FOLDERS,
+    NotRegularFile,
+    _probe,
+    exists,
+    is_dir,
+    is_file,
+    open_regular,
+    read_small,
+)
 
 Task = Literal["sequence-classification", "token-classification"]
 DataFormat = Literal["csv", "tsv", "json", "jsonl", "parquet"]
@@ -433,73 +442,6 @@ def _check_path_text(ref: str, *resolved: str) -> None:
         why = path_problem(path)
         if why is not None:
             raise _error(f"path {show(ref)} {why}", "shorten the path or rename the file or folder")
-
-
-def _probe(test, path: str | Path) -> bool:
-    """A file-system test that answers False instead of raising (permissions, odd names)."""
-    try:
-        return bool(test(Path(path)))
-    except (OSError, ValueError):
-        return False
-
-
-def is_dir(path: str | Path) -> bool:
-    return _probe(Path.is_dir, path)
-
-
-def is_file(path: str | Path) -> bool:
-    return _probe(Path.is_file, path)
-
-
-def exists(path: str | Path) -> bool:
-    return _probe(Path.exists, path)
-
-
-#: folders whose files are never read, whatever a recipe says (kernel, process and device files)
-SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
-
-
-class NotRegularFile(Exception):
-    """A path kdcli will not open: not a regular file, or a file under a system folder."""
-
-
-def open_regular(path: str | Path):
-    """Open a regular file for reading (binary), following symbolic links, and refuse folders,
-    devices, FIFOs, sockets and anything under /proc, /sys or /dev (NotRegularFile).
-
-    A non-regular file is never opened (opening a FIFO blocks, reading a device never ends):
-    the real path is checked with stat first, then opened non-blocking and checked again with
-    fstat, so a file swapped in between cannot block either. OSError when it cannot be read.
-    """
-    real = os.path.realpath(path)
-    for folder in SYSTEM_FOLDERS:
-        if real == folder or real.startswith(folder + "/"):
-            raise NotRegularFile(f"it is a system file (under {folder}), not a recipe or data file")
-    what = "it is not a regular file (a folder, device, FIFO or socket)"
-    if not stat.S_ISREG(os.stat(real).st_mode):
-        raise NotRegularFile(what)
-    nonblocking = getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(real, os.O_RDONLY | nonblocking | getattr(os, "O_NOCTTY", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(what)
-        if nonblocking:
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_small(path: str | Path, limit: int) -> bytes | None:
-    """The bytes of a regular file of at most `limit` bytes; None for anything else (larger,
-    unreadable, not a regular file). For cheap looks at sibling files."""
-    try:
-        with open_regular(path) as f:
-            data = f.read(limit + 1)
-    except (OSError, ValueError, NotRegularFile):
-        return None
-    return data if len(data) <= limit else None
 
 
 def repository_root(recipe_file: Path) -> Path:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcli.labels import DataError, LabelValueError, label_key
+from kdcli.safe_files import NotRegularFile, open_regular_text
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "bar"}
@@ -75,7 +76,7 @@ def validate_table(
     rows = 0
     end = 0  # the last line read so far
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open_regular_text(path, encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
             while True:
                 start = end + 1
@@ -103,6 +104,8 @@ def validate_table(
         raise DataError(
             f"{where}: it is not UTF-8 text (byte {exc.start} after line {end}). Fix: save the file as UTF-8"
         ) from None
+    except NotRegularFile as exc:
+        raise DataError(f"{where}: not read: {exc}. Fix: point data.train/data.eval at a data file") from None
     except OSError as exc:
         raise DataError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__}). Fix: check data.train/data.eval paths") from None
     if not header:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from kdcli.safe_files import NotRegularFile, read_regular_bytes, read_regular_text
+
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 #: tokenizer files larger than this are not read (the largest real ones are a few tens of MB)
 MAX_VOCAB_FILE_BYTES = 256 * 1024 * 1024
@@ -67,7 +69,7 @@ def vocab_of(mapping: Mapping[str, int], source: str) -> Vocab:
 
 
 def _from_tokenizer_json(path: Path) -> Vocab | None:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(read_regular_text(path))
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         return None
@@ -86,14 +88,14 @@ def _from_tokenizer_json(path: Path) -> Vocab | None:
 
 
 def _from_vocab_txt(path: Path) -> Vocab:
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_regular_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return Vocab({i: line.rstrip("\r") for i, line in enumerate(lines)}, path.name)
 
 
 def _from_vocab_json(path: Path) -> Vocab | None:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(read_regular_text(path))
     if not isinstance(data, dict):
         return None
     return Vocab({int(i): str(t) for t, i in data.items() if isinstance(i, int)}, path.name)
@@ -134,7 +136,7 @@ def _from_sentencepiece(path: Path) -> Vocab:
     """The pieces of a SentencePiece ModelProto (field 1: repeated SentencePiece, whose
     field 1 is the piece string), in id order."""
     tokens: dict[int, str] = {}
-    for number, wire, value in _fields(path.read_bytes()):
+    for number, wire, value in _fields(read_regular_bytes(path)):
         if number == 1 and wire == 2:
             piece = next((v for n, w, v in _fields(value) if n == 1 and w == 2), b"")
             tokens[len(tokens)] = piece.decode("utf-8", "replace")
@@ -158,7 +160,7 @@ def read_vocab(folder: str | Path) -> Vocab | None:
             continue
         try:
             vocab = _READERS[name](path)
-        except (OSError, ValueError, UnicodeDecodeError, IndexError, TypeError, RecursionError, AttributeError):
+        except (OSError, ValueError, UnicodeDecodeError, IndexError, TypeError, RecursionError, AttributeError, NotRegularFile):
             vocab = None
         if vocab is not None and vocab.tokens:
             return vocab

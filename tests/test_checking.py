@@ -409,6 +409,23 @@ def test_system_and_special_files_are_never_read_or_shown(ws: Path, target: str)
     assert "its columns:" not in shown and "\\u0000" not in shown
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_model_folder_files_that_are_system_or_special_files_are_never_read(ws: Path) -> None:
+    """The model side too: a config.json linked to /proc, a tokenizer file that is a FIFO or
+    a link to /dev/zero, weights linked to /proc are neither opened nor shown."""
+    (ws / "teacher" / "config.json").unlink()
+    (ws / "teacher" / "config.json").symlink_to("/proc/self/environ")
+    os.mkfifo(ws / "student" / "tokenizer.json")
+    (ws / "student" / "vocab.txt").symlink_to("/dev/zero")
+    (ws / "student" / "model.safetensors").symlink_to("/proc/self/environ")
+    with _no_hang():
+        report = check_paths([write(ws, base_recipe())])
+    shown = _every_format(report)
+    for value in _environ_values():
+        assert value not in shown
+    assert "system file" in problems(write(ws, base_recipe()), "warning")["teacher.model"]
+
+
 def test_passwd_declared_as_csv_shows_nothing_and_warns(ws: Path) -> None:
     recipe = base_recipe()
     recipe["data"]["train"] = {"path": "/etc/passwd", "format": "csv", "delimiter": ":"}
