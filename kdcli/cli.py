@@ -213,7 +213,7 @@ def check_recipe(
     """
     from kdcli.checking import check_paths, render_github, render_text
 
-    with _boundary():
+    with _boundary(report_format is ReportFormat.json):
         report = check_paths(paths, strict=strict)
     if report_format is ReportFormat.json:
         _print_json(report.to_dict())
@@ -236,12 +236,15 @@ def schema() -> None:
 
 _RECIPE_ARG = typer.Argument(..., help="The recipe file (JSON).", show_default=False)
 _OUTPUT_DIR = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the recipe's training.output_dir).")
-_MAX_STEPS = typer.Option(None, "--max-steps", min=1, help="Train for N optimizer steps (wins over num_epochs/num_steps).")
+_MAX_STEPS = typer.Option(None, "--max-steps", help="Train for N optimizer steps (wins over num_epochs/num_steps).")
 _DEVICE = typer.Option(None, "--device", help='"auto", "cpu", "cuda", "cuda:N" or "mps" (default: the recipe\'s).')
 _SEED = typer.Option(None, "--seed", help="Random seed, in training.seed's range (default: the recipe's training.seed).")
 _RESUME = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder.")
-_OVERWRITE = typer.Option(False, "--overwrite", help="Empty a non-empty output folder first.")
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")
+_OVERWRITE = typer.Option(
+    False, "--overwrite",
+    help="Replace an earlier kdcli run in the output folder (only a folder kdcli wrote; cleared once models and data have loaded).",
+)
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (warnings still print).")
 _JSON = typer.Option(
     False, "--json", help='Print one JSON document on stdout: the summary with "ok": true, or {"ok": false, "error": {...}}.'
 )
@@ -258,6 +261,8 @@ def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, see
 
             if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
                 raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
+        if max_steps is not None and max_steps < 1:
+            raise UsageError(f"--max-steps {max_steps} is not a number of steps. Fix: pass 1 or more")
         if seed is not None and seed not in SEED_RANGE:
             low, high = SEED_RANGE.start, SEED_RANGE.stop - 1
             raise UsageError(f"--seed {seed} is outside training.seed's range {low}..{high}. Fix: use a seed from {low} to {high}")
@@ -317,8 +322,37 @@ def train_command(
     _run_recipe("train", recipe, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json)
 
 
+def _json_requested(argv: list[str]) -> bool:
+    """Whether the command line asks for JSON on stdout (`--json`, or check-recipe's
+    `--format json`), read before click parses it: a command line click rejects still gets
+    its one JSON document."""
+    for i, arg in enumerate(argv):
+        if arg == "--json" or arg.lower() in ("--format=json", "-fjson"):
+            return True
+        if arg in ("--format", "-f") and i + 1 < len(argv) and argv[i + 1].lower() == "json":
+            return True
+    return False
+
+
 def main() -> None:
-    app()
+    if not _json_requested(sys.argv[1:]):
+        app()
+        return
+    import click
+
+    # typer >= 0.24 vendors click (its errors derive from typer.TyperException); older ones raise click's
+    parse_errors = tuple(t for t in (getattr(typer, "TyperException", None), click.ClickException) if t)
+    aborts = tuple({typer.Abort, click.Abort})
+    try:
+        code = app(standalone_mode=False)
+    except aborts:
+        sys.exit(EXIT_INTERRUPTED)
+    except parse_errors as exc:  # unknown flag, missing argument, bad value
+        exit_code = getattr(exc, "exit_code", 2)
+        _print_json(_error_document(exc, exit_code))
+        exc.show()
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,26 @@ def test_check_recipe_never_imports_torch(ws: Path) -> None:
 
 # Random damage never yields a traceback: the fuzz test in test_check_recipe_fuzz.py (seeded
 # mutations of these recipes and of recipes/*.json, in-process and through the CLI).
+
+
+@pytest.mark.parametrize(
+    "argv, exit_code",
+    [
+        (["distill", "r.json", "--json", "--bogus"], 2),  # rejected by the parser itself
+        (["distill", "--json"], 2),  # missing argument
+        (["train", "r.json", "--json", "--max-steps", "0"], 2),
+        (["check-recipe", "missing.json", "--format", "json"], 2),
+        (["check-recipe", "-f", "json"], 2),
+    ],
+)
+def test_json_mode_prints_one_document_even_when_the_command_line_is_wrong(ws: Path, argv, exit_code) -> None:
+    """Through the console entry point (`kdcli.cli.main`), where click parses the command line:
+    a script asking for JSON gets one document on stdout whatever fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kdcli.cli import main; main()", *argv],
+        cwd=ws, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == exit_code, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and doc["error"]["exit_code"] == exit_code
+    assert "Traceback" not in proc.stderr and proc.stderr.strip()
