@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kdcli import losses
+from kdcli.losses.kernels import _squared_error_sum
 
 F64 = torch.float64
 
@@ -475,7 +476,7 @@ def test_binary_and_weighted_kernels_agree_on_0_1_masks():
     results = []
     for binary in (True, False):
         s = _with_grad(S)
-        total = losses._squared_error_sum(s, T, rows, cols, binary, clean=True)
+        total = _squared_error_sum(s, T, rows, cols, binary, clean=True)
         total.backward()
         results.append((total.item(), s.grad))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-14)
