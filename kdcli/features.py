@@ -1,9 +1,13 @@
 """Feature capture: exactly the hidden states and attention scores the matches use.
 
-Numbering follows Hugging Face's `hidden_states` and TextBrewer 0.2.1:
+Numbering follows TextBrewer 0.2.1 and, up to the last block, Hugging Face's `hidden_states`:
 
-- hidden layer 0 is the embeddings' output (the input of block 1), hidden layer i the output
-  of block i (1-based), i.e. `hidden_states[i]`; shape (B, L, D).
+- hidden layer 0 is the embeddings' output (the input of block 1), hidden layer i the raw
+  output of block i (1-based); shape (B, L, D). For i < N that is `hidden_states[i]`. For the
+  last block N it is `hidden_states[N]` only for models without a final norm (the BERT
+  family): where the architecture applies one after the last block (Llama's `model.norm`,
+  GPT-2's `ln_f`; `Architecture.final_norm`), `hidden_states[N]` is that norm's output and
+  hidden layer N is its input.
 - attention layer i is block i's **pre-softmax** attention scores with the additive padding
   mask, as the BERT of transformers 2.x returned them to TextBrewer (the reference's attention
   losses, e.g. `att_mse_loss`, were written for these):
@@ -16,10 +20,12 @@ Numbering follows Hugging Face's `hidden_states` and TextBrewer 0.2.1:
   added. `softmax(scores, -1)` equals the eager implementation's `attentions`.
 
 Hooks go on exactly the matched blocks; the model is never asked for
-`output_hidden_states`/`output_attentions`. Hidden capture works for any model whose blocks
-form one `nn.ModuleList` of `num_hidden_layers` entries; attention capture is for the BERT
-family (`ATTENTION_MODEL_TYPES`: BERT and the MiniLM checkpoints, RoBERTa, XLM-R, CamemBERT,
-ELECTRA, DistilBERT), anything else is refused with a `FeatureError` when the capture is built.
+`output_hidden_states`/`output_attentions`. Where the blocks and projections are comes from
+`kdcli.architectures` (one row per model type). Hidden capture works for any model whose
+blocks form one `nn.ModuleList` of `num_hidden_layers` entries; attention capture is for the
+rows with `attention_capture` (`ATTENTION_MODEL_TYPES`: BERT and the MiniLM checkpoints,
+RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT), anything else is refused with a
+`FeatureError` when the capture is built.
 """
 
 from __future__ import annotations
@@ -32,15 +38,12 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from kdcli.architectures import ATTENTION_MODEL_TYPES, architecture, attention_capture_supported
 from kdcli.errors import RunError
 from kdcli.models import encoder_blocks
 
 #: The additive value at padded key positions (the reference's BERT used -10000).
 MASK_VALUE = -10000.0
-#: Model types whose self-attention is plain scaled dot-product over `query`/`key`
-#: (or DistilBERT's `q_lin`/`k_lin`) projections of the block input, with absolute positions.
-ATTENTION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
-_QK_NAMES = (("query", "key"), ("q_lin", "k_lin"))
 #: Batch keys a model may take; anything else in a batch (labels, lengths) is not passed.
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -116,12 +119,19 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Ten
     }
 
 
-def _query_key(block: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear] | None:
-    for module in block.modules():
-        for q_name, k_name in _QK_NAMES:
-            q, k = getattr(module, q_name, None), getattr(module, k_name, None)
-            if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
-                return module, q, k
+def _query_key(block: nn.Module, model_type: str) -> tuple[nn.Module, nn.Linear, nn.Linear] | None:
+    """The attention module of a block and its query/key projections, where the
+    architecture's row names them."""
+    arch = architecture(model_type)
+    if arch is None or arch.query is None or arch.key is None:
+        return None
+    try:
+        q, k = block.get_submodule(arch.query), block.get_submodule(arch.key)
+        attention = block.get_submodule(arch.query.rpartition(".")[0])
+    except AttributeError:
+        return None
+    if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+        return attention, q, k
     return None
 
 
@@ -176,7 +186,7 @@ class FeatureCapture:
                     f"{role} has attention layers 1..{count} (one per block, 1-based); a match "
                     f"asks for layer {i}. Fix: use a layer between 1 and {count}"
                 )
-        if self.attention_layers and config.model_type not in ATTENTION_MODEL_TYPES:
+        if self.attention_layers and not attention_capture_supported(config.model_type):
             raise FeatureError(
                 f"{role} is a {config.model_type!r} model: attention features are computed "
                 f"for {', '.join(ATTENTION_MODEL_TYPES)} only. Fix: match hidden features, or "
@@ -190,7 +200,7 @@ class FeatureCapture:
             else:
                 self._handles.append(blocks.modules[i - 1].register_forward_hook(self._output_hook(i)))
         for i in self.attention_layers:
-            found = _query_key(blocks.modules[i - 1])
+            found = _query_key(blocks.modules[i - 1], config.model_type)
             if found is None:
                 raise FeatureError(
                     f"{role}: block {i} of this {config.model_type} model has no query/key "

@@ -479,14 +479,25 @@ def model_dims(model: "PreTrainedModel") -> Dims:
 
 
 def encoder_blocks(model: "nn.Module") -> Blocks:
-    """The model's transformer blocks: the first `nn.ModuleList` whose length is
-    `config.num_hidden_layers` (BERT `bert.encoder.layer`, DistilBERT
-    `distilbert.transformer.layer`, ...). `ModelError` when there is none (e.g. ALBERT's
-    shared layers)."""
+    """The model's transformer blocks: the list `kdcli.architectures` names for its model
+    type (BERT `bert.encoder.layer`, DistilBERT `distilbert.transformer.layer`, ...), else the
+    first `nn.ModuleList` whose length is `config.num_hidden_layers`. `ModelError` when there
+    is none (e.g. ALBERT's shared layers)."""
     from torch import nn
+
+    from kdcli.architectures import architecture
 
     config = getattr(model, "config", None)
     count = getattr(config, "num_hidden_layers", None)
+    arch = architecture(getattr(config, "model_type", None))
+    if arch is not None and count is not None:
+        for path in (arch.blocks, arch.blocks.partition(".")[2]):  # task model, or bare base model
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.ModuleList) and len(module) == count:
+                return Blocks(path=path, modules=module)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and count is not None and len(module) == count:
             return Blocks(path=name, modules=module)

@@ -251,3 +251,41 @@ def test_other_architectures_capture_hidden_states_but_refuse_attention():
         torch.testing.assert_close(feats.hidden[layer], ref.hidden_states[layer])
     with pytest.raises(FeatureError, match=r"teacher is a 'deberta-v2' model: attention features .*bert.*distilbert.*Fix"):
         FeatureCapture(model, attention_layers={1}, role="teacher")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architecture_table_names_the_blocks_and_projections(tiny_dirs, arch):
+    from kdcli.architectures import architecture, attention_capture_supported
+
+    model = load_model(str(tiny_dirs[arch]), SEQ).model
+    row = architecture(model.config.model_type)
+    assert attention_capture_supported(model.config.model_type)
+    blocks = encoder_blocks(model)
+    assert blocks.path == row.blocks
+    assert isinstance(blocks.modules[0].get_submodule(row.query), torch.nn.Linear)
+    assert isinstance(blocks.modules[0].get_submodule(row.key), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_decoders_capture_hidden_states_before_the_final_norm(model_type):
+    from kdcli.architectures import architecture, attention_capture_supported
+
+    sizes = {"vocab_size": 150, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "num_key_value_heads": 2, "pad_token_id": 0}
+    if model_type == "gpt2":
+        sizes = {"vocab_size": 150, "n_embd": 32, "n_layer": 2, "n_head": 2, "pad_token_id": 0}
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **sizes)).eval()
+    row = architecture(model_type)
+    assert not attention_capture_supported(model_type) and row.needs_pad_token
+    assert encoder_blocks(model).path == row.blocks
+    batch = {"input_ids": padded_batch()["input_ids"], "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with FeatureCapture(model, hidden_layers={1, 2}) as capture:
+        feats = capture.run(batch)
+    with torch.no_grad():
+        ref = model(**batch, output_hidden_states=True)
+    torch.testing.assert_close(feats.hidden[1], ref.hidden_states[1])
+    # hidden_states[N] is the final norm's output; hidden layer N is its input
+    torch.testing.assert_close(model.get_submodule(row.final_norm)(feats.hidden[2]), ref.hidden_states[2])
+    with pytest.raises(FeatureError, match=r"attention features .*Fix"):
+        FeatureCapture(model, attention_layers={1})
