@@ -211,7 +211,7 @@ def check_recipe(
 
     Reads only each model's config.json and each data file's header, so it fits a pre-commit hook or a CI lint step (see docs/recipe.md).
     """
-    from kdcli.checking import check_paths, render_github, render_text
+    from kdcli.recipe import check_paths, render_github, render_text
 
     with _boundary(report_format is ReportFormat.json):
         report = check_paths(paths, strict=strict)
@@ -252,7 +252,7 @@ _JSON = typer.Option(
 
 def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json) -> None:
     with _boundary(as_json):
-        from kdcli.checking import load_checked
+        from kdcli.recipe import load_checked
         from kdcli.errors import UsageError
         from kdcli.recipe import SEED_RANGE
 

@@ -1,5 +1,5 @@
 """Label values -> class ids: the one rule shared by the run (`kdcli.data`) and `check-recipe`
-(`kdcli.checking`), so the head size a run builds is the one check-recipe predicts.
+(`kdcli.recipe`), so the head size a run builds is the one check-recipe predicts.
 
 Torch-free (check-recipe imports it). The rule, value by value (`label_key`):
 

@@ -32,7 +32,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from kdcli.checking import check_paths, render_github, render_text
+from kdcli.recipe import check_paths, render_github, render_text
 from kdcli.cli import app
 from test_cli_check_recipe import VALID, VALID_TRAIN, make_workspace
 

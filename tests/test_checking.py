@@ -1,4 +1,4 @@
-"""kdcli.checking: model-aware rules (from config.json only), data columns, produced models,
+"""kdcli.recipe (check-recipe): model-aware rules (from config.json only), data columns, produced models,
 unchecked rules and --strict, and the three report formats."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kdcli.checking import (
+from kdcli.recipe import (
     CheckReport,
     check_file,
     check_paths,
@@ -514,7 +514,7 @@ def test_text_output_prints_user_strings_as_data(ws: Path) -> None:
 
 
 def test_renderers_encode_lone_surrogates_and_control_characters(ws: Path) -> None:
-    from kdcli.checking import FileReport
+    from kdcli.recipe import FileReport
     from kdcli.errors import Problem
 
     odd = "bad\udcff\ud800\x07\u202e.json"

@@ -1,4 +1,4 @@
-"""kdcli.labels: the one label rule of the run (kdcli.data) and of check-recipe (kdcli.checking),
+"""kdcli.labels: the one label rule of the run (kdcli.data) and of check-recipe (kdcli.recipe),
 and kdcli.tabular: csv/tsv records checked before datasets reads them. Torch-free."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcli import checking, labels
+from kdcli import labels
+from kdcli.recipe import data_rules
 from kdcli.labels import DataError, Labels, label_key, labels_of_splits
 from kdcli.recipe import DataSource
 from kdcli.tabular import validate_table
@@ -56,13 +57,13 @@ def test_run_and_check_sides_share_the_code(tmp_path: Path) -> None:
     import kdcli.data
 
     assert kdcli.data.Labels is Labels and kdcli.data.DataError is DataError and kdcli.data.infer_labels is labels.infer_labels
-    assert not hasattr(checking, "_as_int")
+    assert not hasattr(data_rules, "_as_int")
     path = tmp_path / "t.tsv"
     path.write_text("label\tsentence\n1\ta\n1.0\tb\n0\tc\n", encoding="utf-8")
     source = DataSource(path=str(path), format="tsv", delimiter="\t")
-    assert checking.count_labels(source, "label") == 2 == labels.infer_labels(["1", "1.0", "0"]).num_labels
+    assert data_rules.count_labels(source, "label") == 2 == labels.infer_labels(["1", "1.0", "0"]).num_labels
     path.write_text("label\tsentence\n1\ta\n\tb\n", encoding="utf-8")
-    assert checking.count_labels(source, "label") is None
+    assert data_rules.count_labels(source, "label") is None
 
 
 # --- kdcli.tabular ---------------------------------------------------------------------------

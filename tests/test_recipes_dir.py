@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcli.checking import check_paths
+from kdcli.recipe import check_paths
 from kdcli.recipe import load_recipe, recipe_json_schema
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

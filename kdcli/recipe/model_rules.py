@@ -1,0 +1,364 @@
+"""check-recipe's model-aware rules: layers, sizes, heads, vocabulary, weights, labels."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcli.modelinfo import (
+    ConfigUnavailable,
+    GENERIC_CONFIG_KEYS,
+    ModelFacts,
+    WeightsUnreadable,
+    cached_hub_config,
+    check_pickles,
+    read_config,
+    weight_disagreements,
+    weight_shapes,
+)
+from kdcli.recipe.data_rules import values_shown
+from kdcli.recipe.loaded import LoadedRecipe
+from kdcli.recipe.messages import JsonPath, show, suggest
+from kdcli.recipe.resolve import Resolved, Resolver
+from kdcli.recipe.rules import Finding
+from kdcli.recipe.schema import Match, Recipe
+from kdcli.recipe.sources import ConfigStudent, PretrainedModel
+from kdcli.vocab import VOCAB_FIX, read_vocab, vocabulary_problem
+
+
+_HEADLESS_FIX = "fine-tune the teacher on the task first (kdcli train), or point teacher.model at a fine-tuned model"
+
+
+def teacher_path(recipe: Recipe, i: int) -> JsonPath:
+    return ("teacher", i) if isinstance(recipe.teacher, list) else ("teacher",)
+
+
+def student_ref_path(recipe: Recipe, loaded: LoadedRecipe) -> JsonPath:
+    if isinstance(recipe.student, PretrainedModel):
+        return ("student", "model")
+    if loaded.written(("student", "config")) is not None:
+        return ("student", "config")
+    return ("student",)
+
+
+def _layer_range(feature: str, layers: int) -> tuple[int, int, str]:
+    if feature == "hidden":
+        return 0, layers, f"hidden layers 0..{layers}, 0 being the embeddings"
+    return 1, layers, f"attention layers 1..{layers}"
+
+
+def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
+    """Layer numbers, projection sizes and head counts of the (index, match) pairs."""
+    out: list[Finding] = []
+    for i, match in matches:
+        at: JsonPath = ("distillation", "intermediate_matches", i)
+        spec = match.spec
+        for side, facts, who in (("layer_T", teacher, "teacher"), ("layer_S", student, "student")):
+            if facts is None or facts.num_hidden_layers is None:
+                continue
+            layer = getattr(match, side)
+            low, high, described = _layer_range(match.feature, facts.num_hidden_layers)
+            for j, number in enumerate(layer if isinstance(layer, list) else [layer]):
+                if number > high:
+                    where = at + ((side, j) if isinstance(layer, list) else (side,))
+                    out.append(
+                        Finding(
+                            where,
+                            f"{side} {number} does not exist: the {who} has {facts.num_hidden_layers} layers ({described})",
+                            f"use a layer from {low} to {high}",
+                        )
+                    )
+        d_s = student.hidden_size if student else None
+        d_t = teacher.hidden_size if teacher else None
+        if match.feature == "hidden" and match.proj is not None:
+            if d_s is not None and match.proj.dim_S != d_s:
+                out.append(Finding(at + ("proj", 1), f"proj dim_S is {match.proj.dim_S} but the student's hidden size is {d_s}", f"write {show([match.proj.kind, d_s, d_t or match.proj.dim_T])}"))
+            if d_t is not None and match.proj.dim_T != d_t:
+                out.append(Finding(at + ("proj", 2), f"proj dim_T is {match.proj.dim_T} but the teacher's hidden size is {d_t}", f"write {show([match.proj.kind, d_s or match.proj.dim_S, d_t])}"))
+        if match.feature == "hidden" and match.proj is None and spec.needs_proj_when_sizes_differ:
+            if d_s is not None and d_t is not None and d_s != d_t:
+                out.append(
+                    Finding(
+                        at + ("proj",),
+                        f"{match.loss} needs equal hidden sizes, but the student's is {d_s} and the teacher's {d_t}",
+                        f'add "proj": {show(["linear", d_s, d_t])} (mmd/nst accept different sizes)',
+                    )
+                )
+        if spec.same_size == "heads" and student and teacher:
+            h_s, h_t = student.num_attention_heads, teacher.num_attention_heads
+            if h_s is not None and h_t is not None and h_s != h_t:
+                variant = {"attention_mse": "attention_mse_sum", "attention_ce": "attention_ce_mean"}.get(match.loss, "")
+                out.append(
+                    Finding(
+                        at + ("loss",),
+                        f"{match.loss} compares head by head, but the student has {h_s} attention heads and the teacher {h_t}",
+                        f"use {variant} (sums/averages over heads) or models with equal head counts",
+                    )
+                )
+    return out
+
+
+def init_findings(recipe: Recipe, loaded: LoadedRecipe, source: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
+    """`student.init_from_teacher`: one existing block per student block, of the same shape."""
+    out: list[Finding] = []
+    cs = recipe.student
+    if not isinstance(cs, ConfigStudent) or cs.init_from_teacher is None:
+        return out
+    at: JsonPath = ("student", "init_from_teacher")
+    blocks = cs.init_from_teacher
+    who = "teacher" if recipe.teachers else "config model"
+    if student is not None and student.num_hidden_layers is not None and len(blocks) != student.num_hidden_layers:
+        out.append(
+            Finding(
+                at,
+                f"init_from_teacher lists {len(blocks)} blocks but the student has {student.num_hidden_layers} layers",
+                "list exactly one teacher block per student block (or change overrides.num_hidden_layers)",
+            )
+        )
+    if source is not None and source.num_hidden_layers is not None:
+        for i, block in enumerate(blocks):
+            if block > source.num_hidden_layers:
+                out.append(Finding(at + (i,), f"block {block} does not exist: the {who} has blocks 1..{source.num_hidden_layers}", f"use blocks from 1 to {source.num_hidden_layers}"))
+    if source is not None and student is not None:
+        for fact in ("hidden_size", "num_attention_heads", "intermediate_size"):
+            s, t = getattr(student, fact), getattr(source, fact)
+            if s is not None and t is not None and s != t:
+                where = ("student", "overrides", fact) if fact in cs.overrides else at
+                out.append(
+                    Finding(
+                        where,
+                        f"init_from_teacher copies blocks of {fact} {t}, but the student's {fact} is {s}",
+                        f"keep the {who}'s {fact} ({t}), or remove init_from_teacher",
+                    )
+                )
+        if source.model_type and student.model_type and source.model_type != student.model_type:
+            out.append(Finding(at, f"init_from_teacher copies {source.model_type} blocks into a {student.model_type} student", "use a student config of the same architecture"))
+    return out
+
+
+def override_findings(recipe: Recipe, base: ModelFacts | None) -> list[Finding]:
+    """Every override names a field of the base config (a close miss is an error, others warn)."""
+    out: list[Finding] = []
+    cs = recipe.student
+    if not isinstance(cs, ConfigStudent) or base is None or not base.config_keys:
+        return out
+    known = set(base.config_keys) | GENERIC_CONFIG_KEYS
+    for key in cs.overrides:
+        if key in known:
+            continue
+        guess = suggest(key, sorted(base.config_keys))
+        if guess is not None:
+            out.append(Finding(("student", "overrides", key), f"override {show(key)} is not a field of the base config", f"did you mean '{guess}'?", at_key=True))
+        else:
+            out.append(
+                Finding(
+                    ("student", "overrides", key),
+                    f"override {show(key)} is not in the base config; transformers will keep it as an extra attribute that the model may ignore",
+                    "check the field name in the model's configuration class",
+                    "warning",
+                    at_key=True,
+                )
+            )
+    return out
+
+
+def _model_folder(ref: str | None, revision: str | None = None) -> Path | None:
+    """A model reference's folder on this machine: a local folder, or a hub id's snapshot in
+    the Hugging Face cache; None when there is none (not downloaded, produced by a recipe)."""
+    if not ref:
+        return None
+    if os.path.isabs(ref):
+        return Path(ref) if Path(ref).is_dir() else None
+    cached = cached_hub_config(ref, revision)
+    return Path(cached[1]).parent if cached is not None else None
+
+
+_WEIGHTS_CONFIG_FIX = (
+    "use the config.json that was saved with these weights (it must describe the tensors in the "
+    "file), or save the model again with save_pretrained"
+)
+
+
+def weight_findings(recipe: Recipe, models: Models) -> list[Finding]:
+    """Each loaded model folder's safetensors headers are whole and agree with its config.json
+    (vocabulary rows, embedding width, block count, hidden width, head rows)."""
+    out: list[Finding] = []
+    seen: set[str] = set()
+    for path, role, ref, _ in models.refs:
+        if role == "student config" and not (recipe.init_source and not recipe.teachers):
+            continue  # a student built from a config: no weights are loaded from there
+        folder = Path(ref) if os.path.isabs(ref) else None
+        if folder is None or ref in seen or not (folder / "config.json").is_file():
+            continue
+        seen.add(ref)
+        try:
+            shapes = weight_shapes(folder)
+            check_pickles(folder)
+            config = read_config(folder) if shapes else {}
+        except WeightsUnreadable as exc:
+            reason = exc.reason.replace(str(folder) + os.sep, "")  # the finding's path names the folder
+            out.append(Finding(path, f"the {role}'s weights cannot be read: {reason}", exc.fix))
+            continue
+        except ConfigUnavailable:
+            continue
+        disagreements = weight_disagreements(shapes or {}, config)
+        if disagreements:
+            more = f" (and {len(disagreements) - 3} more)" if len(disagreements) > 3 else ""
+            out.append(
+                Finding(
+                    path,
+                    f"the {role}'s config.json disagrees with its weights: {'; '.join(disagreements[:3])}{more}; "
+                    "loading it would start those tensors at random",
+                    _WEIGHTS_CONFIG_FIX,
+                )
+            )
+    return out
+
+
+def vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> tuple[list[Finding], bool]:
+    """Every model reads the run's tokenizer ids as its own tokens (`kdcli.vocab`, as the run
+    checks them): enough token embeddings, and a pretrained model's own tokenizer files agree
+    with the tokenizer on every id both have. Also returns whether the tokens could be
+    compared for every model (then vocab_size alone decides nothing)."""
+    student = recipe.student if "student" in loaded.sections else None
+    teachers = recipe.teachers if "teacher" in loaded.sections else []
+    if isinstance(recipe.tokenizer, str) and recipe.tokenizer and "tokenizer" in loaded.sections:
+        used_ref, revision, used_name = recipe.tokenizer, None, "the recipe's tokenizer"
+    elif teachers:
+        used_ref, revision, used_name = teachers[0].model, teachers[0].revision, "the teacher's tokenizer"
+    elif student is not None:
+        used_ref, revision, used_name = getattr(student, "model", None) or student.config, student.revision, "the student's tokenizer"
+    else:
+        return [], False
+    used_folder = _model_folder(used_ref, revision)
+    used = read_vocab(used_folder) if used_folder is not None else None
+    if used is None:
+        return [], False
+    out: list[Finding] = []
+    all_compared = True
+    for path, role, ref, resolved in models.refs:
+        if role == "student config":
+            facts, own, same = models.student.facts, None, True  # built from a config: learns these ids
+        else:
+            facts = resolved.facts
+            folder = _model_folder(ref)
+            same = folder is not None and folder.resolve() == used_folder.resolve()
+            own = read_vocab(folder) if folder is not None and not same else None
+            all_compared = all_compared and (same or own is not None)
+        rows = facts.vocab_size if facts is not None else None
+        problem = vocabulary_problem(used, used_name, own, rows, f"the {role}")
+        if problem is not None:
+            out.append(Finding(path, problem, VOCAB_FIX))
+    return out, all_compared
+
+
+def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolver: Resolver) -> list[Finding]:
+    """All rules that need the models' configs (each skipped where a fact is unknown)."""
+    out: list[Finding] = []
+    teachers = models.teachers
+    t0 = teachers[0].facts if teachers else None
+    s = models.student.facts
+    out += match_model_findings(loaded.matches, t0, s)
+    if "student" in loaded.sections:
+        out += init_findings(recipe, loaded, models.init_source.facts if models.init_source else None, s)
+        out += override_findings(recipe, models.base.facts if models.base else None)
+
+    out += weight_findings(recipe, models)
+    vocab, tokens_compared = vocab_findings(recipe, loaded, models)
+    out += vocab
+    has_matches = bool(loaded.matches)
+    compares_tokens = has_matches or recipe.task == "token-classification"
+    if compares_tokens and not tokens_compared and s is not None and s.vocab_size is not None:
+        for t in teachers:
+            if t.facts is not None and t.facts.vocab_size is not None and t.facts.vocab_size != s.vocab_size:
+                why = "intermediate matches compare token positions" if has_matches else "token-level logits are compared position by position"
+                out.append(
+                    Finding(
+                        student_ref_path(recipe, loaded),
+                        f"the teacher's vocabulary has {t.facts.vocab_size} tokens and the student's {s.vocab_size}: {why}, which needs one shared tokenizer",
+                        "use a student with the teacher's tokenizer (same vocab_size)",
+                    )
+                )
+    for role, facts in [("teacher", r.facts) for r in teachers] + [("student", s)]:
+        limit = facts.max_position_embeddings if facts else None
+        if "data" in loaded.sections and limit is not None and recipe.data.max_length > limit:
+            out.append(Finding(("data", "max_length"), f"max_length {recipe.data.max_length} exceeds the {role}'s {limit} position embeddings", f"use max_length <= {limit}"))
+            break
+
+    kd = recipe.distillation
+    uses_logits = kd is not None and (kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none")
+    if uses_logits and "data" in loaded.sections:
+        scan = resolver.labels(recipe.data)
+        data_labels = scan.labels
+        for i, t in enumerate(teachers):
+            facts = t.facts
+            if facts is None:
+                continue
+            path = teacher_path(recipe, i) + ("model",)
+            if facts.head not in (None, recipe.task):
+                kind = "no classification head" if facts.head == "" else f"a {facts.head} head"
+                out.append(Finding(path, f"the teacher has {kind} for {recipe.task} (config: {facts.source}); its logits would come from a randomly initialised head", _HEADLESS_FIX, "warning"))
+            elif facts.head == recipe.task and facts.num_labels is not None and data_labels is not None:
+                n_data = data_labels.num_labels
+                if n_data > facts.num_labels or (scan.complete and n_data != facts.num_labels):
+                    also = ", counting data.eval too" if recipe.data.eval is not None else ""
+                    shown = data_labels.describe() if values_shown(recipe, loaded) else f"{n_data} labels"
+                    out.append(
+                        Finding(
+                            path,
+                            f"the teacher's head has {facts.num_labels} classes but data.train has {shown}{also}: the teacher cannot produce these labels",
+                            "distil on data labelled like the teacher's training data, or use a teacher trained on these labels",
+                        )
+                    )
+    return out
+
+
+def unchecked_rules(recipe: Recipe, loaded: LoadedRecipe, role: str) -> list[str]:
+    rules = []
+    matches = [m for _, m in loaded.matches]
+    if matches:
+        rules.append("layer numbers")
+        if any(m.feature == "hidden" for m in matches):
+            rules.append("hidden sizes and proj")
+        if any(m.spec.same_size == "heads" for m in matches):
+            rules.append("attention heads")
+    if recipe.teachers and (matches or recipe.task == "token-classification"):
+        rules.append("shared vocabulary")
+    if role in ("init", "student config") and isinstance(recipe.student, ConfigStudent) and recipe.student.init_from_teacher:
+        rules.append("init_from_teacher")
+    if role == "student config" and isinstance(recipe.student, ConfigStudent) and recipe.student.overrides:
+        rules.append("override names")
+    if role == "teacher" and recipe.distillation is not None:
+        rules.append("teacher head and labels")
+    rules.append("max_length")
+    return list(dict.fromkeys(rules))
+
+
+@dataclass
+class Models:
+    """The facts of every model a recipe names, and where each is named (for warnings)."""
+
+    teachers: list[Resolved]
+    student: Resolved
+    base: Resolved | None  # the config a config-student starts from
+    init_source: Resolved | None  # the model init_from_teacher copies blocks from
+    #: (JSON path, role, reference, facts) of each model reference
+    refs: list[tuple[JsonPath, str, str, Resolved]]
+
+
+def resolve_models(recipe: Recipe, loaded: LoadedRecipe, resolver: Resolver) -> Models:
+    has_student = "student" in loaded.sections
+    teachers = [resolver.model(t.model, t.revision) for t in recipe.teachers] if "teacher" in loaded.sections else []
+    student = resolver.student(recipe) if has_student else Resolved(None, "the student section is invalid")
+    refs = [(teacher_path(recipe, i) + ("model",), "teacher", t.model, r) for i, (t, r) in enumerate(zip(recipe.teachers, teachers))]
+    base = None
+    if has_student and isinstance(recipe.student, PretrainedModel):
+        refs.append((("student", "model"), "student", recipe.student.model, student))
+    elif has_student and recipe.student.config:
+        base = resolver.model(recipe.student.config, recipe.student.revision)
+        refs.append((student_ref_path(recipe, loaded), "student config", recipe.student.config, base))
+    init_source = None
+    if has_student and recipe.init_source is not None:
+        init_source = teachers[0] if recipe.teachers else base
+    return Models(teachers, student, base, init_source, refs)

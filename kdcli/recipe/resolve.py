@@ -1,0 +1,105 @@
+"""Model facts for check-recipe: local folders, the hub, and folders other recipes produce."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kdcli.errors import UsageError
+from kdcli.modelinfo import ConfigUnavailable, ModelFacts, hub_facts, local_facts, with_overrides
+from kdcli.recipe.data_rules import LabelScan, scan_labels
+from kdcli.recipe.load import read_recipe
+from kdcli.recipe.loaded import display_name
+from kdcli.recipe.schema import Recipe
+from kdcli.recipe.sources import PretrainedModel
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model's facts, or why they could not be had. `partial`: only overrides are known."""
+
+    facts: ModelFacts | None
+    reason: str = ""
+    partial: bool = False
+
+
+class Resolver:
+    """Facts of model references, cached for one check run."""
+
+    def __init__(self, producers: dict[str, list[Path]]) -> None:
+        self.producers = producers
+        self._cache: dict[tuple, Resolved] = {}
+        self._visiting: set[Path] = set()
+        self._labels: dict[tuple, LabelScan] = {}
+
+    def model(self, ref: str, revision: str | None = None) -> Resolved:
+        key = ("model", ref, revision)
+        if key not in self._cache:
+            self._cache[key] = self._model(ref, revision)
+        return self._cache[key]
+
+    def _model(self, ref: str, revision: str | None) -> Resolved:
+        if os.path.isabs(ref):
+            folder = Path(ref)
+            if (folder / "config.json").is_file():
+                try:
+                    return Resolved(local_facts(folder))
+                except ConfigUnavailable as exc:
+                    return Resolved(None, exc.reason)
+            makers = self.producers.get(os.path.normpath(ref), [])
+            if makers:
+                return self.produced(makers[0])
+            return Resolved(None, f"{ref} has no config.json")
+        try:
+            return Resolved(hub_facts(ref, revision))
+        except ConfigUnavailable as exc:
+            return Resolved(None, exc.reason)
+
+    def produced(self, recipe_file: Path) -> Resolved:
+        """Facts of the model `recipe_file` will write: its student, with its data's labels."""
+        name = display_name(recipe_file)
+        if recipe_file in self._visiting:
+            return Resolved(None, f"recipes produce each other in a cycle through {name}")
+        self._visiting.add(recipe_file)
+        try:
+            try:
+                loaded = read_recipe(recipe_file, producers=self.producers)
+            except UsageError as exc:
+                return Resolved(None, str(exc))
+            if loaded.recipe is None:
+                return Resolved(None, f"{name}, which produces it, is not a valid recipe")
+            recipe = loaded.recipe
+            student = self.student(recipe)
+            if student.facts is None:
+                return Resolved(None, f"the student of {name}, which produces it: {student.reason}")
+            labels = self.labels(recipe.data).labels
+            facts = replace(
+                student.facts,
+                source=f"produced by {name}",
+                head=recipe.task,
+                num_labels=labels.num_labels if labels is not None else student.facts.num_labels,
+            )
+            return Resolved(facts, partial=student.partial, reason=student.reason)
+        finally:
+            self._visiting.discard(recipe_file)
+
+    def student(self, recipe: Recipe) -> Resolved:
+        """The student's facts: its model's, or its base config's with the overrides applied."""
+        student = recipe.student
+        if isinstance(student, PretrainedModel):
+            return self.model(student.model, student.revision)
+        base = self.model(student.config, student.revision) if student.config else Resolved(None, "no config given")
+        if base.facts is None:
+            partial = with_overrides(ModelFacts(source="student.overrides"), student.overrides)
+            return Resolved(partial, base.reason, partial=True)
+        return Resolved(with_overrides(base.facts, student.overrides), partial=base.partial, reason=base.reason)
+
+    def labels(self, data: Any) -> LabelScan:
+        """The labels of a recipe's `data` section, train and eval together (cached)."""
+        splits = [("train", data.train)] + ([("eval", data.eval)] if data.eval is not None else [])
+        key = (tuple((s, d.path, d.format, d.delimiter) for s, d in splits), data.label_column)
+        if key not in self._labels:
+            self._labels[key] = scan_labels(splits, data.label_column)
+        return self._labels[key]

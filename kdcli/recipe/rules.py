@@ -1,0 +1,214 @@
+"""Rules across fields that need no model: losses fit features, layers, commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kdcli import registry
+from kdcli.recipe.messages import JsonPath, show
+from kdcli.recipe.schema import DistillationConfig, Recipe, TrainingSection
+from kdcli.recipe.validation import Mode, is_int
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's finding before it is placed in the file: path, message, fix, severity."""
+
+    path: JsonPath
+    message: str
+    fix: str = ""
+    severity: str = "error"
+    at_key: bool = False
+
+
+def match_findings(raw: Any, at: JsonPath) -> list[Finding]:
+    """The model-free rules of one intermediate match, as written (`at` is its JSON path).
+
+    Works on the raw JSON so that a match with, say, a bad weight still gets its feature and
+    layer rules checked; each rule looks only at fields that are individually well-formed.
+    """
+    out: list[Finding] = []
+    if not isinstance(raw, dict):
+        return out
+    loss, feature = raw.get("loss"), raw.get("feature")
+    spec = registry.get_loss(loss) if loss in registry.loss_names("match") else None
+    feature = feature if feature in ("hidden", "attention") else None
+    if spec is not None and feature is not None and spec.feature != feature:
+        out.append(
+            Finding(
+                at + ("feature",),
+                f"loss {loss} compares {spec.feature} features, but feature is {show(feature)}",
+                f'set "feature": "{spec.feature}", or pick a {feature} loss: '
+                + ", ".join(n for n in registry.loss_names("match") if registry.get_loss(n).feature == feature),
+            )
+        )
+    for side in ("layer_T", "layer_S"):
+        layer = raw.get(side)
+        well_formed = is_int(layer) or (isinstance(layer, list) and bool(layer) and all(is_int(x) for x in layer))
+        if not well_formed:
+            continue
+        if spec is not None and spec.layers_per_side == 2:
+            if not (isinstance(layer, list) and len(layer) == 2):
+                example = [layer, layer] if is_int(layer) else layer[:2] * (2 // len(layer[:2]))
+                out.append(
+                    Finding(
+                        at + (side,),
+                        f"loss {loss} compares two layers per side, so {side} must be a list of two layers, got {show(layer)}",
+                        f'write "{side}": {show(example)}',
+                    )
+                )
+        elif spec is not None and isinstance(layer, list):
+            out.append(
+                Finding(
+                    at + (side,),
+                    f"loss {loss} compares one layer per side, so {side} must be one integer, got {show(layer)}",
+                    f'write "{side}": {layer[0]} (lists of two are for fsp, gram, mmd and nst)',
+                )
+            )
+        for i, number in enumerate(layer if isinstance(layer, list) else [layer]):
+            where = at + (side, i) if isinstance(layer, list) else at + (side,)
+            if number < 0:
+                out.append(Finding(where, f"{side} {number} is negative", "layers are numbered from 0 (hidden) or 1 (attention)"))
+            elif number == 0 and feature == "attention":
+                out.append(
+                    Finding(
+                        where,
+                        f"{side} 0 is the embedding output, which has no attention; attention layers are 1..L",
+                        "use the block number, from 1 (first block) to the model's layer count",
+                    )
+                )
+    if raw.get("proj") is not None and feature == "attention":
+        out.append(
+            Finding(
+                at + ("proj",),
+                "proj maps hidden states; it is not valid on an attention feature",
+                "remove proj (attention maps have no hidden dimension)",
+            )
+        )
+    return out
+
+
+def _raw_match_findings(raw_matches: Any) -> list[Finding]:
+    out: list[Finding] = []
+    if isinstance(raw_matches, list):
+        for i, raw in enumerate(raw_matches):
+            out.extend(match_findings(raw, ("distillation", "intermediate_matches", i)))
+    return out
+
+
+def distillation_findings(config: DistillationConfig, training: TrainingSection | None, n_teachers: int) -> list[Finding]:
+    """Rules across the distillation section (and the training section it depends on)."""
+    out: list[Finding] = []
+    at: JsonPath = ("distillation",)
+    active = [
+        config.kd_loss_weight > 0 or config.kd_loss_weight_scheduler != "none",
+        config.hard_label_weight > 0 or config.hard_label_weight_scheduler != "none",
+        *(m.weight > 0 for m in config.intermediate_matches),
+    ]
+    if not any(active):
+        out.append(
+            Finding(
+                at,
+                "every loss term has weight 0 (kd_loss_weight, hard_label_weight and every match weight), so nothing would be learned",
+                "give at least one term a weight > 0, e.g. \"kd_loss_weight\": 1",
+            )
+        )
+    if config.is_caching_logits and config.intermediate_matches:
+        out.append(
+            Finding(
+                at + ("is_caching_logits",),
+                "is_caching_logits skips the teacher's forward pass, but intermediate_matches need the teacher's features every step",
+                "set is_caching_logits to false, or remove intermediate_matches",
+            )
+        )
+    if n_teachers > 1 and config.intermediate_matches:
+        out.append(
+            Finding(
+                at + ("intermediate_matches",),
+                f"{n_teachers} teachers are given; multi-teacher distillation averages the teachers' logits and has no intermediate matches (as in the reference)",
+                "use one teacher, or remove intermediate_matches",
+            )
+        )
+    return out
+
+
+def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mode | None) -> list[Finding]:
+    """Rules across sections, each run when the sections it needs are well-formed (`view` and
+    `sections` as in LoadedRecipe)."""
+    out: list[Finding] = []
+    has_teacher = raw.get("teacher") is not None
+    has_distillation = raw.get("distillation") is not None
+    if mode == "distill" and not has_distillation:
+        out.append(
+            Finding(
+                (),
+                "`kdcli distill` needs a `distillation` section; this recipe has none (it is a `kdcli train` recipe)",
+                "add \"distillation\": {...} and a teacher, or run `kdcli train`",
+            )
+        )
+    elif mode == "train" and has_distillation:
+        out.append(
+            Finding(
+                ("distillation",),
+                "`kdcli train` recipes have no distillation section; this is a `kdcli distill` recipe",
+                "run `kdcli distill`, or remove distillation (and teacher) to train the student alone",
+                at_key=True,
+            )
+        )
+    if has_teacher and not has_distillation and mode != "distill":
+        out.append(
+            Finding(
+                ("teacher",),
+                "a teacher is given but there is no distillation section; a `kdcli train` recipe has no teacher",
+                "add \"distillation\": {} to distil (kdcli distill), or remove teacher to train the student alone",
+                at_key=True,
+            )
+        )
+    if has_distillation and not has_teacher:
+        out.append(
+            Finding(
+                ("distillation",),
+                "a distillation section needs a teacher, and there is none",
+                'add "teacher": {"model": "<hub id or folder>"}',
+                at_key=True,
+            )
+        )
+    student = raw.get("student")
+    if isinstance(student, dict) and "model" not in student and student.get("config") is None and not has_teacher:
+        out.append(
+            Finding(
+                ("student",),
+                "a student declared by config needs `config` here: there is no teacher to take it from",
+                'add "config": "<hub id or folder>" (the model whose config.json the student starts from)',
+            )
+        )
+    teachers = raw.get("teacher")
+    teacher_list = teachers if isinstance(teachers, list) else [teachers] if teachers is not None else []
+    for i, teacher in enumerate(teacher_list):
+        path: JsonPath = ("teacher", i) if isinstance(teachers, list) else ("teacher",)
+        if isinstance(teacher, dict) and teacher.get("trust_remote_code") is True:
+            out.append(Finding(path + ("trust_remote_code",), "trust_remote_code runs Python code from the teacher's repository", "keep it only for repositories you trust", "warning"))
+    if isinstance(student, dict) and student.get("trust_remote_code") is True:
+        out.append(Finding(("student", "trust_remote_code"), "trust_remote_code runs Python code from the student's repository", "keep it only for repositories you trust", "warning"))
+
+    training = view.training if "training" in sections else None
+    if has_distillation:
+        if "distillation" in sections and view.distillation is not None:
+            out.extend(distillation_findings(view.distillation, training, len(teacher_list)))
+        if isinstance(raw["distillation"], dict):
+            out.extend(_raw_match_findings(raw["distillation"].get("intermediate_matches")))
+    data = view.data if "data" in sections else None
+    if raw.get("task") == "token-classification" and data is not None:
+        for name, source in (("train", data.train), ("eval", data.eval)):
+            if source is not None and source.format in ("csv", "tsv"):
+                out.append(
+                    Finding(
+                        ("data", name),
+                        f"token-classification needs a list of words and a list of tags per record; a {source.format} file holds one text per row",
+                        "use a json, jsonl or parquet file",
+                    )
+                )
+        if data.text_pair_column is not None:
+            out.append(Finding(("data", "text_pair_column"), "token-classification takes one list of words per record, not sentence pairs", "remove text_pair_column"))
+    return out

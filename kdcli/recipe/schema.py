@@ -1,0 +1,352 @@
+"""The recipe's schema (pydantic, extra="forbid"): training, matches, schedulers, distillation, Recipe."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from kdcli import registry
+from kdcli.recipe.messages import did_you_mean, show, suggest
+from kdcli.recipe.paths import check_path_text, local_path, model_ref
+from kdcli.recipe.sources import ConfigStudent, DataSection, PretrainedModel, Student, Teacher
+from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_of, is_int, recipe_error
+
+
+#: keys of a match's `proj[3]` (options of the projection's optimizer parameter group)
+PROJ_OPTION_KEYS = ("lr", "weight_decay", "betas", "eps")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+#: the seeds training.seed (and the --seed flag) accept: what torch and numpy seed from
+SEED_RANGE = range(0, 2**32)
+
+
+class TrainingSection(Section):
+    """Optimisation and bookkeeping; every field has a default."""
+
+    num_epochs: int = Field(3, ge=1, description="Passes over the training data.")
+    num_steps: int | None = Field(None, ge=1, description="Optimizer steps; when set it wins over num_epochs.")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    warmup_ratio: float = Field(0.1, ge=0, le=1, allow_inf_nan=False, description="Fraction of steps of linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, allow_inf_nan=False, description="Gradient clipping norm; <= 0 disables.")
+    seed: int = Field(42, ge=SEED_RANGE.start, lt=SEED_RANGE.stop)
+    device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:N" or "mps".')
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = Field(10, ge=1, description="Log every N optimizer steps.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end only).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")
+    output_dir: str | None = Field(
+        None,
+        description="Where the final model is saved (save_pretrained); relative to the recipe's "
+        "folder; default runs/<recipe file name without .json>.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            guess = suggest(value, ["auto", "cpu", "cuda", "mps"])
+            hint = f" (did you mean '{guess}'?)" if guess else ""
+            raise recipe_error(f"unknown device {show(value)}", f'use "auto", "cpu", "cuda", "cuda:N" or "mps"{hint}')
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _check_output_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise recipe_error("output_dir is empty", "write a folder path, e.g. runs/my-run")
+        local = local_path(value, context_of(info).base)
+        check_path_text(value, local)
+        return local
+
+
+def _proj_from_list(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, list) or len(value) not in (3, 4):
+        raise recipe_error(
+            f"proj must be a list [kind, dim_S, dim_T] or [kind, dim_S, dim_T, {{options}}], got {show(value)}",
+            'write e.g. "proj": ["linear", 312, 768]',
+        )
+    out = {"kind": value[0], "dim_S": value[1], "dim_T": value[2]}
+    if len(value) == 4:
+        out["options"] = value[3]
+    return out
+
+
+class Proj(Section):
+    """`proj = [kind, dim_S, dim_T, {options}?]`: maps student features (dim_S) to dim_T."""
+
+    kind: str = Field(json_schema_extra={"enum": registry.projection_names()})
+    dim_S: int = Field(ge=1)
+    dim_T: int = Field(ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _check_kind(cls, value: str) -> str:
+        if value not in registry.projection_names():
+            raise recipe_error(f"unknown projection {show(value)}", did_you_mean(value, registry.projection_names()))
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _check_options(cls, value: dict) -> dict:
+        for key, option in value.items():
+            if key not in PROJ_OPTION_KEYS:
+                raise recipe_error(f"unknown projection option {show(key)}", did_you_mean(key, PROJ_OPTION_KEYS))
+            if key in ("lr", "weight_decay", "eps"):
+                number = isinstance(option, (int, float)) and not isinstance(option, bool)
+                low = 0 if key == "weight_decay" else 1e-300  # lr and eps must be > 0
+                if not number or not math.isfinite(option) or option < low:
+                    symbol = ">=" if key == "weight_decay" else ">"
+                    raise recipe_error(
+                        f"projection option {key} must be a finite number {symbol} 0, got {show(option)}",
+                        f'write e.g. "{key}": 1e-3',
+                    )
+        return value
+
+
+ProjField = Annotated[
+    Proj,
+    BeforeValidator(
+        _proj_from_list,
+        json_schema_input_type=Union[
+            tuple[Literal[tuple(registry.projection_names())], int, int],  # type: ignore[misc]
+            tuple[Literal[tuple(registry.projection_names())], int, int, dict[str, Any]],  # type: ignore[misc]
+        ],
+    ),
+]
+
+
+def _check_layer(value: Any) -> Any:
+    if is_int(value) or (isinstance(value, list) and value and all(is_int(x) for x in value)):
+        return value
+    raise recipe_error(
+        f"a layer is an integer (or a list of two for fsp/gram/mmd/nst), got {show(value)}",
+        "write e.g. 4, or [8, 8] for a two-layer loss",
+    )
+
+
+Layer = Annotated[Union[int, list[int]], BeforeValidator(_check_layer)]
+
+
+class Match(Section):
+    """One intermediate match, as TextBrewer's `IntermediateMatch`."""
+
+    layer_T: Layer = Field(description="Teacher layer: hidden 0..L (0 = embeddings), attention 1..L.")
+    layer_S: Layer = Field(description="Student layer, numbered as layer_T.")
+    feature: Literal["hidden", "attention"]
+    loss: str = Field(json_schema_extra={"enum": registry.loss_names("match")})
+    weight: float = Field(ge=0, allow_inf_nan=False)
+    proj: ProjField | None = None
+
+    @field_validator("loss")
+    @classmethod
+    def _check_loss(cls, value: str) -> str:
+        if value in registry.loss_names("kd"):
+            raise recipe_error(
+                f"{show(value)} is a KD loss on logits, not an intermediate-match loss",
+                "set it as distillation.kd_loss_type; here use one of: " + ", ".join(registry.loss_names("match")),
+            )
+        if value not in registry.loss_names("match"):
+            raise recipe_error(f"unknown loss {show(value)}", did_you_mean(value, registry.loss_names("match")))
+        return value
+
+    @property
+    def spec(self) -> registry.LossSpec:
+        return registry.get_loss(self.loss)
+
+
+def _normalise_temperature_scheduler(value: Any) -> Any:
+    names = registry.scheduler_names("temperature")
+    usage = 'write "none", ["constant"], ["flsw", beta, gamma], ["flsw", beta, gamma, eps] or ["cwsm", beta]'
+    if value == "none":
+        return value
+    if isinstance(value, str):
+        if value not in names:
+            raise recipe_error(f"unknown temperature scheduler {show(value)}", did_you_mean(value, ["none", *names]))
+        value = [value]
+    if not isinstance(value, list) or not value or not isinstance(value[0], str):
+        raise recipe_error(f"temperature_scheduler must be \"none\" or [name, *params], got {show(value)}", usage)
+    name, params = value[0], value[1:]
+    if name not in names:
+        raise recipe_error(f"unknown temperature scheduler {show(name)}", did_you_mean(name, names))
+    spec = registry.get_scheduler(name)
+    optional = list(spec.defaults)  # optional positional parameters after the required ones
+    allowed = [*spec.params, *optional]
+    signature = ", ".join([*spec.params, *(f"[{p}]" for p in optional)]) or "no parameters"
+    if len(params) == 1 and isinstance(params[0], dict):
+        given = params[0]
+        unknown = [k for k in given if k not in allowed]
+        if unknown:
+            raise recipe_error(
+                f"temperature scheduler {name} has no parameter {show(unknown[0])}",
+                did_you_mean(unknown[0], allowed) if allowed else f"{name} takes no parameters",
+            )
+        missing = [p for p in spec.params if p not in given]
+        if missing:
+            raise recipe_error(f"temperature scheduler {name} needs {', '.join(missing)}", usage)
+        last = max([i + 1 for i, p in enumerate(optional) if p in given], default=0)
+        params = [given[p] for p in spec.params] + [given.get(p, spec.defaults[p]) for p in optional[:last]]
+    if not len(spec.params) <= len(params) <= len(allowed):
+        raise recipe_error(
+            f"temperature scheduler {name} takes {signature}; got {len(params)} value(s)",
+            f"write {show([name, *[1.0] * len(spec.params)])}",
+        )
+    for param_name, param in zip(allowed, params):
+        if isinstance(param, bool) or not isinstance(param, (int, float)) or not math.isfinite(param):
+            raise recipe_error(f"{name} parameter {param_name} must be a finite number, got {show(param)}", usage)
+    return [name, *params]
+
+
+TemperatureScheduler = Annotated[
+    Union[Literal["none"], list[Union[str, float]]],
+    BeforeValidator(
+        _normalise_temperature_scheduler,
+        json_schema_input_type=Union[
+            Literal[tuple(["none", *registry.scheduler_names("temperature")])],  # type: ignore[misc]
+            list[Union[str, float, dict[str, float]]],
+        ],
+    ),
+]
+
+
+def _weight_scheduler(value: str) -> str:
+    names = ["none", *registry.scheduler_names("weight")]
+    if value not in names:
+        raise recipe_error(f"unknown weight scheduler {show(value)}", did_you_mean(value, names))
+    return value
+
+
+WeightScheduler = Annotated[str, Field(json_schema_extra={"enum": ["none", *registry.scheduler_names("weight")]})]
+
+
+class DistillationConfig(Section):
+    """TextBrewer 0.2.1's `DistillationConfig`: same names, same defaults."""
+
+    temperature: float = Field(4, gt=0, allow_inf_nan=False)
+    temperature_scheduler: TemperatureScheduler = "none"
+    hard_label_weight: float = Field(0, ge=0, allow_inf_nan=False)
+    hard_label_weight_scheduler: WeightScheduler = "none"
+    kd_loss_type: str = Field("ce", json_schema_extra={"enum": registry.loss_names("kd")})
+    kd_loss_weight: float = Field(1, ge=0, allow_inf_nan=False)
+    kd_loss_weight_scheduler: WeightScheduler = "none"
+    probability_shift: bool = False
+    intermediate_matches: list[Match] = Field(default_factory=list)
+    is_caching_logits: bool = False
+
+    _check_schedulers = field_validator("hard_label_weight_scheduler", "kd_loss_weight_scheduler")(
+        _weight_scheduler
+    )
+
+    @field_validator("kd_loss_type")
+    @classmethod
+    def _check_kd_loss(cls, value: str) -> str:
+        names = registry.loss_names("kd")
+        if value not in names:
+            hint = (
+                f"{show(value)} is an intermediate-match loss; put it in intermediate_matches. KD losses: "
+                + ", ".join(names)
+                if value in registry.loss_names("match")
+                else did_you_mean(value, names)
+            )
+            raise recipe_error(f"unknown kd_loss_type {show(value)}", hint)
+        return value
+
+    @field_validator("intermediate_matches", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+class Recipe(Section):
+    """A kdcli recipe. `kdcli distill` needs `teacher` and `distillation`; `kdcli train` has neither."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        populate_by_name=True,
+        title="kdcli recipe",
+        json_schema_extra={"description": "A kdcli recipe: see docs/recipe.md."},
+    )
+
+    schema_: str | None = Field(None, alias="$schema", description="JSON Schema URL or path, for editors.")
+    description: str | None = Field(None, description="Free text: what the recipe does and why.")
+    teacher: Teacher | None = Field(None, description="Teacher model, or a list of teachers (their logits are averaged).")
+    student: Student = Field(description='{"model": ...} or {"config": ..., "overrides": {...}, "init_from_teacher": [...]}.')
+    tokenizer: str | None = Field(None, description="Tokenizer (hub id, folder or pkg:); default: the first teacher's, else the student's model.")
+    task: Task = "sequence-classification"
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    distillation: DistillationConfig | None = Field(None, description="Present in kdcli distill recipes only.")
+
+    _source: Path | None = PrivateAttr(None)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else model_ref(value, info)
+
+    @model_validator(mode="after")
+    def _defaults(self, info: ValidationInfo) -> Recipe:
+        apply_defaults(self, context_of(info))
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The recipe file (absolute), when loaded with `load_recipe`."""
+        return self._source
+
+    @property
+    def teachers(self) -> list[PretrainedModel]:
+        """The teachers as a list (a single `teacher` object becomes a one-element list)."""
+        if self.teacher is None:
+            return []
+        return list(self.teacher) if isinstance(self.teacher, list) else [self.teacher]
+
+    @property
+    def kind(self) -> Mode:
+        """"distill" when the recipe has a distillation section, else "train"."""
+        return "distill" if self.distillation is not None else "train"
+
+    @property
+    def init_source(self) -> str | None:
+        """The model whose blocks `student.init_from_teacher` copies (first teacher, else `config`)."""
+        if not isinstance(self.student, ConfigStudent) or self.student.init_from_teacher is None:
+            return None
+        return self.teachers[0].model if self.teachers else self.student.config
+
+
+def recipe_json_schema() -> dict:
+    """The JSON Schema of a recipe (what `kdcli schema` prints)."""
+    schema = Recipe.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def apply_defaults(recipe: Recipe, ctx: RecipeContext) -> None:
+    if recipe.training.output_dir is None:
+        recipe.training.output_dir = local_path(os.path.join("runs", ctx.stem), ctx.base)
+    if isinstance(recipe.student, ConfigStudent) and recipe.student.config is None and recipe.teachers:
+        recipe.student.config = recipe.teachers[0].model
+        if recipe.student.revision is None:
+            recipe.student.revision = recipe.teachers[0].revision

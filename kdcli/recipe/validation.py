@@ -1,0 +1,41 @@
+"""What the recipe's pydantic validators share: the recipe file's context, the error type, the section base."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic_core import PydanticCustomError
+
+
+Task = Literal["sequence-classification", "token-classification"]
+DataFormat = Literal["csv", "tsv", "json", "jsonl", "parquet"]
+Mode = Literal["distill", "train"]
+
+
+@dataclass(frozen=True)
+class RecipeContext:
+    """What validators need to know about the recipe file: its folder and name."""
+
+    base: Path
+    stem: str = "recipe"
+
+
+def context_of(info: ValidationInfo) -> RecipeContext:
+    ctx = info.context
+    return ctx if isinstance(ctx, RecipeContext) else RecipeContext(Path.cwd())
+
+
+def recipe_error(message: str, fix: str = "") -> PydanticCustomError:
+    return PydanticCustomError("kdcli", "{message}", {"message": message, "fix": fix})
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON true/false are never numbers in a recipe)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
