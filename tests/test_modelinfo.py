@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdcli import modelinfo
+from kdcli.modelinfo import hub
 from kdcli.modelinfo import (
     ConfigUnavailable,
     ModelFacts,
@@ -127,7 +128,7 @@ def test_hub_facts_offline_uses_no_network(tmp_path: Path, monkeypatch) -> None:
     def no_network(*args, **kwargs):
         raise AssertionError("the network was used while offline")
 
-    monkeypatch.setattr(modelinfo, "_fetch_hub_config", no_network)
+    monkeypatch.setattr(hub, "fetch_hub_config", no_network)
     with pytest.raises(ConfigUnavailable):
         hub_facts("bert-base-uncased")
 
@@ -137,7 +138,7 @@ def test_unreachable_hub_is_config_unavailable(tmp_path: Path, monkeypatch) -> N
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    modelinfo._fetch_hub_config.cache_clear()
+    hub.fetch_hub_config.cache_clear()
     with pytest.raises(ConfigUnavailable, match="cannot be reached"):
         hub_facts("org/some-model")
 
