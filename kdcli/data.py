@@ -36,14 +36,14 @@ from torch import Tensor
 # with the same code) and are re-exported here.
 from kdcli.labels import DataError, Labels, infer_labels, labels_of_splits  # noqa: F401
 from kdcli.tabular import validate_table
+from kdcli.tasks import IGNORE_INDEX, TASKS, task_for
+from kdcli.tasks.base import Columns
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
-TASKS = ("sequence-classification", "token-classification")
 #: Batches per length-sorted megabatch when grouping by length.
 MEGABATCH_BATCHES = 50
 _PADDED = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
@@ -196,69 +196,9 @@ def tokenize(
         {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column},
         source,
     )
-    if task == "token-classification":
-        if text_pair_column is not None:
-            raise DataError(f"{source}: token classification takes no text_pair_column. Fix: remove it")
-        if not getattr(tokenizer, "is_fast", False):
-            raise DataError(
-                f"{source}: token classification needs a fast tokenizer (word ids). Fix: use a "
-                "tokenizer with a tokenizer.json"
-            )
-        function = _token_encoder(tokenizer, labels, text_column, label_column, max_length, source)
-    else:
-        function = _sequence_encoder(tokenizer, labels, text_column, text_pair_column, label_column, max_length, source)
+    columns = Columns(text=text_column, text_pair=text_pair_column, label=label_column)
+    function = task_for(task).encoder(tokenizer, labels, columns, max_length, source)
     return table.map(function, batched=True, remove_columns=table.column_names)
-
-
-def _text(values: list[Any]) -> list[str]:
-    return ["" if v is None else str(v) for v in values]
-
-
-def _sequence_encoder(tokenizer, labels, text_column, pair_column, label_column, max_length, source):
-    def encode(rows: dict[str, list]) -> dict[str, list]:
-        pairs = _text(rows[pair_column]) if pair_column else None
-        enc = tokenizer(_text(rows[text_column]), pairs, truncation=True, max_length=max_length)
-        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-        try:
-            out["labels"] = [labels.encode(v) for v in rows[label_column]]
-        except DataError as exc:
-            raise DataError(f"{source}, column {label_column!r}: {exc}") from None
-        out["length"] = [len(ids) for ids in enc["input_ids"]]
-        return out
-
-    return encode
-
-
-def _token_encoder(tokenizer, labels, words_column, tags_column, max_length, source):
-    def encode(rows: dict[str, list]) -> dict[str, list]:
-        words = rows[words_column]
-        if any(not isinstance(w, list) for w in words):
-            raise DataError(
-                f"{source}: column {words_column!r} must hold a list of words per row for "
-                "token classification. Fix: point data.text_column at the words column"
-            )
-        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-        out["labels"] = []
-        for row, tags in enumerate(rows[tags_column]):
-            if len(tags) != len(words[row]):
-                raise DataError(
-                    f"{source}: a row has {len(words[row])} words but {len(tags)} tags "
-                    f"({words[row][:5]}...). Fix: give one tag per word"
-                )
-            row_labels, previous = [], None
-            for word in enc.word_ids(row):
-                first = word is not None and word != previous
-                try:
-                    row_labels.append(labels.encode(tags[word]) if first else IGNORE_INDEX)
-                except DataError as exc:
-                    raise DataError(f"{source}, column {tags_column!r}: {exc}") from None
-                previous = word
-            out["labels"].append(row_labels)
-        out["length"] = [len(ids) for ids in enc["input_ids"]]
-        return out
-
-    return encode
 
 
 def prepare_data(

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from kdcli.errors import RunError
+from kdcli.tasks import TASKS, task_for
 from kdcli.modelinfo import (
     PACKAGE_PREFIX,
     PICKLE_FIX,
@@ -56,11 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-TASKS = ("sequence-classification", "token-classification")
-_AUTO_CLASS = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-}
 _DTYPES = {
     "fp32": "float32", "float32": "float32",
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -190,11 +186,12 @@ def _torch_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype":
 
 
 def _auto_class(task: str):
+    """The transformers Auto class of a task (`kdcli.tasks`)."""
     import transformers
 
-    if task not in _AUTO_CLASS:
+    if task not in TASKS:
         raise ModelError(f"unknown task {task!r}. Fix: use one of {', '.join(TASKS)}")
-    return getattr(transformers, _AUTO_CLASS[task])
+    return getattr(transformers, task_for(task).auto_class)
 
 
 def _label_kwargs(num_labels: int | None, id2label: dict | None) -> dict[str, Any]:

@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from kdcli import registry
 from kdcli.errors import RunError
+from kdcli.tasks import IGNORE_INDEX, task_for
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,10 @@ def select_labelled(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tens
 
     Sequence-level logits (B, C) pass through unchanged (the reference's
     `select_logits_with_mask`). Returns the selected labels (N,) too, or (B,) unchanged.
+    The task is told by the logits' shape; an `Objective` given its `task` asks it instead.
     """
-    if logits.dim() != 3:
-        return logits, labels
-    if labels is None:
-        raise ValueError("token-level logits need labels to select the labelled tokens")
-    keep = labels != IGNORE_INDEX  # (B, L)
-    return logits[keep], labels[keep]
+    task = "token-classification" if logits.dim() == 3 else "sequence-classification"
+    return task_for(task).kd_logits(logits, labels)
 
 
 def probability_shift(logits_T: Tensor, labels: Tensor) -> Tensor:
@@ -134,9 +131,11 @@ class Objective(nn.Module):
     `weights(step_fraction)` gives the weight each term has at that point of training.
     """
 
-    def __init__(self, distillation=None, *, hidden_S: int | None = None, hidden_T: int | None = None) -> None:
+    def __init__(self, distillation=None, *, hidden_S: int | None = None, hidden_T: int | None = None, task=None) -> None:
         super().__init__()
         self.config = distillation
+        # the task's choice of the logits the KD and hard-label terms compare (kdcli.tasks)
+        self._kd_logits = task.kd_logits if task is not None else select_labelled
         self.projections = nn.ModuleDict()
         self.matches: list[MatchPlan] = []
         self.kd_fn: Callable[..., Tensor] | None = None
@@ -182,10 +181,6 @@ class Objective(nn.Module):
             )
 
     # -- what the loop needs to know ---------------------------------------------------------
-
-    @property
-    def distilling(self) -> bool:
-        return self.config is not None
 
     def hidden_layers(self, side: str) -> list[int]:
         """The hidden-state indices the matches read on one side ("S" or "T")."""
@@ -246,8 +241,8 @@ class Objective(nn.Module):
 
         if not feats_T:
             raise ValueError("distillation needs at least one teacher's features")
-        logits_S, labels_sel = select_labelled(feats_S.logits.float(), labels)
-        teacher_logits = [select_labelled(f.logits.float(), labels)[0] for f in feats_T]
+        logits_S, labels_sel = self._kd_logits(feats_S.logits.float(), labels)
+        teacher_logits = [self._kd_logits(f.logits.float(), labels)[0] for f in feats_T]
         logits_T = teacher_logits[0] if len(teacher_logits) == 1 else sum(teacher_logits) / len(teacher_logits)
         if self.config.probability_shift:
             if labels_sel is None:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kdcli.data import (
-    IGNORE_INDEX,
     Collator,
     DataError,
     Labels,
@@ -20,6 +19,7 @@ from kdcli.data import (
     prepare_from_recipe,
     train_batches,
 )
+from kdcli.tasks import IGNORE_INDEX
 from kdcli.models import load_tokenizer
 from tiny import NER_TAGS, make_tiny_bert, read_tsv, write_sst2_sample, write_tiny_ner
 

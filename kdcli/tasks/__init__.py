@@ -13,3 +13,16 @@ TASKS = ("sequence-classification", "token-classification")
 
 #: label id of positions no loss or metric reads (padding, special tokens, non-first sub-words)
 IGNORE_INDEX = -100
+
+#: the module of each task (`kdcli/tasks/<module>.py`, holding `TASK`, a `tasks.base.Task`)
+_MODULES = {"sequence-classification": "sequence_classification", "token-classification": "token_classification"}
+
+
+def task_for(name: str):
+    """The `tasks.base.Task` of a task name (imports its module, which needs torch);
+    `ValueError` for a name not in `TASKS`."""
+    import importlib
+
+    if name not in _MODULES:
+        raise ValueError(f"unknown task {name!r}. Fix: use one of {', '.join(TASKS)}")
+    return importlib.import_module(f"kdcli.tasks.{_MODULES[name]}").TASK
