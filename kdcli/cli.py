@@ -254,12 +254,10 @@ def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, see
     with _boundary(as_json):
         from kdcli.recipe import load_checked
         from kdcli.errors import UsageError
-        from kdcli.recipe import SEED_RANGE
+        from kdcli.recipe import SEED_RANGE, is_device
 
         if device is not None:
-            import re
-
-            if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", device):
+            if not is_device(device):
                 raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
         if max_steps is not None and max_steps < 1:
             raise UsageError(f"--max-steps {max_steps} is not a number of steps. Fix: pass 1 or more")

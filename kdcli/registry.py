@@ -90,16 +90,13 @@ class SchedulerSpec:
     name: str
     kind: Literal["temperature", "weight"]
     params: tuple[str, ...]  # required positional parameters after the name, e.g. ("beta", "gamma")
-    #: attribute of kdcli.schedules: for "temperature", a builder called with the parameters
+    #: attribute of kdcli.schedules (`schedules.scheduler_function`): for "temperature", a builder called with the parameters
     #: that returns f(logits_S, logits_T, base_temperature); for "weight", f(step_fraction)
     function: str
     formula: str
     paper: str = ""
     #: optional positional parameters after `params`, with their defaults (flsw's eps)
     defaults: dict = field(default_factory=dict)
-
-    def fn(self) -> Callable:
-        return getattr(importlib.import_module("kdcli.schedules"), self.function)
 
     def to_dict(self) -> dict:
         return {

@@ -19,13 +19,13 @@ entry names the scheduler itself. The objective calls `build_temperature_schedul
 
 from __future__ import annotations
 
-from numbers import Real
-from typing import Callable, Sequence, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
 from kdcli import registry
+from kdcli.recipe.temperature import parse_temperature_scheduler, scheduler_arguments
 
 TemperatureScheduler = Callable[[Tensor, Tensor, float], Union[float, Tensor]]
 WeightScheduler = Callable[[float], float]
@@ -107,64 +107,25 @@ def linear_decay_weight(x: float) -> float:
     return 1 - x
 
 
-def _number(name: str, param: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"temperature scheduler {name!r}: {param} must be a number, got {value!r}")
-    return float(value)
+def scheduler_function(name: str) -> Callable:
+    """The function of a registered scheduler: the attribute of this module its registry entry
+    names (a temperature builder, or a weight scheduler)."""
+    return globals()[registry.get_scheduler(name).function]
 
 
 def build_temperature_scheduler(spec: object) -> TemperatureScheduler:
     """The scheduler for a recipe's ``temperature_scheduler`` value.
 
-    `spec` is ``"none"`` / ``None`` / ``"constant"`` (the constant scheduler), or a list
+    `spec` is ``"none"`` / ``None`` (the constant scheduler), a name (``"constant"``), or a list
     ``[name, *params]`` as in the reference, e.g. ``["flsw", 1, 2]`` (beta=1, gamma=2) or
-    ``["cwsm", 1]``; ``[name, {"beta": 1, "gamma": 2}]`` also works. Parameters follow the
-    registry's `SchedulerSpec.params`, then its optional `defaults` (flsw's eps).
-    Raises `ValueError` naming the scheduler and the problem (recipe validation reports the
-    same facts with the recipe's location before a run starts).
+    ``["cwsm", 1]``; ``[name, {"beta": 1, "gamma": 2}]`` also works. It is parsed by the same
+    code as the recipe's (`kdcli.recipe.temperature`), which raises `TemperatureSpecError` (a
+    ValueError) naming the scheduler, the problem and the fix.
     """
-    if spec is None or spec == "none":
+    parsed = parse_temperature_scheduler("none" if spec is None else spec)
+    if parsed == "none":
         return constant_temperature()
-    if isinstance(spec, str):
-        name, args, kwargs = spec, [], {}
-    elif isinstance(spec, Sequence) and spec and isinstance(spec[0], str):
-        name, rest = spec[0], list(spec[1:])
-        if len(rest) == 1 and isinstance(rest[0], dict):
-            args, kwargs = [], dict(rest[0])
-        else:
-            args, kwargs = rest, {}
-    else:
-        raise ValueError(
-            f"temperature scheduler must be 'none', a name, or a list [name, *params], got {spec!r}"
-        )
-    names = registry.scheduler_names("temperature")
-    if name not in names:
-        raise ValueError(f"unknown temperature scheduler {name!r}; choose one of {', '.join(names)}")
-    sched = registry.get_scheduler(name)
-    accepted = (*sched.params, *sched.defaults)
-    if len(args) > len(accepted):
-        raise ValueError(
-            f"temperature scheduler {name!r} takes at most {len(accepted)} parameters "
-            f"({', '.join(accepted) or 'none'}), got {len(args)}: {args!r}"
-        )
-    values = dict(zip(accepted, args))
-    for key, value in kwargs.items():
-        if key not in accepted:
-            raise ValueError(
-                f"temperature scheduler {name!r} has no parameter {key!r}; "
-                f"its parameters are {', '.join(accepted) or 'none'}"
-            )
-        if key in values:
-            raise ValueError(f"temperature scheduler {name!r}: {key} is given twice")
-        values[key] = value
-    missing = [p for p in sched.params if p not in values]
-    if missing:
-        raise ValueError(
-            f"temperature scheduler {name!r} needs {', '.join(sched.params)}; missing {', '.join(missing)} "
-            f"(e.g. [{name!r}, {', '.join('1' for _ in sched.params)}])"
-        )
-    params = {key: _number(name, key, value) for key, value in values.items()}
-    return sched.fn()(**params)
+    return scheduler_function(parsed[0])(**scheduler_arguments(parsed))
 
 
 def build_weight_scheduler(name: str | None) -> WeightScheduler | None:
@@ -174,4 +135,4 @@ def build_weight_scheduler(name: str | None) -> WeightScheduler | None:
     names = registry.scheduler_names("weight")
     if name not in names:
         raise ValueError(f"unknown weight scheduler {name!r}; choose one of none, {', '.join(names)}")
-    return registry.get_scheduler(name).fn()
+    return scheduler_function(name)

@@ -58,7 +58,7 @@ def test_every_scheduler_resolves_and_every_public_scheduler_is_registered():
     from kdcli import schedules
 
     for spec in registry.SCHEDULERS:
-        assert spec.fn() is getattr(schedules, spec.function)
+        assert schedules.scheduler_function(spec.name) is getattr(schedules, spec.function)
     public = {
         name for name, obj in vars(schedules).items()
         if inspect.isfunction(obj) and obj.__module__ == "kdcli.schedules"

@@ -94,14 +94,15 @@ def test_dict_parameters_and_optional_eps(spec, kwargs):
 @pytest.mark.parametrize(
     "spec,fragment",
     [
-        ("flsv", "unknown temperature scheduler 'flsv'; choose one of constant, flsw, cwsm"),
-        (["flsw", 1], "needs beta, gamma; missing gamma"),
-        (["cwsm", 1, 2, 3], "takes at most 1 parameters (beta)"),
-        (["cwsm", "1"], "beta must be a number"),
-        (["cwsm", True], "beta must be a number"),
-        (["flsw", {"beta": 1, "gama": 2}], "has no parameter 'gama'"),
-        ([1, 2], "a list [name, *params]"),
-        (["linear_decay"], "unknown temperature scheduler 'linear_decay'"),
+        ("flsv", 'unknown temperature scheduler "flsv". Fix: did you mean \'flsw\'?'),
+        (["flsw", 1], "temperature scheduler flsw takes beta, gamma, [eps]; got 1 value(s)"),
+        (["flsw", {"beta": 1}], "temperature scheduler flsw needs gamma"),
+        (["cwsm", 1, 2, 3], "temperature scheduler cwsm takes beta; got 3 value(s)"),
+        (["cwsm", "1"], 'cwsm parameter beta must be a finite number, got "1"'),
+        (["cwsm", True], "cwsm parameter beta must be a finite number, got true"),
+        (["flsw", {"beta": 1, "gama": 2}], 'temperature scheduler flsw has no parameter "gama". Fix: did you mean \'gamma\'?'),
+        ([1, 2], 'temperature_scheduler must be "none" or [name, *params], got [1, 2]'),
+        (["linear_decay"], 'unknown temperature scheduler "linear_decay"'),
     ],
 )
 def test_bad_temperature_specs(spec, fragment):

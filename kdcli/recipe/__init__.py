@@ -51,15 +51,18 @@ from kdcli.recipe.render import render_github, render_text
 from kdcli.recipe.report import CheckReport, FileReport
 from kdcli.recipe.rules import Finding, distillation_findings, match_findings
 from kdcli.recipe.schema import (
+    DEVICE_PATTERN,
     SEED_RANGE,
     DistillationConfig,
     Match,
     Proj,
     Recipe,
     TrainingSection,
+    is_device,
     recipe_json_schema,
 )
 from kdcli.recipe.sources import ConfigStudent, DataSection, DataSource, PretrainedModel
+from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
 from kdcli.recipe.validation import DataFormat, Mode, Task
 from kdcli.safe_files import NotRegularFile, is_file, open_regular
 
@@ -67,6 +70,7 @@ __all__ = [
     "DATA_EXTENSIONS",
     "DISCOVERY_MAX_BYTES",
     "RECIPE_MAX_BYTES",
+    "DEVICE_PATTERN",
     "SEED_RANGE",
     "CheckReport",
     "ConfigStudent",
@@ -91,6 +95,7 @@ __all__ = [
     "Proj",
     "Recipe",
     "SourceMap",
+    "TemperatureSpecError",
     "Task",
     "TrainingSection",
     "check_file",
@@ -105,6 +110,7 @@ __all__ = [
     "dotted",
     "expand_paths",
     "find_producers",
+    "is_device",
     "is_file",
     "leaves_repository",
     "load_checked",
@@ -113,6 +119,7 @@ __all__ = [
     "open_regular",
     "output_dir_of",
     "parse_json",
+    "parse_temperature_scheduler",
     "path_problem",
     "read_header",
     "read_recipe",

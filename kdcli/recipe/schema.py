@@ -22,6 +22,7 @@ from kdcli import registry
 from kdcli.recipe.messages import did_you_mean, show, suggest
 from kdcli.recipe.paths import check_path_text, local_path, model_ref
 from kdcli.recipe.sources import ConfigStudent, DataSection, PretrainedModel, Student, Teacher
+from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
 from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_of, is_int, recipe_error
 
 
@@ -29,7 +30,15 @@ from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_
 PROJ_OPTION_KEYS = ("lr", "weight_decay", "betas", "eps")
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+#: the devices training.device (and the --device flag) accept; torch-free, for the run too
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+
+
+def is_device(text: str) -> bool:
+    """Whether `text` names a device kdcli runs on ("auto", "cpu", "cuda", "cuda:N", "mps")."""
+    return DEVICE_PATTERN.fullmatch(text) is not None
+
+
 #: the seeds training.seed (and the --seed flag) accept: what torch and numpy seed from
 SEED_RANGE = range(0, 2**32)
 
@@ -61,7 +70,7 @@ class TrainingSection(Section):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if not _DEVICE.fullmatch(value):
+        if not is_device(value):
             guess = suggest(value, ["auto", "cpu", "cuda", "mps"])
             hint = f" (did you mean '{guess}'?)" if guess else ""
             raise recipe_error(f"unknown device {show(value)}", f'use "auto", "cpu", "cuda", "cuda:N" or "mps"{hint}')
@@ -178,45 +187,10 @@ class Match(Section):
 
 
 def _normalise_temperature_scheduler(value: Any) -> Any:
-    names = registry.scheduler_names("temperature")
-    usage = 'write "none", ["constant"], ["flsw", beta, gamma], ["flsw", beta, gamma, eps] or ["cwsm", beta]'
-    if value == "none":
-        return value
-    if isinstance(value, str):
-        if value not in names:
-            raise recipe_error(f"unknown temperature scheduler {show(value)}", did_you_mean(value, ["none", *names]))
-        value = [value]
-    if not isinstance(value, list) or not value or not isinstance(value[0], str):
-        raise recipe_error(f"temperature_scheduler must be \"none\" or [name, *params], got {show(value)}", usage)
-    name, params = value[0], value[1:]
-    if name not in names:
-        raise recipe_error(f"unknown temperature scheduler {show(name)}", did_you_mean(name, names))
-    spec = registry.get_scheduler(name)
-    optional = list(spec.defaults)  # optional positional parameters after the required ones
-    allowed = [*spec.params, *optional]
-    signature = ", ".join([*spec.params, *(f"[{p}]" for p in optional)]) or "no parameters"
-    if len(params) == 1 and isinstance(params[0], dict):
-        given = params[0]
-        unknown = [k for k in given if k not in allowed]
-        if unknown:
-            raise recipe_error(
-                f"temperature scheduler {name} has no parameter {show(unknown[0])}",
-                did_you_mean(unknown[0], allowed) if allowed else f"{name} takes no parameters",
-            )
-        missing = [p for p in spec.params if p not in given]
-        if missing:
-            raise recipe_error(f"temperature scheduler {name} needs {', '.join(missing)}", usage)
-        last = max([i + 1 for i, p in enumerate(optional) if p in given], default=0)
-        params = [given[p] for p in spec.params] + [given.get(p, spec.defaults[p]) for p in optional[:last]]
-    if not len(spec.params) <= len(params) <= len(allowed):
-        raise recipe_error(
-            f"temperature scheduler {name} takes {signature}; got {len(params)} value(s)",
-            f"write {show([name, *[1.0] * len(spec.params)])}",
-        )
-    for param_name, param in zip(allowed, params):
-        if isinstance(param, bool) or not isinstance(param, (int, float)) or not math.isfinite(param):
-            raise recipe_error(f"{name} parameter {param_name} must be a finite number, got {show(param)}", usage)
-    return [name, *params]
+    try:
+        return parse_temperature_scheduler(value)
+    except TemperatureSpecError as exc:
+        raise recipe_error(exc.message, exc.fix) from None
 
 
 TemperatureScheduler = Annotated[
