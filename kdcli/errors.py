@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EXIT_OK = 0
 EXIT_FAILURE = 1  # invalid recipe, failed run
 EXIT_USAGE = 2  # bad flag, missing file, output folder in the way
 EXIT_INTERRUPTED = 130  # Ctrl-C (after a resumable checkpoint was written)

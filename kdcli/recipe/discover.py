@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, NamedTuple
 
 from kdcli.errors import UsageError
 from kdcli.recipe.paths import default_output_dir, local_path
-from kdcli.safe_files import NotRegularFile, is_dir, open_regular, read_small
+from kdcli.safe_files import NotRegularFile, is_dir, open_regular
 
 
 #: JSON files larger than this are not considered when looking for recipes among siblings
@@ -19,20 +19,45 @@ DISCOVERY_MAX_BYTES = 1 << 20
 RECIPE_MAX_BYTES = 16 << 20
 
 
+class Sniffed(NamedTuple):
+    """A quick look at a JSON file: `status` is "ok" (then `raw` is its value), "irregular" (not
+    a regular file: never opened), "unread" (unreadable, over DISCOVERY_MAX_BYTES, or not UTF-8)
+    or "broken" (UTF-8 text that is not JSON)."""
+
+    status: str
+    raw: Any = None
+
+
+def sniff_json(path: Path) -> Sniffed:
+    """A recipe-sized JSON file read cheaply, decoded as `read_recipe` decodes recipes (UTF-8,
+    with or without a byte-order mark)."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(DISCOVERY_MAX_BYTES + 1)
+    except NotRegularFile:
+        return Sniffed("irregular")
+    except (OSError, ValueError):
+        return Sniffed("unread")
+    if len(data) > DISCOVERY_MAX_BYTES:
+        return Sniffed("unread")
+    try:
+        return Sniffed("ok", json.loads(data.decode("utf-8-sig")))
+    except UnicodeDecodeError:
+        return Sniffed("unread")
+    except (ValueError, RecursionError):
+        return Sniffed("broken")
+
+
 def output_dir_of(recipe_file: Path) -> Path | None:
     """The folder a recipe file writes its final model to, read cheaply (None if not a recipe)."""
-    data = read_small(recipe_file, DISCOVERY_MAX_BYTES)
-    try:
-        raw = json.loads(data.decode("utf-8")) if data is not None else None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
+    raw = sniff_json(recipe_file).raw
     if not isinstance(raw, dict) or "student" not in raw:
         return None
     training = raw.get("training")
     written = training.get("output_dir") if isinstance(training, dict) else None
     if isinstance(written, str) and written.strip():
         return Path(local_path(written, recipe_file.parent))
-    return default_output_dir(recipe_file)
+    return Path(default_output_dir(recipe_file.parent, recipe_file.stem))
 
 
 def find_producers(recipe_files: Iterable[Path]) -> dict[str, list[Path]]:
@@ -63,20 +88,8 @@ def is_recipe_like(path: Path) -> bool:
     """A JSON file found in a folder counts as a recipe when it is an object with a student
     (or fails to parse, so that a broken recipe is not silently skipped). A *.json that is not a
     regular file (a link to /dev/zero, a FIFO) is never opened, and is reported, not skipped."""
-    try:
-        with open_regular(path) as f:
-            data = f.read(DISCOVERY_MAX_BYTES + 1)
-    except NotRegularFile:
-        return True
-    except (OSError, ValueError):
-        return False
-    if len(data) > DISCOVERY_MAX_BYTES:
-        return False
-    try:
-        raw = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        return False
-    except (ValueError, RecursionError):
+    status, raw = sniff_json(path)
+    if status in ("irregular", "broken"):
         return True
     return isinstance(raw, dict) and ("student" in raw or "teacher" in raw or "distillation" in raw)
 

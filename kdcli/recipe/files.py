@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from kdcli.recipe.discover import DISCOVERY_MAX_BYTES
+from kdcli.recipe.discover import sniff_json
 from kdcli.recipe.loaded import LoadedRecipe, display_name
 from kdcli.recipe.messages import JsonPath, dotted, show, suggest
 from kdcli.recipe.sources import ConfigStudent, PretrainedModel
-from kdcli.recipe.validation import Mode
-from kdcli.safe_files import exists, is_dir, is_file, read_small
+from kdcli.recipe.validation import Mode, kind_of
+from kdcli.safe_files import exists, is_dir, is_file
 
 
 def close_names(missing: Path, want_dir: bool, outside: bool = False) -> str:
@@ -31,12 +30,7 @@ def close_names(missing: Path, want_dir: bool, outside: bool = False) -> str:
 
 
 def kind_of_file(path: Path) -> str:
-    data = read_small(path, DISCOVERY_MAX_BYTES)
-    try:
-        raw = json.loads(data.decode("utf-8")) if data is not None else None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return "train"
-    return "distill" if isinstance(raw, dict) and raw.get("distillation") is not None else "train"
+    return kind_of(sniff_json(path).raw) or "train"
 
 
 _OUTSIDE_FIX = (

@@ -196,7 +196,6 @@ class _Parser:
                 self.map.duplicates.append(child)
             self.map.keys[child] = key_at
             out[key], end = self.value(i, child)
-            self.map.values.setdefault(child, self.map.values[child])
             i = self.ws(end)
             ch = self.text[i : i + 1]
             if ch == ",":

@@ -22,6 +22,7 @@ from kdcli.recipe.schema import DistillationConfig, Match, Recipe, TrainingSecti
 from kdcli.recipe.sources import DataSection, Student, Teacher
 from kdcli.recipe.translate import describe_error
 from kdcli.recipe.validation import Mode, RecipeContext
+from kdcli.tasks import TASKS
 from kdcli.safe_files import NotRegularFile, exists, is_dir, open_regular
 
 
@@ -57,7 +58,7 @@ def best_effort(raw: dict, ctx: RecipeContext) -> tuple[Recipe, frozenset[str], 
     elif tokenizer is None:
         ok.add("tokenizer")
     task = raw.get("task", "sequence-classification")
-    values["task"] = task if task in ("sequence-classification", "token-classification") else "sequence-classification"
+    values["task"] = task if task in TASKS else "sequence-classification"
     if task == values["task"]:
         ok.add("task")
     matches: list[tuple[int, Match]] = []

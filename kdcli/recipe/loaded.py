@@ -14,7 +14,7 @@ from kdcli.recipe.messages import JsonPath, dotted
 from kdcli.recipe.paths import leaves_repository, repository_root
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Match, Recipe
-from kdcli.recipe.validation import Mode
+from kdcli.recipe.validation import Mode, kind_of
 
 
 @dataclass
@@ -43,9 +43,7 @@ class LoadedRecipe:
 
     @property
     def kind(self) -> Mode | None:
-        if isinstance(self.raw, dict):
-            return "distill" if self.raw.get("distillation") is not None else "train"
-        return None
+        return kind_of(self.raw)
 
     @property
     def ok(self) -> bool:

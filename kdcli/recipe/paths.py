@@ -131,5 +131,7 @@ def looks_local_data(ref: str, base: Path) -> bool:
     )
 
 
-def default_output_dir(recipe_file: Path) -> Path:
-    return Path(local_path(os.path.join("runs", recipe_file.stem), recipe_file.parent))
+def default_output_dir(base: Path, stem: str) -> str:
+    """Where a recipe named `stem` (its file name without .json) in folder `base` writes its
+    model when training.output_dir is not given: runs/<stem> beside it."""
+    return local_path(os.path.join("runs", stem), base)

@@ -7,7 +7,7 @@ from typing import Any
 
 from kdcli import registry
 from kdcli.recipe.messages import JsonPath, show
-from kdcli.recipe.schema import DistillationConfig, Recipe, TrainingSection
+from kdcli.recipe.schema import DistillationConfig, Recipe
 from kdcli.recipe.validation import Mode, is_int
 
 
@@ -97,8 +97,8 @@ def _raw_match_findings(raw_matches: Any) -> list[Finding]:
     return out
 
 
-def distillation_findings(config: DistillationConfig, training: TrainingSection | None, n_teachers: int) -> list[Finding]:
-    """Rules across the distillation section (and the training section it depends on)."""
+def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[Finding]:
+    """Rules across the distillation section."""
     out: list[Finding] = []
     at: JsonPath = ("distillation",)
     active = [
@@ -192,10 +192,9 @@ def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mo
     if isinstance(student, dict) and student.get("trust_remote_code") is True:
         out.append(Finding(("student", "trust_remote_code"), "trust_remote_code runs Python code from the student's repository", "keep it only for repositories you trust", "warning"))
 
-    training = view.training if "training" in sections else None
     if has_distillation:
         if "distillation" in sections and view.distillation is not None:
-            out.extend(distillation_findings(view.distillation, training, len(teacher_list)))
+            out.extend(distillation_findings(view.distillation, len(teacher_list)))
         if isinstance(raw["distillation"], dict):
             out.extend(_raw_match_findings(raw["distillation"].get("intermediate_matches")))
     data = view.data if "data" in sections else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -20,10 +19,10 @@ from pydantic import (
 
 from kdcli import registry
 from kdcli.recipe.messages import did_you_mean, show, suggest
-from kdcli.recipe.paths import check_path_text, local_path, model_ref
+from kdcli.recipe.paths import check_path_text, default_output_dir, local_path, model_ref
 from kdcli.recipe.sources import ConfigStudent, DataSection, PretrainedModel, Student, Teacher
 from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
-from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_of, is_int, recipe_error
+from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_of, is_int, kind_of, recipe_error
 
 
 #: keys of a match's `proj[3]` (options of the projection's optimizer parameter group)
@@ -301,7 +300,7 @@ class Recipe(Section):
     @property
     def kind(self) -> Mode:
         """"distill" when the recipe has a distillation section, else "train"."""
-        return "distill" if self.distillation is not None else "train"
+        return kind_of({"distillation": self.distillation})
 
     @property
     def init_source(self) -> str | None:
@@ -319,7 +318,7 @@ def recipe_json_schema() -> dict:
 
 def apply_defaults(recipe: Recipe, ctx: RecipeContext) -> None:
     if recipe.training.output_dir is None:
-        recipe.training.output_dir = local_path(os.path.join("runs", ctx.stem), ctx.base)
+        recipe.training.output_dir = default_output_dir(ctx.base, ctx.stem)
     if isinstance(recipe.student, ConfigStudent) and recipe.student.config is None and recipe.teachers:
         recipe.student.config = recipe.teachers[0].model
         if recipe.student.revision is None:

@@ -9,10 +9,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 from pydantic_core import PydanticCustomError
 
+from kdcli.tasks import TASKS
 
-Task = Literal["sequence-classification", "token-classification"]
+
+Task = Literal[TASKS]  # type: ignore[valid-type]
 DataFormat = Literal["csv", "tsv", "json", "jsonl", "parquet"]
 Mode = Literal["distill", "train"]
+
+
+def kind_of(raw: Any) -> Mode | None:
+    """Which command a recipe (as written: parsed JSON) is for: "distill" when it has a
+    distillation section, else "train"; None when it is not a JSON object."""
+    if not isinstance(raw, dict):
+        return None
+    return "distill" if raw.get("distillation") is not None else "train"
 
 
 @dataclass(frozen=True)

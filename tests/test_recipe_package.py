@@ -1,0 +1,123 @@
+"""kdcli.recipe as a package: no import cycles in kdcli, modules of one job under the size
+limit, and the rules defined once (JSON sniffing, the command a recipe is for)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import kdcli
+from kdcli.recipe import find_producers, parse_temperature_scheduler
+from kdcli.recipe.discover import expand_paths, sniff_json
+from kdcli.recipe.validation import kind_of
+
+PACKAGE = Path(kdcli.__file__).parent
+#: the most lines a module of the recipe/check side may have
+MODULE_LINES_MAX = 450
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """kdcli module -> the kdcli modules it imports (at any depth of its code, lazily too)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph` (a package's `__init__` importing its own submodules, and a
+    submodule importing its package, do not count: Python resolves those)."""
+    def counts(a: str, b: str) -> bool:
+        return not (b.startswith(a + ".") or a.startswith(b + "."))
+
+    found, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if not counts(node, nxt):
+                continue
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+#: the recipe/check side (the engine side's modules are checked by their own tests)
+CHECK_SIDE = ("kdcli.recipe", "kdcli.modelinfo", "kdcli.registry", "kdcli.schedules", "kdcli.cli", "kdcli.errors",
+              "kdcli.safe_files", "kdcli.labels", "kdcli.vocab", "kdcli.tabular", "kdcli.tasks")
+
+
+def test_the_check_side_has_no_import_cycles() -> None:
+    assert [c for c in cycles(import_graph()) if any(m.startswith(CHECK_SIDE) for m in c)] == []
+
+
+def test_the_registry_imports_no_scheduler_or_recipe_module() -> None:
+    assert not {m for m in import_graph()["kdcli.registry"] if m.startswith(("kdcli.schedules", "kdcli.recipe"))}
+
+
+def test_recipe_and_modelinfo_modules_are_small() -> None:
+    for folder in ("recipe", "modelinfo"):
+        for path in (PACKAGE / folder).glob("*.py"):
+            lines = len(path.read_text(encoding="utf-8").splitlines())
+            assert lines <= MODULE_LINES_MAX, f"{path.name}: {lines} lines"
+
+
+def test_sniff_json_reads_recipes_as_read_recipe_does(tmp_path: Path) -> None:
+    """A byte-order mark is read as read_recipe reads it (UTF-8-sig) when looking at siblings."""
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"student": {"model": "x"}}).encode())
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+    (tmp_path / "latin.json").write_bytes(b'{"a": "\xe9"}')
+    assert sniff_json(tmp_path / "bom.json") == ("ok", {"student": {"model": "x"}})
+    assert sniff_json(tmp_path / "broken.json").status == "broken"
+    assert sniff_json(tmp_path / "latin.json").status == "unread"
+    assert sniff_json(tmp_path / "missing.json").status == "unread"
+    assert sniff_json(tmp_path).status == "irregular"
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_produces_its_output_folder(tmp_path: Path) -> None:
+    """Bug fixed: find_producers read siblings as plain UTF-8, so a recipe saved with a BOM
+    (which read_recipe accepts) produced nothing."""
+    recipe = {"student": {"model": "x"}, "data": {"train": "t.tsv"}, "training": {"output_dir": "out/model"}}
+    path = tmp_path / "teacher.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(recipe).encode())
+    assert find_producers([path]) == {str(tmp_path / "out" / "model"): [path]}
+    assert expand_paths([tmp_path]) == [path]
+
+
+def test_kind_of_is_the_one_distill_or_train_rule() -> None:
+    assert kind_of({"distillation": {}}) == "distill"
+    assert kind_of({"distillation": None, "teacher": {}}) == "train"
+    assert kind_of({}) == "train"
+    assert kind_of([1]) is None
+
+
+def test_temperature_scheduler_parsed_once_for_both_sides() -> None:
+    """kdcli.schedules builds its scheduler from the recipe side's parser."""
+    from kdcli import schedules
+
+    assert schedules.parse_temperature_scheduler is parse_temperature_scheduler
+    assert parse_temperature_scheduler("constant") == ["constant"]
+    assert parse_temperature_scheduler(["flsw", {"gamma": 2, "beta": 1}]) == ["flsw", 1, 2]
