@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 Feature = Literal["logits", "hidden", "attention"]
 
@@ -307,6 +307,31 @@ def loss_names(kind: str | None = None, *, aliases: bool = True) -> list[str]:
 def get_loss(name: str) -> LossSpec:
     """The spec for a loss name or alias; KeyError when unknown."""
     return _LOSS_BY_NAME[name]
+
+
+def feature_names(kind: str | None = None) -> list[str]:
+    """The features (in `Feature`'s order) that losses of `kind` ("kd", "match"; None: any) compare."""
+    return [f for f in get_args(Feature) if any(s.feature == f and kind in (None, s.kind) for s in LOSSES)]
+
+
+def loss_names_where(kind: str | None = "match", **facts) -> list[str]:
+    """Loss names and aliases whose spec has every given fact, e.g. `layers_per_side=2`."""
+    return [n for n in loss_names(kind) if all(getattr(get_loss(n), k) == v for k, v in facts.items())]
+
+
+def heads_free_variant(name: str) -> str | None:
+    """For an attention loss that compares head by head (`same_size="heads"`), the loss of the same
+    family that sums or averages over heads (attention_mse -> attention_mse_sum); else None."""
+    spec = get_loss(name)
+    if spec.same_size != "heads":
+        return None
+    family = [n for n in loss_names_where(feature=spec.feature, same_size=None) if n.startswith(spec.name + "_")]
+    return family[0] if family else None
+
+
+def spelled(names: list[str], last: str = "and") -> str:
+    """Names for a message: "fsp, gram, mmd and nst"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
 def projection_names() -> list[str]:

@@ -4,6 +4,7 @@ that the command never imports torch."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,40 @@ def test_real_process_stdout_is_pure_json(repo_root):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert {loss["feature"] for loss in doc["losses"]} == {"hidden"}
+
+
+def _readme_loss_rows(text: str) -> dict[str, tuple[list[str], str, int]]:
+    """README's loss table as written: name -> (aliases, feature, layers per side)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| name | aliases | feature | layers per side |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("| `"):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        aliases = [] if cells[1] == "-" else [a.strip(" `") for a in cells[1].split(",")]
+        rows[cells[0].strip("`")] = (aliases, cells[2], int(cells[3]))
+    return rows
+
+
+def _recipe_doc_names(text: str, key: str) -> dict[str, list[str]]:
+    """docs/recipe.md's row for `key` as written: `name` (= `alias`) -> aliases."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
+    listed = row.split(":", 1)[1].split("|")[0]
+    return {name: [alias] if alias else [] for name, alias in re.findall(r"`(\w+)`(?: \(= `(\w+)`\))?", listed)}
+
+
+def test_the_docs_loss_tables_match_list_losses(cli_runner):
+    """README's loss table and docs/recipe.md's loss names are the registry's, as
+    `kdcli list-losses --json` prints it: names, aliases, features, layers per side."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = _json(cli_runner)
+    want = {spec["name"]: (spec["aliases"], spec["feature"], spec["layers_per_side"]) for spec in doc["losses"]}
+    assert _readme_loss_rows((root / "README.md").read_text(encoding="utf-8")) == want
+    recipe_doc = (root / "docs" / "recipe.md").read_text(encoding="utf-8")
+    for key, kind in (("loss", "match"), ("kd_loss_type", "kd")):
+        assert _recipe_doc_names(recipe_doc, key) == {s["name"]: s["aliases"] for s in doc["losses"] if s["kind"] == kind}
+    features = next(line for line in recipe_doc.splitlines() if line.startswith("| `feature` |"))
+    assert [f for f in registry.feature_names("match") if f'"{f}"' in features] == registry.feature_names("match")

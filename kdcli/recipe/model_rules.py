@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdcli import registry
 from kdcli.modelinfo import (
     ConfigUnavailable,
     GENERIC_CONFIG_KEYS,
@@ -82,13 +83,13 @@ def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts |
                     Finding(
                         at + ("proj",),
                         f"{match.loss} needs equal hidden sizes, but the student's is {d_s} and the teacher's {d_t}",
-                        f'add "proj": {show(["linear", d_s, d_t])} (mmd/nst accept different sizes)',
+                        f'add "proj": {show(["linear", d_s, d_t])} ({"/".join(registry.loss_names_where(feature="hidden", same_size=None))} accept different sizes)',
                     )
                 )
         if spec.same_size == "heads" and student and teacher:
             h_s, h_t = student.num_attention_heads, teacher.num_attention_heads
             if h_s is not None and h_t is not None and h_s != h_t:
-                variant = {"attention_mse": "attention_mse_sum", "attention_ce": "attention_ce_mean"}.get(match.loss, "")
+                variant = registry.heads_free_variant(match.loss) or ""
                 out.append(
                     Finding(
                         at + ("loss",),

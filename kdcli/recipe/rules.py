@@ -33,7 +33,7 @@ def match_findings(raw: Any, at: JsonPath) -> list[Finding]:
         return out
     loss, feature = raw.get("loss"), raw.get("feature")
     spec = registry.get_loss(loss) if loss in registry.loss_names("match") else None
-    feature = feature if feature in ("hidden", "attention") else None
+    feature = feature if feature in registry.feature_names("match") else None
     if spec is not None and feature is not None and spec.feature != feature:
         out.append(
             Finding(
@@ -63,7 +63,7 @@ def match_findings(raw: Any, at: JsonPath) -> list[Finding]:
                 Finding(
                     at + (side,),
                     f"loss {loss} compares one layer per side, so {side} must be one integer, got {show(layer)}",
-                    f'write "{side}": {layer[0]} (lists of two are for fsp, gram, mmd and nst)',
+                    f'write "{side}": {layer[0]} (lists of two are for {registry.spelled(registry.loss_names_where(layers_per_side=2))})',
                 )
             )
         for i, number in enumerate(layer if isinstance(layer, list) else [layer]):

@@ -150,7 +150,7 @@ def _check_layer(value: Any) -> Any:
     if is_int(value) or (isinstance(value, list) and value and all(is_int(x) for x in value)):
         return value
     raise recipe_error(
-        f"a layer is an integer (or a list of two for fsp/gram/mmd/nst), got {show(value)}",
+        f"a layer is an integer (or a list of two for {'/'.join(registry.loss_names_where(layers_per_side=2))}), got {show(value)}",
         "write e.g. 4, or [8, 8] for a two-layer loss",
     )
 
@@ -163,7 +163,7 @@ class Match(Section):
 
     layer_T: Layer = Field(description="Teacher layer: hidden 0..L (0 = embeddings), attention 1..L.")
     layer_S: Layer = Field(description="Student layer, numbered as layer_T.")
-    feature: Literal["hidden", "attention"]
+    feature: Literal[tuple(registry.feature_names("match"))]  # type: ignore[valid-type]
     loss: str = Field(json_schema_extra={"enum": registry.loss_names("match")})
     weight: float = Field(ge=0, allow_inf_nan=False)
     proj: ProjField | None = None
