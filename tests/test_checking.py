@@ -646,3 +646,25 @@ def test_label_values_of_files_outside_the_repository_are_not_shown(real: Path) 
     assert "secret-name" not in found
     found = problems(write(real, real_recipe(train="data/names.tsv", eval=None)))["data.label_column"]
     assert "'secret-name'" in found  # inside the repository: the values help
+
+
+def test_attention_match_on_a_model_without_attention_capture(ws: Path) -> None:
+    """From config.json alone: an attention match on a model type kdcli cannot capture attention
+    scores of (kdcli.architectures) is refused at the match's feature, naming the fix."""
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "n_layer": 2, "n_embd": 32,
+            "n_head": 2, "vocab_size": 1000, "n_positions": 128, "pad_token_id": 0}
+    (ws / "gpt2").mkdir()
+    (ws / "gpt2" / "config.json").write_text(json.dumps(gpt2))
+    recipe = base_recipe()
+    recipe["student"] = {"model": "./gpt2"}
+    recipe["distillation"]["intermediate_matches"] = [
+        {"layer_T": [4, 4], "layer_S": [2, 2], "feature": "hidden", "loss": "mmd", "weight": 1},
+        {"layer_T": 4, "layer_S": 2, "feature": "attention", "loss": "attention_mse_sum", "weight": 1},
+    ]
+    found = problems(write(ws, recipe))
+    message = found["distillation.intermediate_matches[1].feature"]
+    assert "the student is a \"gpt2\" model (config.json model_type)" in message
+    assert "for bert, roberta" in message and '"feature": "hidden"' in message
+    assert not any("intermediate_matches[0]" in path for path in found)
+    recipe["distillation"]["intermediate_matches"].pop()
+    assert not any(path.endswith(".feature") for path in problems(write(ws, recipe)))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcli import registry
+from kdcli.architectures import ATTENTION_MODEL_TYPES, attention_capture_supported
 from kdcli.modelinfo import (
     ConfigUnavailable,
     GENERIC_CONFIG_KEYS,
@@ -49,6 +50,24 @@ def _layer_range(feature: str, layers: int) -> tuple[int, int, str]:
     return 1, layers, f"attention layers 1..{layers}"
 
 
+def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
+    """An attention match on a model whose config.json `model_type` kdcli cannot capture
+    attention scores of (`kdcli.architectures`), as the run would refuse it."""
+    out = []
+    for who, facts in (("teacher", teacher), ("student", student)):
+        if facts is not None and facts.model_type is not None and not attention_capture_supported(facts.model_type):
+            out.append(
+                Finding(
+                    at + ("feature",),
+                    f"the {who} is a {show(facts.model_type)} model (config.json model_type): kdcli computes attention "
+                    f"features for {', '.join(ATTENTION_MODEL_TYPES)} models only",
+                    'match hidden features instead ("feature": "hidden" with a hidden loss such as hidden_mse), '
+                    f"or use a {who} of one of those types",
+                )
+            )
+    return out
+
+
 def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
     """Layer numbers, projection sizes and head counts of the (index, match) pairs."""
     out: list[Finding] = []
@@ -70,6 +89,8 @@ def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts |
                             f"use a layer from {low} to {high}",
                         )
                     )
+        if match.feature == "attention":
+            out.extend(_attention_capture_findings(at, teacher, student))
         d_s = student.hidden_size if student else None
         d_t = teacher.hidden_size if teacher else None
         if match.feature == "hidden" and match.proj is not None:
