@@ -283,41 +283,39 @@ def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, see
         out.print(summary_table(summary, title=f"kdcli {mode}: {escape(printable(str(summary['output_dir'])))}"))
 
 
-@app.command("distill")
-def distill_command(
-    recipe: Path = _RECIPE_ARG,
-    output_dir: Optional[Path] = _OUTPUT_DIR,
-    max_steps: Optional[int] = _MAX_STEPS,
-    device: Optional[str] = _DEVICE,
-    seed: Optional[int] = _SEED,
-    resume: bool = _RESUME,
-    overwrite: bool = _OVERWRITE,
-    quiet: bool = _QUIET,
-    as_json: bool = _JSON,
-) -> None:
+def _recipe_command(mode: str, doc: str):
+    """The `kdcli distill` / `kdcli train` command: the same options, run in `mode`."""
+
+    def command(
+        recipe: Path = _RECIPE_ARG,
+        output_dir: Optional[Path] = _OUTPUT_DIR,
+        max_steps: Optional[int] = _MAX_STEPS,
+        device: Optional[str] = _DEVICE,
+        seed: Optional[int] = _SEED,
+        resume: bool = _RESUME,
+        overwrite: bool = _OVERWRITE,
+        quiet: bool = _QUIET,
+        as_json: bool = _JSON,
+    ) -> None:
+        _run_recipe(mode, recipe, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json)
+
+    command.__name__ = f"{mode}_command"
+    command.__doc__ = doc
+    return app.command(mode)(command)
+
+
+distill_command = _recipe_command(
+    "distill",
     """Distil the recipe's teacher(s) into its student; writes the student, metrics and checkpoints.
 
     Under `torchrun --nproc-per-node N -m kdcli distill RECIPE` it runs data-parallel.
     Exit codes: 0 done, 1 invalid recipe or failed run, 2 usage error, 130 interrupted
     (after writing a checkpoint that --resume continues from).
-    """
-    _run_recipe("distill", recipe, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json)
-
-
-@app.command("train")
-def train_command(
-    recipe: Path = _RECIPE_ARG,
-    output_dir: Optional[Path] = _OUTPUT_DIR,
-    max_steps: Optional[int] = _MAX_STEPS,
-    device: Optional[str] = _DEVICE,
-    seed: Optional[int] = _SEED,
-    resume: bool = _RESUME,
-    overwrite: bool = _OVERWRITE,
-    quiet: bool = _QUIET,
-    as_json: bool = _JSON,
-) -> None:
-    """Fine-tune the recipe's student on its labels (no teacher); same loop and outputs as distill."""
-    _run_recipe("train", recipe, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json)
+    """,
+)
+train_command = _recipe_command(
+    "train", """Fine-tune the recipe's student on its labels (no teacher); same loop and outputs as distill."""
+)
 
 
 def _json_requested(argv: list[str]) -> bool:

@@ -77,6 +77,27 @@ def best_effort(raw: dict, ctx: RecipeContext) -> tuple[Recipe, frozenset[str], 
     return view, frozenset(ok), matches
 
 
+def _recipe_text(path: str | Path, loaded: LoadedRecipe) -> str | None:
+    """The text of the recipe file, or None with the problem added to `loaded` (a file that is
+    not regular, over RECIPE_MAX_BYTES, or not UTF-8); UsageError when it cannot be read."""
+    try:
+        with open_regular(loaded.source) as f:
+            data = f.read(RECIPE_MAX_BYTES + 1)
+    except NotRegularFile as exc:
+        loaded.problems.append(Problem(loaded.display, "", f"not read: {exc}", "pass a recipe file (a regular JSON file)"))
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
+    if len(data) > RECIPE_MAX_BYTES:
+        loaded.problems.append(Problem(loaded.display, "", f"the file is over {RECIPE_MAX_BYTES >> 20} MiB; a recipe is a few KiB", "pass a recipe file"))
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        loaded.problems.append(Problem(loaded.display, "", f"the file is not UTF-8 text (byte {exc.start})", "save it as UTF-8"))
+        return None
+
+
 def read_recipe(path: str | Path, mode: Mode | None = None, producers: dict[str, list[Path]] | None = None) -> LoadedRecipe:
     """Read and validate one recipe file, collecting every problem (never raises RecipeError).
 
@@ -90,21 +111,8 @@ def read_recipe(path: str | Path, mode: Mode | None = None, producers: dict[str,
     if is_dir(source):
         raise UsageError(f"{path} is a folder; pass a recipe file (check-recipe also takes folders)")
     loaded = LoadedRecipe(source=source, display=display_name(source))
-    try:
-        with open_regular(source) as f:
-            data = f.read(RECIPE_MAX_BYTES + 1)
-    except NotRegularFile as exc:
-        loaded.problems.append(Problem(loaded.display, "", f"not read: {exc}", "pass a recipe file (a regular JSON file)"))
-        return loaded
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
-    if len(data) > RECIPE_MAX_BYTES:
-        loaded.problems.append(Problem(loaded.display, "", f"the file is over {RECIPE_MAX_BYTES >> 20} MiB; a recipe is a few KiB", "pass a recipe file"))
-        return loaded
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        loaded.problems.append(Problem(loaded.display, "", f"the file is not UTF-8 text (byte {exc.start})", "save it as UTF-8"))
+    text = _recipe_text(path, loaded)
+    if text is None:
         return loaded
     try:
         raw, positions = parse_json(text)

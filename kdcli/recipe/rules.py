@@ -8,7 +8,8 @@ from typing import Any
 from kdcli import registry
 from kdcli.recipe.messages import JsonPath, show
 from kdcli.recipe.schema import DistillationConfig, Recipe
-from kdcli.recipe.validation import Mode, is_int
+from kdcli.recipe.sources import DataSection
+from kdcli.recipe.validation import Mode, is_int, kind_of
 
 
 @dataclass(frozen=True)
@@ -40,44 +41,11 @@ def match_findings(raw: Any, at: JsonPath) -> list[Finding]:
                 at + ("feature",),
                 f"loss {loss} compares {spec.feature} features, but feature is {show(feature)}",
                 f'set "feature": "{spec.feature}", or pick a {feature} loss: '
-                + ", ".join(n for n in registry.loss_names("match") if registry.get_loss(n).feature == feature),
+                + ", ".join(registry.loss_names_where(feature=feature)),
             )
         )
     for side in ("layer_T", "layer_S"):
-        layer = raw.get(side)
-        well_formed = is_int(layer) or (isinstance(layer, list) and bool(layer) and all(is_int(x) for x in layer))
-        if not well_formed:
-            continue
-        if spec is not None and spec.layers_per_side == 2:
-            if not (isinstance(layer, list) and len(layer) == 2):
-                example = [layer, layer] if is_int(layer) else layer[:2] * (2 // len(layer[:2]))
-                out.append(
-                    Finding(
-                        at + (side,),
-                        f"loss {loss} compares two layers per side, so {side} must be a list of two layers, got {show(layer)}",
-                        f'write "{side}": {show(example)}',
-                    )
-                )
-        elif spec is not None and isinstance(layer, list):
-            out.append(
-                Finding(
-                    at + (side,),
-                    f"loss {loss} compares one layer per side, so {side} must be one integer, got {show(layer)}",
-                    f'write "{side}": {layer[0]} (lists of two are for {registry.spelled(registry.loss_names_where(layers_per_side=2))})',
-                )
-            )
-        for i, number in enumerate(layer if isinstance(layer, list) else [layer]):
-            where = at + (side, i) if isinstance(layer, list) else at + (side,)
-            if number < 0:
-                out.append(Finding(where, f"{side} {number} is negative", "layers are numbered from 0 (hidden) or 1 (attention)"))
-            elif number == 0 and feature == "attention":
-                out.append(
-                    Finding(
-                        where,
-                        f"{side} 0 is the embedding output, which has no attention; attention layers are 1..L",
-                        "use the block number, from 1 (first block) to the model's layer count",
-                    )
-                )
+        out.extend(_layer_findings(at, side, raw.get(side), loss, spec, feature))
     if raw.get("proj") is not None and feature == "attention":
         out.append(
             Finding(
@@ -86,6 +54,45 @@ def match_findings(raw: Any, at: JsonPath) -> list[Finding]:
                 "remove proj (attention maps have no hidden dimension)",
             )
         )
+    return out
+
+
+def _layer_findings(at: JsonPath, side: str, layer: Any, loss: str, spec: registry.LossSpec | None, feature: str | None) -> list[Finding]:
+    """One side's layer as written (`layer_T` or `layer_S` of the match at `at`, whose loss is
+    written `loss`): the loss's number of layers per side, and numbers no model has."""
+    out: list[Finding] = []
+    if not (is_int(layer) or (isinstance(layer, list) and bool(layer) and all(is_int(x) for x in layer))):
+        return out
+    if spec is not None and spec.layers_per_side == 2:
+        if not (isinstance(layer, list) and len(layer) == 2):
+            example = [layer, layer] if is_int(layer) else layer[:2] * (2 // len(layer[:2]))
+            out.append(
+                Finding(
+                    at + (side,),
+                    f"loss {loss} compares two layers per side, so {side} must be a list of two layers, got {show(layer)}",
+                    f'write "{side}": {show(example)}',
+                )
+            )
+    elif spec is not None and isinstance(layer, list):
+        out.append(
+            Finding(
+                at + (side,),
+                f"loss {loss} compares one layer per side, so {side} must be one integer, got {show(layer)}",
+                f'write "{side}": {layer[0]} (lists of two are for {registry.spelled(registry.loss_names_where(layers_per_side=2))})',
+            )
+        )
+    for i, number in enumerate(layer if isinstance(layer, list) else [layer]):
+        where = at + (side, i) if isinstance(layer, list) else at + (side,)
+        if number < 0:
+            out.append(Finding(where, f"{side} {number} is negative", "layers are numbered from 0 (hidden) or 1 (attention)"))
+        elif number == 0 and feature == "attention":
+            out.append(
+                Finding(
+                    where,
+                    f"{side} 0 is the embedding output, which has no attention; attention layers are 1..L",
+                    "use the block number, from 1 (first block) to the model's layer count",
+                )
+            )
     return out
 
 
@@ -133,12 +140,20 @@ def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[F
     return out
 
 
-def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mode | None) -> list[Finding]:
-    """Rules across sections, each run when the sections it needs are well-formed (`view` and
-    `sections` as in LoadedRecipe)."""
+def _teacher_list(raw: dict) -> list[tuple[JsonPath, Any]]:
+    """(path, teacher as written) of each teacher of a recipe: one object or a list."""
+    teachers = raw.get("teacher")
+    if isinstance(teachers, list):
+        return [(("teacher", i), t) for i, t in enumerate(teachers)]
+    return [(("teacher",), teachers)] if teachers is not None else []
+
+
+def command_findings(raw: dict, mode: Mode | None) -> list[Finding]:
+    """The recipe fits the command (`mode`; None to lint): a distill recipe has a teacher and a
+    distillation section, a train recipe neither, and a config-student has a config to start from."""
     out: list[Finding] = []
     has_teacher = raw.get("teacher") is not None
-    has_distillation = raw.get("distillation") is not None
+    has_distillation = kind_of(raw) == "distill"
     if mode == "distill" and not has_distillation:
         out.append(
             Finding(
@@ -183,22 +198,23 @@ def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mo
                 'add "config": "<hub id or folder>" (the model whose config.json the student starts from)',
             )
         )
-    teachers = raw.get("teacher")
-    teacher_list = teachers if isinstance(teachers, list) else [teachers] if teachers is not None else []
-    for i, teacher in enumerate(teacher_list):
-        path: JsonPath = ("teacher", i) if isinstance(teachers, list) else ("teacher",)
-        if isinstance(teacher, dict) and teacher.get("trust_remote_code") is True:
-            out.append(Finding(path + ("trust_remote_code",), "trust_remote_code runs Python code from the teacher's repository", "keep it only for repositories you trust", "warning"))
-    if isinstance(student, dict) and student.get("trust_remote_code") is True:
-        out.append(Finding(("student", "trust_remote_code"), "trust_remote_code runs Python code from the student's repository", "keep it only for repositories you trust", "warning"))
+    return out
 
-    if has_distillation:
-        if "distillation" in sections and view.distillation is not None:
-            out.extend(distillation_findings(view.distillation, len(teacher_list)))
-        if isinstance(raw["distillation"], dict):
-            out.extend(_raw_match_findings(raw["distillation"].get("intermediate_matches")))
-    data = view.data if "data" in sections else None
-    if raw.get("task") == "token-classification" and data is not None:
+
+def trust_findings(raw: dict) -> list[Finding]:
+    """A warning for each model whose repository code would run (trust_remote_code)."""
+    models = [(path, "teacher", teacher) for path, teacher in _teacher_list(raw)] + [(("student",), "student", raw.get("student"))]
+    return [
+        Finding(path + ("trust_remote_code",), f"trust_remote_code runs Python code from the {role}'s repository", "keep it only for repositories you trust", "warning")
+        for path, role, model in models
+        if isinstance(model, dict) and model.get("trust_remote_code") is True
+    ]
+
+
+def task_findings(raw: dict, data: DataSection) -> list[Finding]:
+    """Data that a token-classification recipe cannot read: csv/tsv files, sentence pairs."""
+    out: list[Finding] = []
+    if raw.get("task") == "token-classification":
         for name, source in (("train", data.train), ("eval", data.eval)):
             if source is not None and source.format in ("csv", "tsv"):
                 out.append(
@@ -210,4 +226,18 @@ def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mo
                 )
         if data.text_pair_column is not None:
             out.append(Finding(("data", "text_pair_column"), "token-classification takes one list of words per record, not sentence pairs", "remove text_pair_column"))
+    return out
+
+
+def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mode | None) -> list[Finding]:
+    """Rules across sections, each run when the sections it needs are well-formed (`view` and
+    `sections` as in LoadedRecipe)."""
+    out = command_findings(raw, mode) + trust_findings(raw)
+    if kind_of(raw) == "distill":
+        if "distillation" in sections and view.distillation is not None:
+            out.extend(distillation_findings(view.distillation, len(_teacher_list(raw))))
+        if isinstance(raw["distillation"], dict):
+            out.extend(_raw_match_findings(raw["distillation"].get("intermediate_matches")))
+    if "data" in sections:
+        out.extend(task_findings(raw, view.data))
     return out
