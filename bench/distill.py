@@ -488,12 +488,12 @@ def disable_sources(names: list[str]) -> None:
 
         auto.from_pretrained = classmethod(from_pretrained)
     if "fused_adamw" in names:
-        from kdcli import distill
+        from kdcli.engine import setup
 
         def make_optimizer(groups, training):
             return torch.optim.AdamW(groups, lr=training.learning_rate, weight_decay=training.weight_decay)
 
-        distill.make_optimizer = make_optimizer
+        setup.make_optimizer = make_optimizer
     if "kdcli_losses" in names:
         import textbrewer.losses as reference
         from kdcli import losses

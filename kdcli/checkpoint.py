@@ -145,10 +145,6 @@ def atomic_write_json(path: Path, doc: Any) -> Path:
     return atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     from safetensors.torch import save_file
 

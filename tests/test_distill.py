@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import kdcli
 from kdcli import distill, outdir
+from kdcli.engine import devices, optim, teachers
 from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError
 from kdcli.recipe import load_recipe
 from tiny import REPO, deny_writes, hold_output_lock, make_tiny_bert, make_tiny_config, write_sst2_sample, write_tiny_ner
@@ -331,22 +332,28 @@ def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
 
 
 def test_device_and_precision_resolution():
-    procs = distill.Processes()
-    assert distill.resolve_device("cpu", procs).type == "cpu"
+    procs = devices.Processes()
+    assert devices.resolve_device("cpu", procs).type == "cpu"
     if not torch.cuda.is_available():
-        assert distill.resolve_device("auto", procs).type in ("cpu", "mps")
+        assert devices.resolve_device("auto", procs).type in ("cpu", "mps")
         with pytest.raises(UsageError, match="no CUDA GPU"):
-            distill.resolve_device("cuda", procs)
+            devices.resolve_device("cuda", procs)
     cpu = torch.device("cpu")
-    assert distill.resolve_precision("auto", cpu) == "fp32"
-    assert distill.resolve_precision("bf16", cpu) == "bf16"
+    assert devices.resolve_precision("auto", cpu) == "fp32"
+    assert devices.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
-        distill.resolve_precision("fp16", cpu)
+        devices.resolve_precision("fp16", cpu)
 
 
 def test_learning_rate_warms_up_then_decays():
-    factor = distill.linear_warmup_decay(10, 2)
-    assert [round(factor(s), 3) for s in range(11)] == [0, 0.5, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = optim.make_scheduler(optimizer, 10, 2)
+    lrs = []
+    for _ in range(11):
+        lrs.append(round(optimizer.param_groups[0]["lr"], 3))
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [0, 0.5, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0]
 
 
 def test_no_weight_decay_on_biases_and_layernorm(world):
@@ -356,7 +363,7 @@ def test_no_weight_decay_on_biases_and_layernorm(world):
 
     student = load_model(str(world / "student"), "sequence-classification").model
     objective = Objective(DistillationConfig.model_validate({"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]}))
-    groups = distill.param_groups(student, objective, 0.01)
+    groups = optim.param_groups(student, objective, 0.01)
     names = {id(p): n for n, p in student.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}
     plain = {names[id(p)] for p in groups[1]["params"]}
@@ -395,7 +402,7 @@ def test_sigint_to_a_subprocess_leaves_a_resumable_checkpoint(world):
 def test_teacher_logit_cache_round_trips_token_logits_across_paddings():
     from kdcli.features import Features
 
-    cache = distill.TeacherLogitCache()
+    cache = teachers.TeacherLogitCache()
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     logits = torch.randn(2, 4, 3)  # one teacher, (B, L, C)
     batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask}

@@ -1,0 +1,219 @@
+"""What a run writes and reports: the first write into its folder, step logs, evaluations,
+checkpoints, and at the end the student, the projections and summary.json."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdcli import checkpoint as ckpt
+from kdcli import data as kdata
+from kdcli import report
+from kdcli.engine.devices import autocast
+from kdcli.engine.recipe_facts import recipe_sha256
+from kdcli.engine.setup import RunState, to_cpu
+from kdcli.engine.teachers import logits_fn
+from kdcli.errors import NonFiniteLossError, RunError
+
+PROJECTIONS_FILE = "projections.safetensors"
+#: Files and folders a run writes into its output folder (besides the model's own files):
+#: their leftover temporary files are cleaned when the folder is opened.
+RUN_FILES = ("metrics.jsonl", "summary.json", "recipe.json", PROJECTIONS_FILE, "tensorboard", ckpt.CHECKPOINTS)
+
+
+def begin_outputs(run: RunState) -> None:
+    """Rank 0's first write: only now is a replaced run cleared; then the logs and recipe.json."""
+    if not run.main:
+        return
+    recipe, out = run.recipe, run.out
+    run.folder.begin({"recipe_sha256": recipe_sha256(recipe), "mode": run.mode})
+    run.metrics = report.MetricsLog(out / "metrics.jsonl", resume_step=run.position.step if run.resume_from else None)
+    run.tb = report.TensorBoard(out / "tensorboard")
+    if recipe.source is not None:
+        ckpt.atomic_write_text(out / "recipe.json", Path(recipe.source).read_text(encoding="utf-8"))
+    else:
+        ckpt.atomic_write_text(out / "recipe.json", recipe.model_dump_json(indent=2, by_alias=True))
+
+
+def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Throughput) -> None:
+    """The step's terms averaged over ranks: progress line, metrics.jsonl and TensorBoard."""
+    step, total_steps = run.position.step, run.total_steps
+    names = list(terms)
+    values = torch.stack([terms[n] for n in names])
+    if run.procs.distributed:
+        torch.distributed.all_reduce(values)
+        values /= run.procs.world_size
+    numbers = dict(zip(names, values.tolist()))
+    rate, eta = throughput.read(step, total_steps)
+    info = report.StepInfo(
+        step=step, total_steps=total_steps, epoch=run.position.samples_seen / max(1, len(run.train_set)),
+        loss=numbers.pop("loss"), terms=numbers, lr=run.scheduler.get_last_lr()[0],
+        samples_per_s=rate, eta_s=eta, weights=run.objective.weights(step / total_steps),
+    )
+    if run.main:
+        run.console.progress.show(info)
+        record = info.record()
+        run.metrics.write(record)
+        run.tb.add(step, record)
+    run.last_log = info.record()
+
+
+def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) -> dict[str, float]:
+    """The task's metrics (accuracy; micro F1 over non-O tags for token classification) of
+    `logits_of` on the eval split."""
+    predictions: list[int] = []
+    gold: list[int] = []
+    dataset, device = run.eval_set, run.device
+    with torch.inference_mode(), autocast(device, run.precision):
+        for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
+            batch = {k: v.to(device) for k, v in run.collator.batch(dataset, indices).items()}
+            logits = logits_of(batch)
+            predictions += logits.argmax(dim=-1).reshape(-1).tolist()
+            gold += batch["labels"].reshape(-1).tolist()
+    return run.task.metrics(predictions, gold, run.data.labels)
+
+
+def evaluate_teachers(run: RunState) -> None:
+    """The teachers' eval metrics, once, before training (rank 0)."""
+    if run.main and run.eval_set is not None and run.teachers:
+        run.teacher_eval = evaluate(logits_fn(run.teachers), run)
+        run.console.say("teacher eval: " + _metrics_line(run.teacher_eval))
+
+
+def evaluate_student(run: RunState) -> None:
+    """The student's eval metrics on rank 0, logged (train mode restored); every rank waits."""
+    if run.main:
+        student = run.student
+        was_training = student.training
+        student.eval()
+        try:
+            run.last_eval = evaluate(logits_fn([student]), run)
+        finally:
+            student.train(was_training)
+        step = run.position.step
+        record = {"step": step, **{f"eval/{k}": v for k, v in run.last_eval.items()}}
+        run.metrics.write(record)
+        run.tb.add(step, record)
+        run.console.say(f"step {step} eval: " + _metrics_line(run.last_eval))
+
+
+def save_checkpoint(run: RunState) -> None:
+    """A checkpoint at the current step boundary (every rank joins: RNG states are gathered)."""
+    pos = run.position
+    if not (_all_finite(run.student) and _all_finite(run.objective)):
+        raise NonFiniteLossError(
+            f"the student's weights became non-finite by step {pos.step}; no checkpoint was "
+            f"written (the last good one stays in {run.out / ckpt.CHECKPOINTS}). Fix: lower "
+            "training.learning_rate or use fp32/bf16"
+        )
+    rng = ckpt.capture_rng()
+    if run.procs.distributed:
+        rng_all: list = [None] * run.procs.world_size
+        torch.distributed.all_gather_object(rng_all, to_cpu(rng))
+    else:
+        rng_all = [rng]
+    path = None
+    if run.main:
+        with disk_full_keeps(run):
+            path = ckpt.save_checkpoint(run.out, ckpt.Checkpoint(
+                position=pos, student=run.student.state_dict(), objective=run.objective.state_dict(),
+                optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None, rng={"ranks": rng_all},
+            ))
+    run.procs.barrier()
+    run.last_saved = path
+
+
+@contextmanager
+def disk_full_keeps(run: RunState):
+    """A full disk: one message naming the space needed, what is kept and how to go on."""
+    try:
+        yield
+    except ckpt.DiskFullError as exc:
+        need = ckpt.format_bytes(exc.needed)
+        if run.last_saved is not None:
+            raise RunError(
+                f"{exc}; the last good checkpoint {run.last_saved} is kept. Fix: make at least "
+                f"{need} free on that disk, then continue with `{run.command}`"
+            ) from None
+        raise RunError(
+            f"{exc}; no checkpoint had been written yet. Fix: make at least {need} free on that "
+            "disk, or choose an --output-dir on another one, and start again with --overwrite"
+        ) from None
+
+
+def save_final(run: RunState) -> None:
+    """The last evaluation and checkpoint, then (rank 0) the student with its tokenizer and
+    the projections."""
+    if run.eval_set is not None:
+        evaluate_student(run)
+    save_checkpoint(run)
+    if run.main:
+        out, objective = run.out, run.objective
+        with disk_full_keeps(run):
+            with ckpt.disk_full_as_error("the student model", out, ckpt.nbytes(run.student.state_dict())):
+                ckpt.atomic_save_pretrained_files(run.student, run.tokenizer, out)
+            if len(objective.projections):
+                with ckpt.disk_full_as_error(PROJECTIONS_FILE, out, ckpt.nbytes(objective.state_dict())):
+                    ckpt.atomic_save_safetensors(objective.state_dict(), out / PROJECTIONS_FILE)
+
+
+def write_summary(run: RunState, *, start_step: int, train_time: float, wall_start: float) -> dict:
+    """summary.json (rank 0) and the summary `run()` returns."""
+    recipe, position, train_set, last_log = run.recipe, run.position, run.train_set, run.last_log
+    summary = {
+        "mode": run.mode,
+        "recipe": str(recipe.source) if recipe.source else None,
+        "output_dir": str(run.out),
+        "task": recipe.task,
+        "device": str(run.device),
+        "precision": run.precision,
+        "processes": run.procs.world_size,
+        "steps": position.step,
+        "total_steps": run.total_steps,
+        "epochs": round(position.samples_seen / max(1, len(train_set)), 4),
+        "train_examples": len(train_set),
+        "resumed_from_step": start_step if run.resume_from is not None else None,
+        "final_loss": last_log["loss"] if last_log else None,
+        "final_terms": {k[len("loss/"):]: v for k, v in (last_log or {}).items() if k.startswith("loss/")},
+        "eval": run.last_eval,
+        "teacher_eval": run.teacher_eval,
+        "student_parameters": sum(p.numel() for p in run.student.parameters()),
+        "train_time_s": round(train_time, 3),
+        "wall_time_s": round(time.perf_counter() - wall_start, 3),
+        "samples_per_s": round(run.samples_this_session / train_time, 3) if train_time > 0 and position.step > start_step else None,
+        "peak_memory_mb": round(report.peak_memory_mb(run.device.type), 1),
+        "checkpoint": str(run.last_saved) if run.last_saved else None,
+        "teacher_cache_rows": len(run.cache) if run.cache is not None else None,
+        "warnings": run.console.warnings,
+    }
+    if run.main:
+        out = run.out
+        with disk_full_keeps(run), ckpt.disk_full_as_error("summary.json", out, 1 << 16):
+            ckpt.atomic_write_json(out / "summary.json", summary)
+            summary["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+            ckpt.atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def close_all(run: RunState | None, *, progress: bool = True) -> None:
+    """Close the progress bar, the logs and the feature hooks (what exists of them)."""
+    if run is None:
+        return
+    things = ([run.console.progress] if progress else []) + [run.metrics, run.tb, *run.closers]
+    for thing in things:
+        if thing is not None:
+            thing.close()
+
+
+def _all_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _metrics_line(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

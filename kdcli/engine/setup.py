@@ -1,0 +1,269 @@
+"""Everything a run builds before its first step, in order, returned as one `RunState`:
+seed, device, precision, tokenizer, data, models, objective, feature captures, the logit
+cache, the optimizer and schedule, and the position a resumed run continues from."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdcli import checkpoint as ckpt
+from kdcli import data as kdata
+from kdcli import models as kmodels
+from kdcli import outdir, report
+from kdcli.engine.devices import Processes, resolve_device, resolve_precision, seed_everything
+from kdcli.engine.loading import load_models, tokenizer_ref
+from kdcli.engine.optim import follow_learning_rates, make_optimizer, make_scheduler, param_groups
+from kdcli.engine.recipe_facts import Mode, resume_command
+from kdcli.engine.teachers import StudentStep, TeacherLogitCache
+from kdcli.errors import RunError, UsageError
+from kdcli.features import FeatureCapture
+from kdcli.objective import Objective
+from kdcli.tasks import task_for
+
+
+class Console:
+    """Lines on stderr from rank 0: progress and log lines (not under --quiet) and warnings
+    (always; they are kept for the summary). Above the progress bar once it runs."""
+
+    def __init__(self, main: bool, quiet: bool) -> None:
+        self.main, self.quiet = main, quiet
+        self.warnings: list[str] = []
+        self.progress: report.Progress | None = None
+
+    def say(self, text: str, *, even_if_quiet: bool = False) -> None:
+        if self.main and (even_if_quiet or not self.quiet):
+            if self.progress is not None:
+                self.progress.message(text)
+            else:
+                print(text, file=sys.stderr, flush=True)
+
+    def warn(self, text: str) -> None:
+        """A warning: on stderr even under --quiet (which silences progress and log lines,
+        not what the user must know, such as code that trust_remote_code will run)."""
+        self.warnings.append(text)
+        self.say(text, even_if_quiet=True)
+
+
+@dataclass
+class RunState:
+    """One run's pieces and where it stands; the loop and its helpers read and update it."""
+
+    recipe: object
+    mode: Mode
+    procs: Processes
+    folder: outdir.RunFolder
+    console: Console
+    seed: int
+    device: torch.device
+    precision: str
+    tokenizer: object
+    tokenizer_ref: str
+    task: object  # a kdcli.tasks.base.Task
+    data: kdata.TaskData
+    collator: kdata.Collator
+    teachers: list[nn.Module]
+    student: nn.Module
+    objective: Objective
+    capture_S: FeatureCapture
+    captures_T: list[FeatureCapture]
+    cache: TeacherLogitCache | None
+    step_module: nn.Module
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    total_steps: int
+    command: str
+    position: ckpt.Position
+    resume_from: Path | None
+    last_saved: Path | None = None
+    last_log: dict | None = None
+    last_eval: dict | None = None
+    teacher_eval: dict | None = None
+    metrics: report.MetricsLog | None = None
+    tb: report.TensorBoard | None = None
+    samples_this_session: int = 0
+    closers: list = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return self.folder.path
+
+    @property
+    def main(self) -> bool:
+        return self.procs.is_main
+
+    @property
+    def training(self):
+        return self.recipe.training
+
+    @property
+    def train_set(self):
+        return self.data.train
+
+    @property
+    def eval_set(self):
+        return self.data.eval
+
+
+def setup(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, *, max_steps, device_name, seed, quiet) -> RunState:
+    training, main = recipe.training, procs.is_main
+    console = Console(main, quiet)
+    if main and not folder.locked:
+        console.warn(f"warning: cannot lock {folder.path} (its file system has no file locks); make sure no other run writes there")
+    run_seed = training.seed if seed is None else seed
+    seed_everything(run_seed)
+    device = resolve_device(device_name or training.device, procs)
+    precision = resolve_precision(training.precision, device)
+
+    # tokenizer and data (rank 0 tokenises first; the others read datasets' cache)
+    ref, revision, trust = tokenizer_ref(recipe)
+    tokenizer = kmodels.load_tokenizer(ref, revision=revision, trust_remote_code=trust, warn=console.warn)
+    if not main:
+        procs.barrier()
+    task_data = _quietly(kdata.prepare_from_recipe, recipe, tokenizer)
+    if main:
+        procs.barrier()
+
+    # models, objective, captures
+    task = task_for(recipe.task)
+    teachers, student = load_models(recipe, mode, task_data.labels, console.warn)
+    kmodels.check_vocabularies(  # every model reads the tokenizer's ids as its own tokens
+        tokenizer, ref,
+        [("teacher", t.model, m) for t, m in zip(recipe.teachers, teachers)]
+        + [("student", getattr(recipe.student, "model", None), student)],
+    )
+    objective = Objective(
+        recipe.distillation if mode == "distill" else None,
+        hidden_S=kmodels.model_dims(student).hidden_size,
+        hidden_T=kmodels.model_dims(teachers[0]).hidden_size if teachers else None,
+        task=task,
+    )
+    teachers = [t.to(device) for t in teachers]
+    student.to(device).train()
+    objective.to(device)
+    capture_S = FeatureCapture(student, objective.hidden_layers("S"), objective.attention_layers("S"), role="student")
+    captures_T = [
+        FeatureCapture(t, objective.hidden_layers("T") if i == 0 else (), objective.attention_layers("T") if i == 0 else (),
+                       role=f"teacher {i + 1}" if len(teachers) > 1 else "teacher")
+        for i, t in enumerate(teachers)
+    ]
+    cache = _logit_cache(recipe, mode, objective, task, console)
+    step_module: nn.Module = StudentStep(student, objective, capture_S)
+    if procs.distributed:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+        )
+    # different dropout masks per rank, the same model everywhere (DDP broadcast rank 0's)
+    torch.manual_seed(run_seed + procs.rank)
+
+    # steps, optimizer, learning rate
+    bs, accum = training.batch_size, training.gradient_accumulation_steps
+    batches_per_epoch = len(kdata.train_batches(task_data.train_lengths, bs, run_seed, 0, False, procs.rank, procs.world_size))
+    total_steps = max_steps or training.num_steps or training.num_epochs * math.ceil(batches_per_epoch / accum)
+    optimizer = make_optimizer(param_groups(student, objective, training.weight_decay), training)
+    run = RunState(
+        recipe=recipe, mode=mode, procs=procs, folder=folder, console=console, seed=run_seed, device=device,
+        precision=precision, tokenizer=tokenizer, tokenizer_ref=ref, task=task, data=task_data,
+        collator=kdata.Collator.for_tokenizer(tokenizer), teachers=teachers, student=student, objective=objective,
+        capture_S=capture_S, captures_T=captures_T, cache=cache, step_module=step_module,
+        trainable=[p for p in step_module.parameters() if p.requires_grad], optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, total_steps, math.ceil(training.warmup_ratio * total_steps)),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), total_steps=total_steps,
+        command=resume_command(mode, recipe, folder.path, procs, max_steps=max_steps, device=device_name, seed=seed),
+        position=ckpt.Position(step=0, epoch=0, batch_in_epoch=0, samples_seen=0),
+        resume_from=folder.latest, last_saved=folder.latest, closers=[capture_S, *captures_T],
+    )
+    if run.resume_from is not None:
+        resume(run)
+    return run
+
+
+def _logit_cache(recipe, mode: Mode, objective: Objective, task, console: Console) -> TeacherLogitCache | None:
+    """The teacher-logit cache when the recipe asks for it. A recipe file cannot ask for it
+    together with intermediate matches (`load_recipe` refuses that); a Recipe built in code
+    that does runs without the cache, with a warning."""
+    if mode != "distill" or not recipe.distillation.is_caching_logits:
+        return None
+    if objective.matches:
+        console.warn(
+            "warning: is_caching_logits is off for this run: the intermediate matches need the "
+            "teacher's features on every step, so caching its logits would save nothing"
+        )
+        return None
+    return TeacherLogitCache(task)
+
+
+def resume(run: RunState) -> None:
+    """Load the latest checkpoint into the run's models, optimizer, schedule, scaler and RNGs.
+    With another learning rate than the checkpoint's run, the schedule continues at the new one."""
+    resume_from, procs = run.resume_from, run.procs
+    recipe_lrs = list(run.scheduler.base_lrs)  # this recipe's rates, before the checkpoint's
+    try:
+        state = ckpt.load_checkpoint(resume_from, map_location=run.device)
+    except Exception as exc:  # unpickling refused (weights_only), truncated file, ...
+        raise RunError(
+            f"cannot read the checkpoint {resume_from} ({type(exc).__name__}: {first_line(exc)}). "
+            "Fix: delete that folder to resume from the one before, or start again with --overwrite"
+        ) from None
+    try:
+        run.student.load_state_dict(state.student)
+        run.objective.load_state_dict(state.objective)
+        run.optimizer.load_state_dict(state.optimizer)
+        run.scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            run.scaler.load_state_dict(state.scaler)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise UsageError(
+            f"the checkpoint {resume_from} does not fit this recipe's models or matches "
+            f"({first_line(exc)}). Fix: resume with the recipe that started the run, or pass "
+            "--overwrite to start again"
+        ) from None
+    if list(run.scheduler.base_lrs) != recipe_lrs:
+        run.console.warn(
+            f"warning: resuming with learning_rate {recipe_lrs[0]:g} (the checkpoint's run used "
+            f"{run.scheduler.base_lrs[0]:g}): the schedule continues from step {state.position.step} at the new rate"
+        )
+        follow_learning_rates(run.optimizer, run.scheduler, recipe_lrs)
+    ranks = state.rng.get("ranks", [state.rng])
+    if len(ranks) == procs.world_size:
+        ckpt.restore_rng(to_cpu(ranks[procs.rank]))
+    else:
+        run.console.warn(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {procs.world_size}; the data order is kept, dropout draws differ")
+    run.position = state.position
+    run.console.say(f"resuming from {resume_from} (step {run.position.step} of {run.total_steps})")
+
+
+def _quietly(fn, *args):
+    """Call `fn` with datasets' own progress bars off (kdcli shows its own progress)."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return fn(*args)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def to_cpu(state):
+    """RNG states with every tensor on the CPU (for gathering and for torch.set_rng_state)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

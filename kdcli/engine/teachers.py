@@ -1,0 +1,95 @@
+"""The teachers' side of a step (their features, or the cached logits) and the student's
+forward with the objective as one module."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdcli.features import FeatureCapture, Features, model_inputs
+from kdcli.objective import Objective
+
+
+class StudentStep(nn.Module):
+    """The student's forward and the objective as one module, so that DistributedDataParallel
+    wraps the student and the projections together (one gradient reduction per step)."""
+
+    def __init__(self, student: nn.Module, objective: Objective, capture: FeatureCapture):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self._capture = capture
+
+    def forward(self, batch: dict[str, Tensor], feats_T: list[Features], step_fraction: float):
+        feats_S = self._capture.run(batch)
+        return self.objective(step_fraction, feats_S, feats_T, batch.get("labels"))
+
+
+class TeacherLogitCache:
+    """Teacher logits per training row (CPU, float32), keyed by the row's index.
+
+    The task decides a row's shape (`Task.cache_row` / `cache_batch`): sequence classification
+    stores (n_teachers, C) per row; token classification (n_teachers, length, C) for the row's
+    real tokens, re-padded per batch (padded positions carry label -100 and are never read)."""
+
+    def __init__(self, task=None) -> None:
+        from kdcli.tasks import task_for
+
+        self._task = task
+        self._task_for = task_for
+        self._rows: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _task_of(self, row: Tensor):
+        if self._task is not None:
+            return self._task
+        return self._task_for("sequence-classification" if row.dim() == 2 else "token-classification")
+
+    def lookup(self, indices: Sequence[int], batch: dict[str, Tensor], device) -> list[Features] | None:
+        if any(i not in self._rows for i in indices):
+            return None
+        rows = [self._rows[i] for i in indices]
+        logits = self._task_of(rows[0]).cache_batch(rows, batch["input_ids"].size(1))  # (n_teachers, B, ...)
+        logits = logits.to(device, non_blocking=True)
+        return [Features(logits=logits[t], mask=batch["attention_mask"]) for t in range(logits.size(0))]
+
+    def store(self, indices: Sequence[int], feats_T: list[Features], batch: dict[str, Tensor]) -> None:
+        stacked = torch.stack([f.logits.detach().float() for f in feats_T]).cpu()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        task = self._task_of(stacked[:, 0])
+        for b, i in enumerate(indices):
+            self._rows[i] = task.cache_row(stacked[:, b], int(lengths[b])).clone()
+
+
+def teacher_features(
+    captures: Sequence[FeatureCapture], cache: TeacherLogitCache | None, indices: list[int], batch: dict[str, Tensor], device
+) -> list[Features]:
+    """Each teacher's features for a batch: from the logit cache when every row is in it,
+    else a forward pass of each teacher (whose logits the cache then keeps)."""
+    if cache is not None:
+        found = cache.lookup(indices, batch, device)
+        if found is not None:
+            return found
+    feats = [c.run_teacher(batch) for c in captures]
+    if cache is not None:
+        cache.store(indices, feats, batch)
+    return feats
+
+
+def logits_fn(models: Sequence[nn.Module]) -> Callable[[dict[str, Tensor]], Tensor]:
+    """Logits of one model, or the mean of several (multi-teacher), in eval mode."""
+
+    def logits_of(batch: dict[str, Tensor]) -> Tensor:
+        outs = []
+        for m in models:
+            was_training = m.training
+            m.eval()
+            outs.append(m(**model_inputs(m, batch)).logits.float())
+            m.train(was_training)
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+    return logits_of
