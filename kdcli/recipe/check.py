@@ -12,9 +12,9 @@ from kdcli.recipe.discover import expand_paths, find_producers
 from kdcli.recipe.load import read_recipe
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import show
-from kdcli.recipe.model_rules import model_findings, resolve_models, unchecked_rules
+from kdcli.recipe.model_rules import model_findings, unchecked_rules
 from kdcli.recipe.report import CheckReport, FileReport
-from kdcli.recipe.resolve import Resolver
+from kdcli.recipe.resolve import Resolver, resolve_models
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.validation import Mode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from kdcli import registry
@@ -22,26 +21,14 @@ from kdcli.modelinfo import (
 from kdcli.recipe.data_rules import values_shown
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show, suggest
-from kdcli.recipe.resolve import Resolved, Resolver
+from kdcli.recipe.resolve import Models, Resolver, student_ref_path, teacher_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Match, Recipe
-from kdcli.recipe.sources import ConfigStudent, PretrainedModel
+from kdcli.recipe.sources import ConfigStudent
 from kdcli.vocab import VOCAB_FIX, read_vocab, vocabulary_problem
 
 
 _HEADLESS_FIX = "fine-tune the teacher on the task first (kdcli train), or point teacher.model at a fine-tuned model"
-
-
-def teacher_path(recipe: Recipe, i: int) -> JsonPath:
-    return ("teacher", i) if isinstance(recipe.teacher, list) else ("teacher",)
-
-
-def student_ref_path(recipe: Recipe, loaded: LoadedRecipe) -> JsonPath:
-    if isinstance(recipe.student, PretrainedModel):
-        return ("student", "model")
-    if loaded.written(("student", "config")) is not None:
-        return ("student", "config")
-    return ("student",)
 
 
 def _layer_range(feature: str, layers: int) -> tuple[int, int, str]:
@@ -275,64 +262,86 @@ def vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> tupl
     return out, all_compared
 
 
+def _shared_vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list[Finding]:
+    """Without readable tokenizer files: teacher and student have one vocabulary size when
+    intermediate matches or token-level logits compare positions."""
+    out: list[Finding] = []
+    s = models.student.facts
+    has_matches = bool(loaded.matches)
+    if not (has_matches or recipe.task == "token-classification") or s is None or s.vocab_size is None:
+        return out
+    for t in models.teachers:
+        if t.facts is not None and t.facts.vocab_size is not None and t.facts.vocab_size != s.vocab_size:
+            why = "intermediate matches compare token positions" if has_matches else "token-level logits are compared position by position"
+            out.append(
+                Finding(
+                    student_ref_path(recipe, loaded),
+                    f"the teacher's vocabulary has {t.facts.vocab_size} tokens and the student's {s.vocab_size}: {why}, which needs one shared tokenizer",
+                    "use a student with the teacher's tokenizer (same vocab_size)",
+                )
+            )
+    return out
+
+
+def _max_length_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list[Finding]:
+    """data.max_length fits the position embeddings of every model (the first that is short)."""
+    if "data" not in loaded.sections:
+        return []
+    for role, facts in [("teacher", r.facts) for r in models.teachers] + [("student", models.student.facts)]:
+        limit = facts.max_position_embeddings if facts else None
+        if limit is not None and recipe.data.max_length > limit:
+            return [Finding(("data", "max_length"), f"max_length {recipe.data.max_length} exceeds the {role}'s {limit} position embeddings", f"use max_length <= {limit}")]
+    return []
+
+
+def _teacher_head_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolver: Resolver) -> list[Finding]:
+    """When the KD loss reads the teachers' logits: each teacher has a head for the task, with
+    as many classes as the data has labels (counted as the run counts them)."""
+    out: list[Finding] = []
+    kd = recipe.distillation
+    uses_logits = kd is not None and (kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none")
+    if not uses_logits or "data" not in loaded.sections:
+        return out
+    scan = resolver.labels(recipe.data)
+    data_labels = scan.labels
+    for i, t in enumerate(models.teachers):
+        facts = t.facts
+        if facts is None:
+            continue
+        path = teacher_path(recipe, i) + ("model",)
+        if facts.head not in (None, recipe.task):
+            kind = "no classification head" if facts.head == "" else f"a {facts.head} head"
+            out.append(Finding(path, f"the teacher has {kind} for {recipe.task} (config: {facts.source}); its logits would come from a randomly initialised head", _HEADLESS_FIX, "warning"))
+        elif facts.head == recipe.task and facts.num_labels is not None and data_labels is not None:
+            n_data = data_labels.num_labels
+            if n_data > facts.num_labels or (scan.complete and n_data != facts.num_labels):
+                also = ", counting data.eval too" if recipe.data.eval is not None else ""
+                shown = data_labels.describe() if values_shown(recipe, loaded) else f"{n_data} labels"
+                out.append(
+                    Finding(
+                        path,
+                        f"the teacher's head has {facts.num_labels} classes but data.train has {shown}{also}: the teacher cannot produce these labels",
+                        "distil on data labelled like the teacher's training data, or use a teacher trained on these labels",
+                    )
+                )
+    return out
+
+
 def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolver: Resolver) -> list[Finding]:
     """All rules that need the models' configs (each skipped where a fact is unknown)."""
-    out: list[Finding] = []
     teachers = models.teachers
-    t0 = teachers[0].facts if teachers else None
     s = models.student.facts
-    out += match_model_findings(loaded.matches, t0, s)
+    out = match_model_findings(loaded.matches, teachers[0].facts if teachers else None, s)
     if "student" in loaded.sections:
         out += init_findings(recipe, loaded, models.init_source.facts if models.init_source else None, s)
         out += override_findings(recipe, models.base.facts if models.base else None)
-
     out += weight_findings(recipe, models)
     vocab, tokens_compared = vocab_findings(recipe, loaded, models)
     out += vocab
-    has_matches = bool(loaded.matches)
-    compares_tokens = has_matches or recipe.task == "token-classification"
-    if compares_tokens and not tokens_compared and s is not None and s.vocab_size is not None:
-        for t in teachers:
-            if t.facts is not None and t.facts.vocab_size is not None and t.facts.vocab_size != s.vocab_size:
-                why = "intermediate matches compare token positions" if has_matches else "token-level logits are compared position by position"
-                out.append(
-                    Finding(
-                        student_ref_path(recipe, loaded),
-                        f"the teacher's vocabulary has {t.facts.vocab_size} tokens and the student's {s.vocab_size}: {why}, which needs one shared tokenizer",
-                        "use a student with the teacher's tokenizer (same vocab_size)",
-                    )
-                )
-    for role, facts in [("teacher", r.facts) for r in teachers] + [("student", s)]:
-        limit = facts.max_position_embeddings if facts else None
-        if "data" in loaded.sections and limit is not None and recipe.data.max_length > limit:
-            out.append(Finding(("data", "max_length"), f"max_length {recipe.data.max_length} exceeds the {role}'s {limit} position embeddings", f"use max_length <= {limit}"))
-            break
-
-    kd = recipe.distillation
-    uses_logits = kd is not None and (kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none")
-    if uses_logits and "data" in loaded.sections:
-        scan = resolver.labels(recipe.data)
-        data_labels = scan.labels
-        for i, t in enumerate(teachers):
-            facts = t.facts
-            if facts is None:
-                continue
-            path = teacher_path(recipe, i) + ("model",)
-            if facts.head not in (None, recipe.task):
-                kind = "no classification head" if facts.head == "" else f"a {facts.head} head"
-                out.append(Finding(path, f"the teacher has {kind} for {recipe.task} (config: {facts.source}); its logits would come from a randomly initialised head", _HEADLESS_FIX, "warning"))
-            elif facts.head == recipe.task and facts.num_labels is not None and data_labels is not None:
-                n_data = data_labels.num_labels
-                if n_data > facts.num_labels or (scan.complete and n_data != facts.num_labels):
-                    also = ", counting data.eval too" if recipe.data.eval is not None else ""
-                    shown = data_labels.describe() if values_shown(recipe, loaded) else f"{n_data} labels"
-                    out.append(
-                        Finding(
-                            path,
-                            f"the teacher's head has {facts.num_labels} classes but data.train has {shown}{also}: the teacher cannot produce these labels",
-                            "distil on data labelled like the teacher's training data, or use a teacher trained on these labels",
-                        )
-                    )
+    if not tokens_compared:
+        out += _shared_vocab_findings(recipe, loaded, models)
+    out += _max_length_findings(recipe, loaded, models)
+    out += _teacher_head_findings(recipe, loaded, models, resolver)
     return out
 
 
@@ -355,32 +364,3 @@ def unchecked_rules(recipe: Recipe, loaded: LoadedRecipe, role: str) -> list[str
         rules.append("teacher head and labels")
     rules.append("max_length")
     return list(dict.fromkeys(rules))
-
-
-@dataclass
-class Models:
-    """The facts of every model a recipe names, and where each is named (for warnings)."""
-
-    teachers: list[Resolved]
-    student: Resolved
-    base: Resolved | None  # the config a config-student starts from
-    init_source: Resolved | None  # the model init_from_teacher copies blocks from
-    #: (JSON path, role, reference, facts) of each model reference
-    refs: list[tuple[JsonPath, str, str, Resolved]]
-
-
-def resolve_models(recipe: Recipe, loaded: LoadedRecipe, resolver: Resolver) -> Models:
-    has_student = "student" in loaded.sections
-    teachers = [resolver.model(t.model, t.revision) for t in recipe.teachers] if "teacher" in loaded.sections else []
-    student = resolver.student(recipe) if has_student else Resolved(None, "the student section is invalid")
-    refs = [(teacher_path(recipe, i) + ("model",), "teacher", t.model, r) for i, (t, r) in enumerate(zip(recipe.teachers, teachers))]
-    base = None
-    if has_student and isinstance(recipe.student, PretrainedModel):
-        refs.append((("student", "model"), "student", recipe.student.model, student))
-    elif has_student and recipe.student.config:
-        base = resolver.model(recipe.student.config, recipe.student.revision)
-        refs.append((student_ref_path(recipe, loaded), "student config", recipe.student.config, base))
-    init_source = None
-    if has_student and recipe.init_source is not None:
-        init_source = teachers[0] if recipe.teachers else base
-    return Models(teachers, student, base, init_source, refs)

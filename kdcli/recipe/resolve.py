@@ -1,4 +1,5 @@
-"""Model facts for check-recipe: local folders, the hub, and folders other recipes produce."""
+"""Model facts for check-recipe: local folders, the hub, and folders other recipes produce;
+the facts of every model a recipe names."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from kdcli.errors import UsageError
 from kdcli.modelinfo import ConfigUnavailable, ModelFacts, hub_facts, local_facts, with_overrides
 from kdcli.recipe.data_rules import LabelScan, scan_labels
 from kdcli.recipe.load import read_recipe
-from kdcli.recipe.loaded import display_name
+from kdcli.recipe.loaded import LoadedRecipe, display_name
+from kdcli.recipe.messages import JsonPath
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import PretrainedModel
 
@@ -103,3 +105,44 @@ class Resolver:
         if key not in self._labels:
             self._labels[key] = scan_labels(splits, data.label_column)
         return self._labels[key]
+
+
+def teacher_path(recipe: Recipe, i: int) -> JsonPath:
+    return ("teacher", i) if isinstance(recipe.teacher, list) else ("teacher",)
+
+
+def student_ref_path(recipe: Recipe, loaded: LoadedRecipe) -> JsonPath:
+    if isinstance(recipe.student, PretrainedModel):
+        return ("student", "model")
+    if loaded.written(("student", "config")) is not None:
+        return ("student", "config")
+    return ("student",)
+
+
+@dataclass
+class Models:
+    """The facts of every model a recipe names, and where each is named (for warnings)."""
+
+    teachers: list[Resolved]
+    student: Resolved
+    base: Resolved | None  # the config a config-student starts from
+    init_source: Resolved | None  # the model init_from_teacher copies blocks from
+    #: (JSON path, role, reference, facts) of each model reference
+    refs: list[tuple[JsonPath, str, str, Resolved]]
+
+
+def resolve_models(recipe: Recipe, loaded: LoadedRecipe, resolver: Resolver) -> Models:
+    has_student = "student" in loaded.sections
+    teachers = [resolver.model(t.model, t.revision) for t in recipe.teachers] if "teacher" in loaded.sections else []
+    student = resolver.student(recipe) if has_student else Resolved(None, "the student section is invalid")
+    refs = [(teacher_path(recipe, i) + ("model",), "teacher", t.model, r) for i, (t, r) in enumerate(zip(recipe.teachers, teachers))]
+    base = None
+    if has_student and isinstance(recipe.student, PretrainedModel):
+        refs.append((("student", "model"), "student", recipe.student.model, student))
+    elif has_student and recipe.student.config:
+        base = resolver.model(recipe.student.config, recipe.student.revision)
+        refs.append((student_ref_path(recipe, loaded), "student config", recipe.student.config, base))
+    init_source = None
+    if has_student and recipe.init_source is not None:
+        init_source = teachers[0] if recipe.teachers else base
+    return Models(teachers, student, base, init_source, refs)
