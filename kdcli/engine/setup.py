@@ -16,9 +16,19 @@ from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import models as kmodels
 from kdcli import outdir, report
-from kdcli.engine.devices import Processes, resolve_device, resolve_precision, seed_everything
+from kdcli.engine.devices import (
+    Processes,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from kdcli.engine.loading import load_models, tokenizer_ref
-from kdcli.engine.optim import follow_learning_rates, make_optimizer, make_scheduler, param_groups
+from kdcli.engine.optim import (
+    follow_learning_rates,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+)
 from kdcli.engine.recipe_facts import Mode, resume_command
 from kdcli.engine.teachers import StudentStep, TeacherLogitCache
 from kdcli.errors import RunError, UsageError
