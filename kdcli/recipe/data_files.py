@@ -42,14 +42,18 @@ class DataHeader:
         return len(self.columns) <= LISTED_COLUMNS_MAX
 
 
-def open_text(path: str):
-    """A data file opened as text; only a regular file outside /proc, /sys and /dev is ever
-    opened (`recipe.open_regular`), else DataUnreadable."""
+def open_binary(path: str):
+    """A data file opened for reading; only a regular file outside /proc, /sys and /dev is ever
+    opened (`safe_files.open_regular`), else DataUnreadable."""
     try:
-        binary = open_regular(path)
+        return open_regular(path)
     except NotRegularFile as exc:
         raise DataUnreadable(str(exc)) from None
-    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+
+
+def open_text(path: str):
+    """A data file opened as UTF-8 text (a byte-order mark skipped); see `open_binary`."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")
 
 
 def _plausible(columns: list[Any], fmt: str, where: str) -> list[str]:
@@ -96,11 +100,7 @@ def read_header(source: DataSource) -> DataHeader:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            try:
-                binary = open_regular(path)
-            except NotRegularFile as exc:
-                raise DataUnreadable(str(exc)) from None
-            with binary:
+            with open_binary(path) as binary:
                 schema = pq.read_schema(binary)
             return DataHeader(
                 _plausible(list(schema.names), fmt, "schema"),

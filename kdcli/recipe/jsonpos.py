@@ -9,7 +9,7 @@ import json.scanner
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from kdcli.recipe.messages import JsonPath, show
 
@@ -85,7 +85,7 @@ class _Parser:
     def ws(self, i: int) -> int:
         return _WS.match(self.text, i).end()
 
-    def fail(self, message: str, i: int, fix: str = ""):
+    def fail(self, message: str, i: int, fix: str = "") -> NoReturn:
         raise JsonSyntaxError(message, i, fix)
 
     def describe(self, i: int) -> str:
@@ -162,7 +162,18 @@ class _Parser:
                 )
             k += 1
 
-    def missing_comma(self, prev_end: int, i: int, what: str, closer: str, opened: int, kind: str):
+    def next_item(self, end: int, closer: str, what: str, opened: int, kind: str) -> tuple[int, int | None]:
+        """After an item ending at `end`: (where the next item starts, the comma's offset), or
+        (the offset after `closer`, None) when the object or list closes there."""
+        i = self.ws(end)
+        ch = self.text[i : i + 1]
+        if ch == ",":
+            return self.ws(i + 1), i
+        if ch == closer:
+            return i + 1, None
+        self.missing_comma(end, i, what, closer, opened, kind)
+
+    def missing_comma(self, prev_end: int, i: int, what: str, closer: str, opened: int, kind: str) -> NoReturn:
         """After an item: a new item starts (a missing comma, reported where the comma belongs)
         or something else is there (reported where it is)."""
         if i >= len(self.text):
@@ -196,15 +207,9 @@ class _Parser:
                 self.map.duplicates.append(child)
             self.map.keys[child] = key_at
             out[key], end = self.value(i, child)
-            i = self.ws(end)
-            ch = self.text[i : i + 1]
-            if ch == ",":
-                comma = i
-                i = self.ws(i + 1)
-            elif ch == "}":
-                return out, i + 1
-            else:
-                self.missing_comma(end, i, f"after the value of {show(key)}", "}", opened, "object")
+            i, comma = self.next_item(end, "}", f"after the value of {show(key)}", opened, "object")
+            if comma is None:
+                return out, i
 
     def array(self, i: int, path: JsonPath):
         out: list = []
@@ -218,15 +223,9 @@ class _Parser:
                 self.fail("trailing comma before ']'", comma, "remove the comma")
             value, end = self.value(i, path + (len(out),))
             out.append(value)
-            i = self.ws(end)
-            ch = self.text[i : i + 1]
-            if ch == ",":
-                comma = i
-                i = self.ws(i + 1)
-            elif ch == "]":
-                return out, i + 1
-            else:
-                self.missing_comma(end, i, f"after the list's item [{len(out) - 1}]", "]", opened, "list")
+            i, comma = self.next_item(end, "]", f"after the list's item [{len(out) - 1}]", opened, "list")
+            if comma is None:
+                return out, i
 
     def document(self):
         i = self.ws(0)
