@@ -372,3 +372,20 @@ def test_prepare_from_a_loaded_recipe(tmp_path, sst2, tokenizer):
     data = prepare_from_recipe(load_recipe(tmp_path / "r.json"), tokenizer, cache_dir=str(tmp_path / "cache"))
     assert len(data.train) == 10 and len(data.eval) == 12 and data.labels.num_labels == 2
     assert max(data.train_lengths) <= 16
+
+
+def test_every_task_has_a_module_behind_the_task_interface():
+    from kdcli.tasks import TASKS, task_for
+    from kdcli.tasks.base import Task
+
+    for name in TASKS:
+        task = task_for(name)
+        assert task.name == name and task.auto_class.startswith("AutoModelFor")
+        missing = [m for m in ("encoder", "kd_logits", "metrics", "cache_row", "cache_batch") if not callable(getattr(task, m, None))]
+        assert not missing and set(Task.__annotations__) <= set(dir(task)), name
+    with pytest.raises(ValueError, match="unknown task 'causal-lm'.*Fix"):
+        task_for("causal-lm")
+    token = task_for("token-classification")
+    logits, gold = torch.randn(2, 3, 2), torch.tensor([[0, IGNORE_INDEX, 1], [1, 0, IGNORE_INDEX]])
+    selected, kept = token.kd_logits(logits, gold)
+    assert selected.shape == (4, 2) and kept.tolist() == [0, 1, 1, 0]

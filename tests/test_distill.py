@@ -401,8 +401,9 @@ def test_sigint_to_a_subprocess_leaves_a_resumable_checkpoint(world):
 
 def test_teacher_logit_cache_round_trips_token_logits_across_paddings():
     from kdcli.features import Features
+    from kdcli.tasks import task_for
 
-    cache = teachers.TeacherLogitCache()
+    cache = teachers.TeacherLogitCache(task_for("token-classification"))
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     logits = torch.randn(2, 4, 3)  # one teacher, (B, L, C)
     batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask}

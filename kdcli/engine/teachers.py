@@ -34,35 +34,26 @@ class TeacherLogitCache:
     stores (n_teachers, C) per row; token classification (n_teachers, length, C) for the row's
     real tokens, re-padded per batch (padded positions carry label -100 and are never read)."""
 
-    def __init__(self, task=None) -> None:
-        from kdcli.tasks import task_for
-
-        self._task = task
-        self._task_for = task_for
+    def __init__(self, task) -> None:
+        self._task = task  # a kdcli.tasks.base.Task
         self._rows: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _task_of(self, row: Tensor):
-        if self._task is not None:
-            return self._task
-        return self._task_for("sequence-classification" if row.dim() == 2 else "token-classification")
-
     def lookup(self, indices: Sequence[int], batch: dict[str, Tensor], device) -> list[Features] | None:
         if any(i not in self._rows for i in indices):
             return None
         rows = [self._rows[i] for i in indices]
-        logits = self._task_of(rows[0]).cache_batch(rows, batch["input_ids"].size(1))  # (n_teachers, B, ...)
+        logits = self._task.cache_batch(rows, batch["input_ids"].size(1))  # (n_teachers, B, ...)
         logits = logits.to(device, non_blocking=True)
         return [Features(logits=logits[t], mask=batch["attention_mask"]) for t in range(logits.size(0))]
 
     def store(self, indices: Sequence[int], feats_T: list[Features], batch: dict[str, Tensor]) -> None:
         stacked = torch.stack([f.logits.detach().float() for f in feats_T]).cpu()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        task = self._task_of(stacked[:, 0])
         for b, i in enumerate(indices):
-            self._rows[i] = task.cache_row(stacked[:, b], int(lengths[b])).clone()
+            self._rows[i] = self._task.cache_row(stacked[:, b], int(lengths[b])).clone()
 
 
 def teacher_features(
