@@ -37,6 +37,15 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "bar"}
 
 
+def dialect(fmt: str, delimiter: str | None = None) -> tuple[str, int]:
+    """(delimiter, quoting) of a csv/tsv data file, as the run and check-recipe read it: a tsv
+    is tab-separated with no quoting (quotes are ordinary characters); a csv uses its
+    `delimiter` (default ",") and honours quotes."""
+    if fmt == "tsv":
+        return delimiter or "\t", csv.QUOTE_NONE
+    return delimiter or ",", csv.QUOTE_MINIMAL
+
+
 @dataclass(frozen=True)
 class TableShape:
     """What validation learnt: the header and how many data rows follow it."""

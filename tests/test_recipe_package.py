@@ -121,3 +121,12 @@ def test_temperature_scheduler_parsed_once_for_both_sides() -> None:
     assert schedules.parse_temperature_scheduler is parse_temperature_scheduler
     assert parse_temperature_scheduler("constant") == ["constant"]
     assert parse_temperature_scheduler(["flsw", {"gamma": 2, "beta": 1}]) == ["flsw", 1, 2]
+
+
+def test_one_csv_dialect_for_the_run_and_the_check() -> None:
+    import csv
+
+    from kdcli.tabular import dialect
+
+    assert dialect("tsv") == dialect("tsv", "\t") == ("\t", csv.QUOTE_NONE)
+    assert dialect("csv") == (",", csv.QUOTE_MINIMAL) and dialect("csv", ";") == (";", csv.QUOTE_MINIMAL)

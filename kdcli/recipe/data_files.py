@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from kdcli.recipe.sources import DataSource
 from kdcli.safe_files import NotRegularFile, open_regular
+from kdcli.tabular import dialect
 
 
 class DataUnreadable(Exception):
@@ -81,12 +82,12 @@ def read_header(source: DataSource) -> DataHeader:
     fmt, path = source.format, source.path
     try:
         if fmt in ("csv", "tsv"):
-            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            delimiter, quoting = dialect(fmt, source.delimiter)
             with open_text(path) as f:
                 line = f.readline(HEADER_MAX_CHARS + 1)
             if len(line) > HEADER_MAX_CHARS:
                 raise DataUnreadable(f"its first line is over {HEADER_MAX_CHARS // 1024} KiB long, not a header line")
-            row = next(csv.reader([line], delimiter=source.delimiter or ",", quoting=quoting), None)
+            row = next(csv.reader([line], delimiter=delimiter, quoting=quoting), None)
             if not row:
                 raise DataUnreadable("it is empty (a header line is needed)")
             if any("\n" in c or "\r" in c for c in row):  # an open quote: the row goes on
@@ -172,9 +173,9 @@ def first_json_record(path: str) -> Any:
 def label_values(source: DataSource, column: str) -> Iterable[Any]:
     fmt, path = source.format, source.path
     if fmt in ("csv", "tsv"):
-        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+        delimiter, quoting = dialect(fmt, source.delimiter)
         with open_text(path) as f:
-            reader = csv.reader(f, delimiter=source.delimiter or ("\t" if fmt == "tsv" else ","), quoting=quoting)
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
             header = [c.strip() for c in next(reader, [])]
             index = header.index(column)
             for row in reader:

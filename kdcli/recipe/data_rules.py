@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import DataSource
 from kdcli.safe_files import is_file
-from kdcli.tabular import validate_table
+from kdcli.tabular import dialect, validate_table
 
 
 #: data files larger than this are not scanned for their labels (headers are always read)
@@ -76,8 +75,7 @@ def scan_labels(splits: list[tuple[str, DataSource]], column: str) -> LabelScan:
             complete = False
             continue
         if source.format in ("csv", "tsv"):
-            quoting = csv.QUOTE_NONE if source.format == "tsv" else csv.QUOTE_MINIMAL
-            delimiter = source.delimiter or ("\t" if source.format == "tsv" else ",")
+            delimiter, quoting = dialect(source.format, source.delimiter)
             try:
                 validate_table(source.path, delimiter=delimiter, quoting=quoting, label_column=column)
             except DataError as exc:
