@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kdcli.safe_files import NotRegularFile, read_regular_text
+from kdcli.tasks import TASKS
 
 
 # The spellings of each fact across architectures (first found wins).
@@ -123,7 +124,7 @@ def config_num_labels(config: dict, head: str | None = None) -> int | None:
     declared = int_or_none(config.get("num_labels"))
     if declared is not None:
         return declared
-    return 2 if head in ("sequence-classification", "token-classification") else None
+    return 2 if head in TASKS else None
 
 
 def with_overrides(facts: ModelFacts, overrides: dict) -> ModelFacts:

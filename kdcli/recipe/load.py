@@ -57,8 +57,9 @@ def best_effort(raw: dict, ctx: RecipeContext) -> tuple[Recipe, frozenset[str], 
             pass
     elif tokenizer is None:
         ok.add("tokenizer")
-    task = raw.get("task", "sequence-classification")
-    values["task"] = task if task in TASKS else "sequence-classification"
+    default_task = Recipe.model_fields["task"].default
+    task = raw.get("task", default_task)
+    values["task"] = task if task in TASKS else default_task
     if task == values["task"]:
         ok.add("task")
     matches: list[tuple[int, Match]] = []
