@@ -47,10 +47,8 @@ def values_shown(recipe: Recipe, loaded: LoadedRecipe) -> bool:
     for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         if source is None or not source.is_local:
             continue
-        where: JsonPath = ("data", split)
-        written_path = where if isinstance(loaded.written(where), str) else where + ("path",)
         try:
-            if loaded.outside(written_path, source.path) is not None or not read_header(source).listable:
+            if loaded.outside(loaded.data_path(split), source.path) is not None or not read_header(source).listable:
                 return False
         except DataUnreadable:
             return False
@@ -113,14 +111,48 @@ def delimiter_hint(header: DataHeader, source: DataSource) -> str:
     return ""
 
 
-def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
-    """The columns exist in every local data file (and hold lists for token-classification)."""
+def _column_findings(recipe: Recipe, loaded: LoadedRecipe, split: str, source: DataSource, header: DataHeader) -> list[Finding]:
+    """The text, pair and label columns exist in one local data file's header (and hold lists
+    for token-classification). Column names are shown only for a plausible header of a file
+    inside the repository (check-recipe runs in CI on recipes from pull requests)."""
     out: list[Finding] = []
     data = recipe.data
     columns = [("text_column", data.text_column), ("label_column", data.label_column)]
     if data.text_pair_column is not None:
         columns.append(("text_pair_column", data.text_pair_column))
-    for split, source in (("train", data.train), ("eval", data.eval)):
+    name = os.path.basename(source.path)
+    outside = loaded.outside(loaded.data_path(split), source.path)
+    listed = outside is None and header.listable
+    misread = delimiter_hint(header, source) if listed else ""
+    for option, column in columns:
+        written = loaded.written(("data", option)) is not None
+        if column not in header.columns:
+            default = "" if written else f" (the default {option})"
+            guess = suggest(column, header.columns) if listed else None
+            fix = f"set data.{option} to {show(guess)}" if guess else f"set data.{option} to one of its columns"
+            if listed:
+                known = f"its columns: {', '.join(map(show, header.columns)) or 'none'}"
+            else:
+                why = "the file is outside the recipe's repository" if outside else f"it has {len(header.columns)} columns"
+                known = f"its columns are not listed ({why})"
+            out.append(Finding(("data", option), f"data.{split} file {name} has no column {show(column)}{default}; {known}", misread or fix))
+        elif recipe.task == "token-classification" and option != "text_pair_column" and header.list_columns is not None:
+            if not header.list_columns.get(column, False):
+                what = "words" if option == "text_column" else "tags"
+                out.append(
+                    Finding(
+                        ("data", option),
+                        f"token-classification needs a list of {what} per record, but column {show(column)} of {name} does not hold lists",
+                        f"store each record's {what} as a JSON list",
+                    )
+                )
+    return out
+
+
+def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
+    """The columns exist in every local data file (and hold lists for token-classification)."""
+    out: list[Finding] = []
+    for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         if source is None:
             continue
         where: JsonPath = ("data", split)
@@ -136,38 +168,11 @@ def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
             continue
         if not is_file(source.path):
             continue  # reported by recipe.read_recipe
-        written_path = where if isinstance(loaded.written(where), str) else where + ("path",)
         try:
             header = read_header(source)
         except DataUnreadable as exc:
-            out.append(Finding(where, f"data file {show(loaded.written(written_path) or source.path)}: {exc}", f"give a {source.format} file with a header or records"))
+            shown = show(loaded.written(loaded.data_path(split)) or source.path)
+            out.append(Finding(where, f"data file {shown}: {exc}", f"give a {source.format} file with a header or records"))
             continue
-        name = os.path.basename(source.path)
-        # Column names are shown only for a plausible header of a file inside the repository
-        # (check-recipe runs in CI on recipes from pull requests).
-        outside = loaded.outside(written_path, source.path)
-        listed = outside is None and header.listable
-        misread = delimiter_hint(header, source) if listed else ""
-        for option, column in columns:
-            written = loaded.written(("data", option)) is not None
-            if column not in header.columns:
-                default = "" if written else f" (the default {option})"
-                guess = suggest(column, header.columns) if listed else None
-                fix = f"set data.{option} to {show(guess)}" if guess else f"set data.{option} to one of its columns"
-                if listed:
-                    known = f"its columns: {', '.join(map(show, header.columns)) or 'none'}"
-                else:
-                    why = "the file is outside the recipe's repository" if outside else f"it has {len(header.columns)} columns"
-                    known = f"its columns are not listed ({why})"
-                out.append(Finding(("data", option), f"data.{split} file {name} has no column {show(column)}{default}; {known}", misread or fix))
-            elif recipe.task == "token-classification" and option != "text_pair_column" and header.list_columns is not None:
-                if not header.list_columns.get(column, False):
-                    what = "words" if option == "text_column" else "tags"
-                    out.append(
-                        Finding(
-                            ("data", option),
-                            f"token-classification needs a list of {what} per record, but column {show(column)} of {name} does not hold lists",
-                            f"store each record's {what} as a JSON list",
-                        )
-                    )
+        out.extend(_column_findings(recipe, loaded, split, source, header))
     return out

@@ -105,7 +105,7 @@ def check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mo
         for name, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
             if source is None or not source.is_local:
                 continue
-            path = ("data", name) if isinstance(loaded.written(("data", name)), str) else ("data", name, "path")
+            path = loaded.data_path(name)
             file = Path(source.path)
             outside = _warn_outside(loaded, path, source.path, f"data.{name} file")
             if not is_file(file):

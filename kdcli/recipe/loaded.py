@@ -67,6 +67,12 @@ class LoadedRecipe:
     def add_finding(self, finding: Finding) -> None:
         self.add(finding.path, finding.message, finding.fix, finding.severity, at_key=finding.at_key)
 
+    def data_path(self, split: str) -> JsonPath:
+        """Where the file of `data.<split>` is written: the split itself (a path string) or its
+        `path` key (an object)."""
+        where: JsonPath = ("data", split)
+        return where if isinstance(self.written(where), str) else where + ("path",)
+
     def written(self, path: JsonPath) -> Any:
         """The raw value at a JSON path, as the user wrote it (None if absent)."""
         node = self.raw
