@@ -61,7 +61,12 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise WeightsUnreadable(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise WeightsUnreadable(f"{path} is not a safetensors file (its header is not a JSON object)")
-    data_bytes = size - 8 - length
+    return _header_shapes(path, header, size - 8 - length)
+
+
+def _header_shapes(path: Path, header: dict, data_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a parsed safetensors header whose tensors must exactly cover
+    the file's `data_bytes` bytes of data (else WeightsUnreadable)."""
     shapes: dict[str, tuple[int, ...]] = {}
     covered = 0
     for name, entry in header.items():
