@@ -7,7 +7,7 @@ in-place float multiplies by row and column weights, never bool selects.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
