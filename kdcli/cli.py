@@ -252,9 +252,8 @@ _JSON = typer.Option(
 
 def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json) -> None:
     with _boundary(as_json):
-        from kdcli.recipe import load_checked
         from kdcli.errors import UsageError
-        from kdcli.recipe import SEED_RANGE, is_device
+        from kdcli.recipe import SEED_RANGE, is_device, load_checked
 
         if device is not None:
             if not is_device(device):

@@ -82,4 +82,5 @@ __all__ = [
     "weight_disagreements",
     "weight_head_size",
     "weight_shapes",
+    "with_overrides",
 ]

@@ -9,7 +9,6 @@ from pathlib import Path
 from kdcli.safe_files import NotRegularFile, read_regular_text
 from kdcli.tasks import TASKS
 
-
 # The spellings of each fact across architectures (first found wins).
 _SPELLINGS: dict[str, tuple[str, ...]] = {
     "num_hidden_layers": ("num_hidden_layers", "n_layers", "n_layer", "num_layers"),

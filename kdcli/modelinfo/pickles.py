@@ -6,7 +6,6 @@ from pathlib import Path
 
 from kdcli.modelinfo.weights import MAX_HEADER_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, WeightsUnreadable
 
-
 #: what a plain tensor pickle calls (torch's weights-only loader accepts these and little else)
 _SAFE_GLOBAL_MODULES = ("torch", "collections", "_codecs")
 _SAFE_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "dict", "list", "tuple", "int", "float", "bool", "complex", "slice"}

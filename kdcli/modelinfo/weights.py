@@ -9,7 +9,6 @@ from pathlib import Path
 from kdcli.modelinfo.config import facts_from_config, int_or_none
 from kdcli.safe_files import NotRegularFile, open_regular, read_regular_text
 
-
 #: bytes per element of each safetensors dtype
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,

@@ -16,7 +16,6 @@ from kdcli.recipe.sources import DataSource
 from kdcli.safe_files import is_file
 from kdcli.tabular import dialect, validate_table
 
-
 #: data files larger than this are not scanned for their labels (headers are always read)
 LABEL_SCAN_LIMIT_BYTES = 64 * 1024 * 1024
 

@@ -11,7 +11,6 @@ from kdcli.errors import UsageError
 from kdcli.recipe.paths import default_output_dir, local_path
 from kdcli.safe_files import NotRegularFile, is_dir, open_regular
 
-
 #: JSON files larger than this are not considered when looking for recipes among siblings
 #: (recipes are a few KiB; a data file next to them may be gigabytes)
 DISCOVERY_MAX_BYTES = 1 << 20

@@ -22,8 +22,8 @@ from kdcli.recipe.schema import DistillationConfig, Match, Recipe, TrainingSecti
 from kdcli.recipe.sources import DataSection, Student, Teacher
 from kdcli.recipe.translate import describe_error
 from kdcli.recipe.validation import Mode, RecipeContext
-from kdcli.tasks import TASKS
 from kdcli.safe_files import NotRegularFile, exists, is_dir, open_regular
+from kdcli.tasks import TASKS
 
 
 @functools.cache

@@ -7,7 +7,6 @@ import json
 import math
 from typing import Iterable, Union
 
-
 PathKey = Union[str, int]
 JsonPath = tuple[PathKey, ...]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from kdcli import registry
 from kdcli.architectures import ATTENTION_MODEL_TYPES, attention_capture_supported
 from kdcli.modelinfo import (
-    ConfigUnavailable,
     GENERIC_CONFIG_KEYS,
+    ConfigUnavailable,
     ModelFacts,
     WeightsUnreadable,
     cached_hub_config,
@@ -26,7 +26,6 @@ from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Match, Recipe
 from kdcli.recipe.sources import ConfigStudent
 from kdcli.vocab import VOCAB_FIX, read_vocab, vocabulary_problem
-
 
 _HEADLESS_FIX = "fine-tune the teacher on the task first (kdcli train), or point teacher.model at a fine-tuned model"
 

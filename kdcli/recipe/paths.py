@@ -13,7 +13,6 @@ from kdcli.recipe.messages import show
 from kdcli.recipe.validation import context_of, recipe_error
 from kdcli.safe_files import _probe, exists, is_dir
 
-
 #: data file extensions and the format each implies
 DATA_EXTENSIONS: dict[str, str] = {
     ".csv": "csv",

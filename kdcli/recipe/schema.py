@@ -24,7 +24,6 @@ from kdcli.recipe.sources import ConfigStudent, DataSection, PretrainedModel, St
 from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
 from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_of, is_int, kind_of, recipe_error
 
-
 #: keys of a match's `proj[3]` (options of the projection's optimizer parameter group)
 PROJ_OPTION_KEYS = ("lr", "weight_decay", "betas", "eps")
 

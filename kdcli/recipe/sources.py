@@ -19,7 +19,6 @@ from kdcli.recipe.messages import show
 from kdcli.recipe.paths import check_path_text, data_format_of, local_path, looks_local_data, model_ref
 from kdcli.recipe.validation import DataFormat, Section, context_of, recipe_error
 
-
 #: model config fields that `student.overrides` must give as positive integers
 SIZE_OVERRIDES = (
     "num_hidden_layers",

@@ -12,7 +12,6 @@ from kdcli.recipe.messages import JsonPath, PathKey, did_you_mean, dotted, show
 from kdcli.recipe.schema import DistillationConfig, Match, Proj, Recipe, TrainingSection
 from kdcli.recipe.sources import ConfigStudent, DataSection, DataSource, PretrainedModel
 
-
 _KEYS_OF: dict[str, type[BaseModel]] = {
     "": Recipe,
     "teacher": PretrainedModel,

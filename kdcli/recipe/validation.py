@@ -11,7 +11,6 @@ from pydantic_core import PydanticCustomError
 
 from kdcli.tasks import TASKS
 
-
 Task = Literal[TASKS]  # type: ignore[valid-type]
 DataFormat = Literal["csv", "tsv", "json", "jsonl", "parquet"]
 Mode = Literal["distill", "train"]
