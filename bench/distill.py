@@ -105,9 +105,7 @@ def reference_matches(variant: Variant) -> list[dict]:
         matches.append(dict(layer_T=[t, t], layer_S=[s, s], feature="hidden", loss="mmd", weight=1))
     if variant.attention:
         for t, s in ATTENTION_PAIRS:
-            matches.append(
-                dict(layer_T=t - 1, layer_S=s - 1, feature="attention", loss="attention_mse", weight=1)
-            )
+            matches.append(dict(layer_T=t - 1, layer_S=s - 1, feature="attention", loss="attention_mse", weight=1))
     return matches
 
 
@@ -176,8 +174,11 @@ def prepare(paths: BenchPaths, rows: int) -> None:
     if not paths.check_tsv.exists():
         write_sst2(paths.check_tsv, data[:BATCH])
     stamp = paths.root / "build.json"
-    if (paths.student_no_dropout / "model.safetensors").exists() and stamp.exists() \
-            and json.loads(stamp.read_text()) == BUILD:
+    if (
+        (paths.student_no_dropout / "model.safetensors").exists()
+        and stamp.exists()
+        and json.loads(stamp.read_text()) == BUILD
+    ):
         return
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -221,12 +222,10 @@ class StepClock:
         self.stamps: list[float] = []
         self._handle = None
 
-    def __enter__(self) -> "StepClock":
+    def __enter__(self) -> StepClock:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self._handle = register_optimizer_step_post_hook(
-            lambda *_: self.stamps.append(time.perf_counter())
-        )
+        self._handle = register_optimizer_step_post_hook(lambda *_: self.stamps.append(time.perf_counter()))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -270,8 +269,7 @@ def term_key(loss: str, layer_T, layer_S) -> str:
 # --- the reference side ----------------------------------------------------------------
 
 
-def run_reference(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup: int,
-                  padding: str) -> SideResult:
+def run_reference(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup: int, padding: str) -> SideResult:
     import torch
     from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -286,9 +284,7 @@ def run_reference(variant: Variant, paths: BenchPaths, data: Path, mode: str, wa
     )
     rows = read_sst2(data)
     encoded = tokenizer([s for _, s in rows], truncation=True, max_length=MAX_LENGTH)
-    features = [
-        (ids, types) for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])
-    ]
+    features = [(ids, types) for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
     pad_to_longest = check or padding == "longest"
 
     def collate(items):
@@ -343,8 +339,11 @@ def run_reference(variant: Variant, paths: BenchPaths, data: Path, mode: str, wa
         distiller = RecordingDistiller(
             train_config=TrainingConfig(device="cpu", output_dir=out, log_dir=None),
             distill_config=DistillationConfig(
-                temperature=TEMPERATURE, kd_loss_type="ce", kd_loss_weight=1,
-                hard_label_weight=0, intermediate_matches=matches,
+                temperature=TEMPERATURE,
+                kd_loss_type="ce",
+                kd_loss_weight=1,
+                hard_label_weight=0,
+                intermediate_matches=matches,
             ),
             model_T=teacher,
             model_S=student,
@@ -363,8 +362,15 @@ def run_reference(variant: Variant, paths: BenchPaths, data: Path, mode: str, wa
             distiller.train(optimizer, loader, num_epochs=1, max_grad_norm=-1, **args)
         wall = time.perf_counter() - start
 
-    result = SideResult("reference", variant.number, mode, steps=len(clock.stamps), wall_s=wall,
-                        step1=step1, notes=f"padding={'longest' if pad_to_longest else 'max_length'}, attn={attn}")
+    result = SideResult(
+        "reference",
+        variant.number,
+        mode,
+        steps=len(clock.stamps),
+        wall_s=wall,
+        step1=step1,
+        notes=f"padding={'longest' if pad_to_longest else 'max_length'}, attn={attn}",
+    )
     if not check:
         result.samples_per_s, result.timed_steps = clock.samples_per_s(warmup, BATCH)
     result.peak_mb = peak_rss_mb()
@@ -374,8 +380,9 @@ def run_reference(variant: Variant, paths: BenchPaths, data: Path, mode: str, wa
 # --- the kdcli side --------------------------------------------------------------------
 
 
-def kdcli_recipe(variant: Variant, paths: BenchPaths, data: Path, output_dir: Path, *,
-                 check: bool, group_by_length: bool = True) -> dict:
+def kdcli_recipe(
+    variant: Variant, paths: BenchPaths, data: Path, output_dir: Path, *, check: bool, group_by_length: bool = True
+) -> dict:
     """A kdcli recipe for the same work (no eval, no checkpoint but the final one)."""
     return {
         "teacher": {"model": str(paths.teacher)},
@@ -496,6 +503,7 @@ def disable_sources(names: list[str]) -> None:
         setup.make_optimizer = make_optimizer
     if "kdcli_losses" in names:
         import textbrewer.losses as reference
+
         from kdcli import losses
 
         for name in ("kd_ce_loss", "hid_mse_loss", "mmd_loss", "att_mse_loss"):
@@ -524,8 +532,15 @@ def read_kdcli_step1(output_dir: Path) -> dict[str, float]:
     return out
 
 
-def run_kdcli(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup: int,
-              without: list[str], proposals: list[str] = ()) -> SideResult:
+def run_kdcli(
+    variant: Variant,
+    paths: BenchPaths,
+    data: Path,
+    mode: str,
+    warmup: int,
+    without: list[str],
+    proposals: list[str] = (),
+) -> SideResult:
     disable_sources(without)
     enable_proposals(list(proposals))
     from kdcli import distill
@@ -534,8 +549,9 @@ def run_kdcli(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup
     check = mode == "check"
     with tempfile.TemporaryDirectory() as tmp:
         output_dir = Path(tmp) / "out"
-        recipe_doc = kdcli_recipe(variant, paths, data, output_dir, check=check,
-                                  group_by_length="length_grouping" not in without)
+        recipe_doc = kdcli_recipe(
+            variant, paths, data, output_dir, check=check, group_by_length="length_grouping" not in without
+        )
         recipe_path = Path(tmp) / "recipe.json"
         recipe_path.write_text(json.dumps(recipe_doc, indent=2))
         recipe = load_recipe(recipe_path, mode="distill")
@@ -545,8 +561,9 @@ def run_kdcli(variant: Variant, paths: BenchPaths, data: Path, mode: str, warmup
         wall = time.perf_counter() - start
         step1 = read_kdcli_step1(output_dir)
     notes = ("without " + ",".join(without) if without else "") + (" with " + ",".join(proposals) if proposals else "")
-    result = SideResult("kdcli", variant.number, mode, steps=len(clock.stamps), wall_s=wall,
-                        step1=step1, notes=notes.strip())
+    result = SideResult(
+        "kdcli", variant.number, mode, steps=len(clock.stamps), wall_s=wall, step1=step1, notes=notes.strip()
+    )
     if not check:
         result.samples_per_s, result.timed_steps = clock.samples_per_s(warmup, BATCH)
     result.peak_mb = peak_rss_mb()
@@ -571,17 +588,33 @@ class Job:
     def label(self) -> str:
         if self.side == "reference":
             return "reference" + (" (padding longest)" if self.padding == "longest" else "")
-        return ("kdcli" + (f" without {', '.join(self.without)}" if self.without else "")
-                + (f" with {', '.join(self.proposals)}" if self.proposals else ""))
+        return (
+            "kdcli"
+            + (f" without {', '.join(self.without)}" if self.without else "")
+            + (f" with {', '.join(self.proposals)}" if self.proposals else "")
+        )
 
 
 def run_child(job: Job, rows: int, warmup: int) -> SideResult:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = Path(f.name)
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--child", job.side,
-        "--variant", str(job.variant), "--mode", job.mode, "--rows", str(rows),
-        "--warmup", str(warmup), "--reference-padding", job.padding, "--result", str(result_path),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        job.side,
+        "--variant",
+        str(job.variant),
+        "--mode",
+        job.mode,
+        "--rows",
+        str(rows),
+        "--warmup",
+        str(warmup),
+        "--reference-padding",
+        job.padding,
+        "--result",
+        str(result_path),
     ]
     if job.without:
         cmd += ["--without", *job.without]
@@ -651,14 +684,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="time each run N times, keep the fastest")
     parser.add_argument("--variants", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument("--sides", nargs="+", default=["reference", "kdcli"], choices=["reference", "kdcli"])
-    parser.add_argument("--reference-padding", default="max_length", choices=["max_length", "longest"],
-                        help="how the reference's batches are padded (default: to max_length, as its examples)")
-    parser.add_argument("--without", nargs="+", default=[], metavar="SOURCE",
-                        help=f"kdcli speed sources to switch off: {', '.join(SOURCES)}")
-    parser.add_argument("--with", dest="proposals", nargs="+", default=[], metavar="PROPOSAL",
-                        help=f"engine changes under study to switch on for kdcli: {', '.join(PROPOSALS)}")
-    parser.add_argument("--sources", action="store_true",
-                        help="also time kdcli with each speed source off in turn (docs/speed.md)")
+    parser.add_argument(
+        "--reference-padding",
+        default="max_length",
+        choices=["max_length", "longest"],
+        help="how the reference's batches are padded (default: to max_length, as its examples)",
+    )
+    parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        metavar="SOURCE",
+        help=f"kdcli speed sources to switch off: {', '.join(SOURCES)}",
+    )
+    parser.add_argument(
+        "--with",
+        dest="proposals",
+        nargs="+",
+        default=[],
+        metavar="PROPOSAL",
+        help=f"engine changes under study to switch on for kdcli: {', '.join(PROPOSALS)}",
+    )
+    parser.add_argument(
+        "--sources", action="store_true", help="also time kdcli with each speed source off in turn (docs/speed.md)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the step-1 loss comparison")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "distill.json")
     parser.add_argument("--child", choices=["reference", "kdcli"], help=argparse.SUPPRESS)
@@ -679,8 +728,9 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from flops import matmul_rate, work_flops
     from transformers import AutoTokenizer
+
+    from flops import matmul_rate, work_flops
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -705,23 +755,29 @@ def main(argv: list[str] | None = None) -> None:
                     main_jobs.append(Job("kdcli", number, without=tuple(args.without)))
     source_jobs: list[Job] = []
     if args.sources:
-        source_jobs = [Job("kdcli", number, without=(name,), proposals=tuple(args.proposals))
-                       for number in args.variants for name in SOURCES]
+        source_jobs = [
+            Job("kdcli", number, without=(name,), proposals=tuple(args.proposals))
+            for number in args.variants
+            for name in SOURCES
+        ]
     timed = best_of(main_jobs + source_jobs, args.rows, args.warmup, args.repeat, rates)
     checks: dict[Job, SideResult] = {}
     if not args.no_check:
         for job in main_jobs:
             if job.side == "kdcli" and any(j.side == "kdcli" and j.variant == job.variant for j in checks):
                 continue  # one kdcli check per variant
-            checks[job] = run_child(Job(job.side, job.variant, "check", job.without, "longest", job.proposals),
-                                    args.rows, args.warmup)
+            checks[job] = run_child(
+                Job(job.side, job.variant, "check", job.without, "longest", job.proposals), args.rows, args.warmup
+            )
     rates.append(matmul_rate())
     rate = max(rates)
     limit = work.limit_samples_per_s(rate)
 
     console = Console(width=160)
-    table = Table(title=f"Distillation speed: {args.rows} SST-2 rows, batch {BATCH}, CPU, "
-                        f"{torch.get_num_threads()} threads, best of {args.repeat}")
+    table = Table(
+        title=f"Distillation speed: {args.rows} SST-2 rows, batch {BATCH}, CPU, "
+        f"{torch.get_num_threads()} threads, best of {args.repeat}"
+    )
     for col in ("variant", "side", "samples/s", "peak MB", "ratio (speed, mem)", "step-1 losses", "% of limit"):
         table.add_column(col, justify="left" if col in ("variant", "side", "step-1 losses") else "right", no_wrap=True)
     reference = {j.variant: timed[j] for j in main_jobs if j.side == "reference"}
@@ -730,8 +786,13 @@ def main(argv: list[str] | None = None) -> None:
         ref = reference.get(job.variant)
         ratio = f"{r.samples_per_s / ref.samples_per_s:.2f}x, {r.peak_mb / ref.peak_mb:.2f}x" if ref else "-"
         table.add_row(
-            VARIANTS[job.variant].label, job.label, f"{r.samples_per_s:.1f}", f"{r.peak_mb:.0f}", ratio,
-            fmt_losses(checks[job].step1) if job in checks else "-", f"{100 * r.samples_per_s / limit:.1f}%",
+            VARIANTS[job.variant].label,
+            job.label,
+            f"{r.samples_per_s:.1f}",
+            f"{r.peak_mb:.0f}",
+            ratio,
+            fmt_losses(checks[job].step1) if job in checks else "-",
+            f"{100 * r.samples_per_s / limit:.1f}%",
         )
     console.print(table)
     console.print(
@@ -756,29 +817,50 @@ def main(argv: list[str] | None = None) -> None:
             detail.add_row(key, f"{a:.6f}", f"{b:.6f}", f"{rel_diff(a, b):.1e}")
         console.print(detail)
         if VARIANTS[number].attention:
-            console.print("attention_mse is not compared: the reference side gets eager softmax probabilities, "
-                          "kdcli raw scores with the -10000 mask (see the module doc)")
+            console.print(
+                "attention_mse is not compared: the reference side gets eager softmax probabilities, "
+                "kdcli raw scores with the -10000 mask (see the module doc)"
+            )
 
     if source_jobs:
         sources = Table(title=f"kdcli speed sources: each switched off alone, best of {args.repeat}")
         for col in ("variant", "switched off", "what runs instead", "samples/s", "peak MB", "speed-up it gives"):
-            sources.add_column(col, justify="left" if col in ("variant", "switched off", "what runs instead") else "right")
+            sources.add_column(
+                col, justify="left" if col in ("variant", "switched off", "what runs instead") else "right"
+            )
         for job in source_jobs:
-            base = timed[Job("kdcli", job.variant, without=tuple(args.without), proposals=tuple(args.proposals))] if "kdcli" in args.sides else None
+            base = (
+                timed[Job("kdcli", job.variant, without=tuple(args.without), proposals=tuple(args.proposals))]
+                if "kdcli" in args.sides
+                else None
+            )
             r = timed[job]
             gain = f"{base.samples_per_s / r.samples_per_s:.2f}x" if base else "-"
-            sources.add_row(VARIANTS[job.variant].label, job.without[0], SOURCES[job.without[0]],
-                            f"{r.samples_per_s:.1f}", f"{r.peak_mb:.0f}", gain)
+            sources.add_row(
+                VARIANTS[job.variant].label,
+                job.without[0],
+                SOURCES[job.without[0]],
+                f"{r.samples_per_s:.1f}",
+                f"{r.peak_mb:.0f}",
+                gain,
+            )
         console.print(sources)
 
     report = {
-        "rows": args.rows, "batch": BATCH, "threads": torch.get_num_threads(), "repeat": args.repeat,
-        "matmul_gflops": [r / 1e9 for r in rates], "gflop_per_sample": work.per_sample / 1e9,
-        "limit_samples_per_s": limit, "reference_padding": args.reference_padding, "without": args.without,
+        "rows": args.rows,
+        "batch": BATCH,
+        "threads": torch.get_num_threads(),
+        "repeat": args.repeat,
+        "matmul_gflops": [r / 1e9 for r in rates],
+        "gflop_per_sample": work.per_sample / 1e9,
+        "limit_samples_per_s": limit,
+        "reference_padding": args.reference_padding,
+        "without": args.without,
         "proposals": args.proposals,
         "timed": [{"job": asdict(j), **asdict(r)} for j, r in timed.items()],
         "checks": [{"job": asdict(j), **asdict(r)} for j, r in checks.items()],
-        "step1_comparison": comparisons, "bench_wall_s": time.perf_counter() - started,
+        "step1_comparison": comparisons,
+        "bench_wall_s": time.perf_counter() - started,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 def block_flops_per_token(hidden: int, seq_len: int) -> float:
@@ -57,9 +57,7 @@ class WorkFlops:
         return rate / self.per_sample
 
 
-def work_flops(
-    lengths: Iterable[int], *, hidden: int, teacher_layers: int, student_layers: int
-) -> WorkFlops:
+def work_flops(lengths: Iterable[int], *, hidden: int, teacher_layers: int, student_layers: int) -> WorkFlops:
     """Total FLOPs of distilling over sequences of the given real (unpadded) lengths."""
     lengths = list(lengths)
     total = sum(sequence_flops(n, hidden, teacher_layers, student_layers) for n in lengths)

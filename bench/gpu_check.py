@@ -53,9 +53,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "recipes" / "data" / "sst2"
@@ -67,9 +68,27 @@ SEED = 0
 BERT_BASE = {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
 #: --quick: tiny widths (the layer counts stay, so the matches are the real ones).
 QUICK_WIDTH = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
-PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "pydantic", "pydantic_core", "pyarrow",
-            "numpy", "pandas", "fsspec", "dill", "multiprocess", "huggingface_hub", "typer", "rich",
-            "safetensors", "tensorboard", "typing_extensions", "kdcli")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "pydantic",
+    "pydantic_core",
+    "pyarrow",
+    "numpy",
+    "pandas",
+    "fsspec",
+    "dill",
+    "multiprocess",
+    "huggingface_hub",
+    "typer",
+    "rich",
+    "safetensors",
+    "tensorboard",
+    "typing_extensions",
+    "kdcli",
+)
 
 
 # --- results ---------------------------------------------------------------------------
@@ -247,12 +266,19 @@ def attention_check(teacher_dir: Path, device: str) -> dict:
 
     eager, sdpa = load("eager"), load("sdpa")
     blocks = list(range(1, eager.config.num_hidden_layers + 1))
-    result: dict[str, Any] = {"batch": list(batch["input_ids"].shape), "padded_share": round(1 - batch["attention_mask"].float().mean().item(), 3)}
+    result: dict[str, Any] = {
+        "batch": list(batch["input_ids"].shape),
+        "padded_share": round(1 - batch["attention_mask"].float().mean().item(), 3),
+    }
     for precision in ("fp32", "bf16"):
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             result[precision] = "bf16 not supported"
             continue
-        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(dev.type, enabled=False)
+        ctx = (
+            torch.autocast(dev.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else torch.autocast(dev.type, enabled=False)
+        )
         with torch.no_grad(), ctx:
             reference = eager(**batch, output_attentions=True).attentions
             if reference is None:
@@ -269,10 +295,13 @@ def attention_check(teacher_dir: Path, device: str) -> dict:
                     "max_abs_diff": max(diffs),
                     "per_block": [float(f"{d:.3g}") for d in diffs],
                 }
-                print(f"    {precision:5} capture on {impl:5} vs eager attentions: max |diff| {max(diffs):.3g}  "
-                      f"(scores {feats.scores[blocks[0]].dtype})")
+                print(
+                    f"    {precision:5} capture on {impl:5} vs eager attentions: max |diff| {max(diffs):.3g}  "
+                    f"(scores {feats.scores[blocks[0]].dtype})"
+                )
         result[f"{precision}/mean_row_max_prob"] = round(
-            statistics.fmean(a.float().amax(-1).mean().item() for a in reference), 4)
+            statistics.fmean(a.float().amax(-1).mean().item() for a in reference), 4
+        )
     del eager, sdpa
     return result
 
@@ -355,7 +384,7 @@ class StepClock:
         self.stamps: list[float] = []
         self._handle = None
 
-    def __enter__(self) -> "StepClock":
+    def __enter__(self) -> StepClock:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self._handle = register_optimizer_step_post_hook(lambda *_: self.stamps.append(time.perf_counter()))
@@ -366,7 +395,7 @@ class StepClock:
 
     def steady(self, warmup: int) -> dict:
         """Samples/s and median step time over the steps after `warmup` stamped ones."""
-        gaps = [b - a for a, b in zip(self.stamps[warmup:], self.stamps[warmup + 1:])]
+        gaps = [b - a for a, b in zip(self.stamps[warmup:], self.stamps[warmup + 1 :])]
         if not gaps:
             return {"steady_samples_per_s": None, "median_step_ms": None, "timed_steps": 0}
         return {
@@ -385,7 +414,9 @@ def distill_run(variant: Variant, teacher: Path, work: Path, device: str, steps:
     out = work / "runs" / variant.name.replace(" ", "-").replace("+", "_")
     recipe_path = work / "recipes" / f"{out.name}.json"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(json.dumps(recipe_for(variant, teacher, out, device, steps, quick), indent=2), encoding="utf-8")
+    recipe_path.write_text(
+        json.dumps(recipe_for(variant, teacher, out, device, steps, quick), indent=2), encoding="utf-8"
+    )
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -410,7 +441,9 @@ def distill_run(variant: Variant, teacher: Path, work: Path, device: str, steps:
             "samples_per_s": summary.get("samples_per_s"),
             **clock.steady(warmup=min(10, max(1, steps // 3))),
             "peak_memory_mb": summary.get("peak_memory_mb"),
-            "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if torch.cuda.is_available() else None,
+            "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)
+            if torch.cuda.is_available()
+            else None,
             "final_loss": summary.get("final_loss"),
             "final_terms": terms,
             "finite": all(isinstance(v, (int, float)) and math.isfinite(v) for v in values),
@@ -422,9 +455,11 @@ def distill_run(variant: Variant, teacher: Path, work: Path, device: str, steps:
         }
     finally:
         shutil.rmtree(out, ignore_errors=True)  # checkpoints: hundreds of MB for bert-base
-    print(f"    {result['precision']}: {result['steady_samples_per_s']} samples/s steady "
-          f"({result['samples_per_s']} whole run), peak {result['peak_memory_mb']} MiB, "
-          f"loss {_num(result['final_loss'])}, finite {result['finite']}, wall {result['run_wall_s']} s")
+    print(
+        f"    {result['precision']}: {result['steady_samples_per_s']} samples/s steady "
+        f"({result['samples_per_s']} whole run), peak {result['peak_memory_mb']} MiB, "
+        f"loss {_num(result['final_loss'])}, finite {result['finite']}, wall {result['run_wall_s']} s"
+    )
     print("    terms: " + "  ".join(f"{k} {_num(v)}" for k, v in terms.items()))
     return result
 
@@ -502,8 +537,20 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             teachers[kind] = build_teacher(work / f"teacher-{kind}", args.model_dir, sizes, args.quick)
             config = teacher_config(args.model_dir, sizes, args.quick)
-            return {"dir": str(teachers[kind]), "seconds": round(time.perf_counter() - start, 2),
-                    **{k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")}}
+            return {
+                "dir": str(teachers[kind]),
+                "seconds": round(time.perf_counter() - start, 2),
+                **{
+                    k: getattr(config, k)
+                    for k in (
+                        "num_hidden_layers",
+                        "hidden_size",
+                        "num_attention_heads",
+                        "intermediate_size",
+                        "vocab_size",
+                    )
+                },
+            }
 
         step("build minilm", lambda: build("minilm"))
         if "minilm" in teachers and wanted("attention"):
@@ -512,15 +559,22 @@ def main(argv: list[str] | None = None) -> int:
             if not wanted(variant.name):
                 continue
             if variant.teacher not in teachers:
-                step(f"build {variant.teacher}", lambda: build(variant.teacher))
+                step(f"build {variant.teacher}", lambda variant=variant: build(variant.teacher))
             if variant.teacher in teachers:
-                step(variant.name, lambda: distill_run(variant, teachers[variant.teacher], work, args.device, args.steps, args.quick))
+                step(
+                    variant.name,
+                    lambda variant=variant: distill_run(
+                        variant, teachers[variant.teacher], work, args.device, args.steps, args.quick
+                    ),
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         report.elapsed_s = round(time.perf_counter() - t0, 1)
         path = report.write(args.out)
         print("\n" + table(report))
-        print(f"\n{sum(p.status == 'ok' for p in report.parts)}/{len(report.parts)} parts ok in {report.elapsed_s} s; results in {path}")
+        print(
+            f"\n{sum(p.status == 'ok' for p in report.parts)}/{len(report.parts)} parts ok in {report.elapsed_s} s; results in {path}"
+        )
     return 0 if all(p.status == "ok" for p in report.parts) else 1
 
 

@@ -19,9 +19,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -106,7 +106,9 @@ def make_cases(batch: int, heads: int, length: int, hidden: int, seed: int, devi
                 )
             )
     for fn, label in (("kd_ce_loss", "ce"), ("kd_mse_loss", "mse")):
-        cases.append(Case(f"{label} (T=4)", fn, lambda: ((randn(batch, 2),), (randn(batch, 2),), None, {"temperature": 4.0})))
+        cases.append(
+            Case(f"{label} (T=4)", fn, lambda: ((randn(batch, 2),), (randn(batch, 2),), None, {"temperature": 4.0}))
+        )
     return cases
 
 
@@ -183,11 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="labels starting with these words")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument(
-        "--stat", choices=["median", "min"], default="median",
+        "--stat",
+        choices=["median", "min"],
+        default="median",
         help="summary of the repeats (min is steadier on a busy machine)",
     )
     parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall",
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
         help="wall time, or this process's CPU time (less disturbed by other load; use with --threads 1)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (the goal's setting) or cuda")

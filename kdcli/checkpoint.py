@@ -23,24 +23,25 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from kdcli.checkpoint_layout import (  # noqa: F401  (re-exported: the layout's names)
+    CHECKPOINTS,
+    META_FILE,
+    STATE_FILE,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from kdcli.errors import KdcliError, RunError
-from kdcli.outdir import CHECKPOINTS
-
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
 
 # -- a full disk -----------------------------------------------------------------------------
 
@@ -292,24 +293,6 @@ def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2) -
     for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (temporary folders are ignored)."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and (child / STATE_FILE).is_file() and (child / META_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -97,7 +97,7 @@ def _feature_choices() -> list[str]:
     return list(get_args(Feature))
 
 
-def _losses_document(feature: Optional[str]) -> dict:
+def _losses_document(feature: str | None) -> dict:
     """The registry's facts as one JSON-ready document (losses filtered by feature)."""
     from kdcli import registry
 
@@ -128,8 +128,14 @@ def _render_losses(doc: dict) -> None:
         return t
 
     losses = table(
-        "Losses", "name", "aliases", "feature", "layers per side", "input shapes",
-        "needs proj when sizes differ", "formula",
+        "Losses",
+        "name",
+        "aliases",
+        "feature",
+        "layers per side",
+        "input shapes",
+        "needs proj when sizes differ",
+        "formula",
     )
     for loss in doc["losses"]:
         proj = {"hidden": "yes: hidden sizes must agree", "heads": "no; head counts must agree"}
@@ -159,7 +165,7 @@ def _render_losses(doc: dict) -> None:
 @app.command("list-losses")
 def list_losses(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables."),
-    feature: Optional[str] = typer.Option(
+    feature: str | None = typer.Option(
         None,
         "--feature",
         metavar="[" + "|".join(_feature_choices()) + "]",
@@ -193,7 +199,7 @@ class ReportFormat(str, Enum):
 
 @app.command("check-recipe")
 def check_recipe(
-    paths: List[Path] = typer.Argument(
+    paths: list[Path] = typer.Argument(
         ..., help="Recipe files, or folders to search for *.json recipes.", show_default=False, metavar="PATH"
     ),
     report_format: ReportFormat = typer.Option(
@@ -235,22 +241,31 @@ def schema() -> None:
 # --- distill / train ---------------------------------------------------------------------
 
 _RECIPE_ARG = typer.Argument(..., help="The recipe file (JSON).", show_default=False)
-_OUTPUT_DIR = typer.Option(None, "--output-dir", "-o", help="Output folder (default: the recipe's training.output_dir).")
+_OUTPUT_DIR = typer.Option(
+    None, "--output-dir", "-o", help="Output folder (default: the recipe's training.output_dir)."
+)
 _MAX_STEPS = typer.Option(None, "--max-steps", help="Train for N optimizer steps (wins over num_epochs/num_steps).")
 _DEVICE = typer.Option(None, "--device", help='"auto", "cpu", "cuda", "cuda:N" or "mps" (default: the recipe\'s).')
-_SEED = typer.Option(None, "--seed", help="Random seed, in training.seed's range (default: the recipe's training.seed).")
+_SEED = typer.Option(
+    None, "--seed", help="Random seed, in training.seed's range (default: the recipe's training.seed)."
+)
 _RESUME = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder.")
 _OVERWRITE = typer.Option(
-    False, "--overwrite",
+    False,
+    "--overwrite",
     help="Replace an earlier kdcli run in the output folder (only a folder kdcli wrote; cleared once models and data have loaded).",
 )
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (warnings still print).")
 _JSON = typer.Option(
-    False, "--json", help='Print one JSON document on stdout: the summary with "ok": true, or {"ok": false, "error": {...}}.'
+    False,
+    "--json",
+    help='Print one JSON document on stdout: the summary with "ok": true, or {"ok": false, "error": {...}}.',
 )
 
 
-def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json) -> None:
+def _run_recipe(
+    mode: str, recipe_path: Path, output_dir, max_steps, device, seed, resume, overwrite, quiet, as_json
+) -> None:
     with _boundary(as_json):
         from kdcli.errors import UsageError
         from kdcli.recipe import SEED_RANGE, is_device, load_checked
@@ -262,13 +277,22 @@ def _run_recipe(mode: str, recipe_path: Path, output_dir, max_steps, device, see
             raise UsageError(f"--max-steps {max_steps} is not a number of steps. Fix: pass 1 or more")
         if seed is not None and seed not in SEED_RANGE:
             low, high = SEED_RANGE.start, SEED_RANGE.stop - 1
-            raise UsageError(f"--seed {seed} is outside training.seed's range {low}..{high}. Fix: use a seed from {low} to {high}")
+            raise UsageError(
+                f"--seed {seed} is outside training.seed's range {low}..{high}. Fix: use a seed from {low} to {high}"
+            )
         recipe = load_checked(recipe_path, mode=mode)
         from kdcli import distill
 
         summary = distill.run(
-            recipe, mode=mode, output_dir=output_dir, max_steps=max_steps, device=device, seed=seed,
-            resume=resume, overwrite=overwrite, quiet=quiet,
+            recipe,
+            mode=mode,
+            output_dir=output_dir,
+            max_steps=max_steps,
+            device=device,
+            seed=seed,
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
         )
         if not distill.is_main_process():
             return
@@ -287,10 +311,10 @@ def _recipe_command(mode: str, doc: str):
 
     def command(
         recipe: Path = _RECIPE_ARG,
-        output_dir: Optional[Path] = _OUTPUT_DIR,
-        max_steps: Optional[int] = _MAX_STEPS,
-        device: Optional[str] = _DEVICE,
-        seed: Optional[int] = _SEED,
+        output_dir: Path | None = _OUTPUT_DIR,
+        max_steps: int | None = _MAX_STEPS,
+        device: str | None = _DEVICE,
+        seed: int | None = _SEED,
         resume: bool = _RESUME,
         overwrite: bool = _OVERWRITE,
         quiet: bool = _QUIET,

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ class Source:
     delimiter: str | None = None
 
     @classmethod
-    def from_recipe(cls, data_source) -> "Source":
+    def from_recipe(cls, data_source) -> Source:
         """From the recipe's `DataSource` (path, format, split, config, delimiter)."""
         return cls(
             path=str(data_source.path),
@@ -82,8 +83,8 @@ class TaskData:
     """Tokenised splits and their labels. Rows hold input_ids, attention_mask,
     [token_type_ids], labels and length (token count)."""
 
-    train: "Dataset"
-    eval: "Dataset | None"
+    train: Dataset
+    eval: Dataset | None
     labels: Labels
     task: str = "sequence-classification"
     _lengths: list[int] | None = field(default=None, init=False, repr=False)
@@ -99,7 +100,7 @@ class TaskData:
 # --- reading ----------------------------------------------------------------------------
 
 
-def load_table(source: Source, *, cache_dir: str | None = None, label_column: str | None = None) -> "Dataset":
+def load_table(source: Source, *, cache_dir: str | None = None, label_column: str | None = None) -> Dataset:
     """One split as a `datasets.Dataset`, columns as in the file (csv/tsv cells as strings).
 
     A csv/tsv file is first checked record by record (`kdcli.tabular.validate_table`: field
@@ -150,7 +151,7 @@ def load_table(source: Source, *, cache_dir: str | None = None, label_column: st
 # --- labels -----------------------------------------------------------------------------
 
 
-def class_names(table: "Dataset", column: str) -> list[str] | None:
+def class_names(table: Dataset, column: str) -> list[str] | None:
     """Names of a `ClassLabel` column (or a sequence of ClassLabel, as NER tags), else None."""
     import datasets
 
@@ -163,7 +164,7 @@ def class_names(table: "Dataset", column: str) -> list[str] | None:
 # --- tokenising -------------------------------------------------------------------------
 
 
-def _check_columns(table: "Dataset", columns: Mapping[str, str | None], source: str) -> None:
+def _check_columns(table: Dataset, columns: Mapping[str, str | None], source: str) -> None:
     for option, column in columns.items():
         if column is not None and column not in table.column_names:
             raise DataError(
@@ -173,8 +174,8 @@ def _check_columns(table: "Dataset", columns: Mapping[str, str | None], source: 
 
 
 def tokenize(
-    table: "Dataset",
-    tokenizer: "PreTrainedTokenizerBase",
+    table: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
     labels: Labels,
     *,
     task: str = "sequence-classification",
@@ -183,7 +184,7 @@ def tokenize(
     label_column: str = "label",
     max_length: int = 128,
     source: str = "data",
-) -> "Dataset":
+) -> Dataset:
     """Tokenise every row once (`map(batched=True)`, cached by datasets), without padding.
 
     Output columns: input_ids, attention_mask, [token_type_ids], labels (an int per row, or a
@@ -204,7 +205,7 @@ def tokenize(
 def prepare_data(
     train: Source,
     eval: Source | None,
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     *,
     task: str = "sequence-classification",
     text_column: str = "text",
@@ -236,14 +237,20 @@ def prepare_data(
         if limit is not None and limit < len(table):
             table = table.select(range(limit))
         out[name] = tokenize(
-            table, tokenizer, labels, task=task, text_column=text_column,
-            text_pair_column=text_pair_column, label_column=label_column, max_length=max_length,
+            table,
+            tokenizer,
+            labels,
+            task=task,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+            max_length=max_length,
             source=(train if name == "train" else eval).describe(),
         )
     return TaskData(train=out["train"], eval=out.get("eval"), labels=labels, task=task)
 
 
-def prepare_from_recipe(recipe, tokenizer: "PreTrainedTokenizerBase", *, cache_dir: str | None = None) -> TaskData:
+def prepare_from_recipe(recipe, tokenizer: PreTrainedTokenizerBase, *, cache_dir: str | None = None) -> TaskData:
     """`prepare_data` with the recipe's `task` and `data` section (see docs/architecture.md)."""
     data = recipe.data
     return prepare_data(
@@ -302,9 +309,9 @@ def train_batches(
         order = [
             i
             for start in range(0, len(order), mega)
-            for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])
+            for i in sorted(order[start : start + mega], key=lambda j: -lengths[j])
         ]
-    batches = [order[start:start + step] for start in range(0, len(order), step)]
+    batches = [order[start : start + step] for start in range(0, len(order), step)]
     if group_by_length:
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         batches = [batches[i] for i in shuffle]
@@ -335,11 +342,11 @@ class Collator:
     pad_to_multiple_of: int | None = None
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int | None = None) -> "Collator":
+    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int | None = None) -> Collator:
         pad = tokenizer.pad_token_id
         return cls(pad_token_id=0 if pad is None else int(pad), pad_to_multiple_of=pad_to_multiple_of)
 
-    def batch(self, dataset: "Dataset", indices: Sequence[int]) -> dict[str, Tensor]:
+    def batch(self, dataset: Dataset, indices: Sequence[int]) -> dict[str, Tensor]:
         return self(dataset[list(indices)])
 
     def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> dict[str, Tensor]:

@@ -30,9 +30,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -156,7 +157,7 @@ def read_dev(recipes: Path, stage: Stage) -> DevSet:
     return DevSet([r[data.text_column] for r in rows], [int(r[data.label_column]) for r in rows])
 
 
-def load_folder(folder: Path) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def load_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A saved output folder, loaded back the way a user would: plain transformers."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -175,10 +176,10 @@ def accuracy(model, tokenizer, dev: DevSet, *, max_length: int = 64, batch_size:
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(dev.texts), batch_size):
-            texts = dev.texts[start:start + batch_size]
+            texts = dev.texts[start : start + batch_size]
             enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             predicted = model(**enc).logits.argmax(-1).tolist()
-            correct += sum(p == y for p, y in zip(predicted, dev.labels[start:start + batch_size]))
+            correct += sum(p == y for p, y in zip(predicted, dev.labels[start : start + batch_size]))
     return correct / len(dev.texts)
 
 
@@ -222,10 +223,16 @@ def targets(figures: dict[str, Figures]) -> dict[str, dict]:
     teacher, student, control = (figures[k].dev_accuracy for k in ("teacher", "student", "control"))
     return {
         "keeps_97pct_of_teacher": {
-            "student": student, "needed": KEEP_FRACTION * teacher, "met": student >= KEEP_FRACTION * teacher,
+            "student": student,
+            "needed": KEEP_FRACTION * teacher,
+            "met": student >= KEEP_FRACTION * teacher,
         },
         "beats_control": {"student": student, "control": control, "met": student > control},
-        "reaches_reference": {"student": student, "reference": REFERENCE["student"], "met": student >= REFERENCE["student"]},
+        "reaches_reference": {
+            "student": student,
+            "reference": REFERENCE["student"],
+            "met": student >= REFERENCE["student"],
+        },
     }
 
 
@@ -265,7 +272,9 @@ def _rel(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdcli.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--retrain-teacher", action="store_true", help="fine-tune the teacher even if runs/sst2-teacher is finished")
+    parser.add_argument(
+        "--retrain-teacher", action="store_true", help="fine-tune the teacher even if runs/sst2-teacher is finished"
+    )
     parser.add_argument("--reuse", action="store_true", help="reuse finished student and control folders too")
     parser.add_argument("--recipes", type=Path, default=RECIPES, help="folder holding the three sst2-*.json recipes")
     parser.add_argument("--summary", type=Path, default=SUMMARY, help="where to write the figures (JSON)")
@@ -296,13 +305,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.print(f"target {name.replace('_', ' ')}: {mark} ({numbers})")
     out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}")
     args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps({
-        "models": {k: asdict(f) for k, f in figures.items()},
-        "targets": verdict,
-        "reference": REFERENCE,
-        "wall_s": wall,
-        "threads": _threads(),
-    }, indent=2) + "\n")
+    args.summary.write_text(
+        json.dumps(
+            {
+                "models": {k: asdict(f) for k, f in figures.items()},
+                "targets": verdict,
+                "reference": REFERENCE,
+                "wall_s": wall,
+                "threads": _threads(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -49,8 +49,15 @@ from kdcli import outdir, report
 from kdcli.engine.batches import BatchStream
 from kdcli.engine.devices import Processes, is_main_process  # noqa: F401  (cli imports it from here)
 from kdcli.engine.outputs import (
-    RUN_FILES, begin_outputs, close_all, evaluate_student, evaluate_teachers, log_step, save_checkpoint,
-    save_final, write_summary,
+    RUN_FILES,
+    begin_outputs,
+    close_all,
+    evaluate_student,
+    evaluate_teachers,
+    log_step,
+    save_checkpoint,
+    save_final,
+    write_summary,
 )
 from kdcli.engine.recipe_facts import Mode, read_paths
 from kdcli.engine.setup import RunState, first_line, setup
@@ -82,7 +89,9 @@ def run(
     if mode not in ("distill", "train"):
         raise ValueError(f"mode must be 'distill' or 'train', not {mode!r}")
     if mode == "distill" and (recipe.distillation is None or not recipe.teachers):
-        raise UsageError("`kdcli distill` needs a recipe with `teacher` and `distillation`. Fix: use `kdcli train` for fine-tuning")
+        raise UsageError(
+            "`kdcli distill` needs a recipe with `teacher` and `distillation`. Fix: use `kdcli train` for fine-tuning"
+        )
     if max_steps is not None and max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
     procs = Processes.from_env()
@@ -100,7 +109,9 @@ def run(
             torch.distributed.destroy_process_group()
 
 
-def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_name, seed, resume, overwrite, quiet) -> dict:
+def _run(
+    recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_name, seed, resume, overwrite, quiet
+) -> dict:
     wall_start = time.perf_counter()
     # the output folder: checked, created, probed and locked before anything loads; the
     # previous run is cleared (--overwrite) only just before the first write (folder.begin)
@@ -108,7 +119,12 @@ def _run(recipe, mode: Mode, procs: Processes, output_dir, max_steps, device_nam
 
     def open_folder() -> outdir.RunFolder:
         return outdir.RunFolder.open(
-            out, resume=resume, overwrite=overwrite, protected=read_paths(recipe), main=procs.is_main, file_names=RUN_FILES,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            protected=read_paths(recipe),
+            main=procs.is_main,
+            file_names=RUN_FILES,
         )
 
     folder = open_folder() if procs.is_main else None
@@ -153,10 +169,20 @@ def _loop(run: RunState) -> None:
     rank agrees on, the update, then logging, evaluation and checkpoints when due."""
     training, procs, total = run.training, run.procs, run.total_steps
     run.console.progress = report.Progress(
-        report.progress_mode(run.console.quiet or not run.main), total, initial_step=run.position.step, description=run.mode,
+        report.progress_mode(run.console.quiet or not run.main),
+        total,
+        initial_step=run.position.step,
+        description=run.mode,
     )
-    stream = BatchStream(run.data.train_lengths, training.batch_size, run.seed, run.recipe.data.group_by_length,
-                         procs.rank, procs.world_size, run.position)
+    stream = BatchStream(
+        run.data.train_lengths,
+        training.batch_size,
+        run.seed,
+        run.recipe.data.group_by_length,
+        procs.rank,
+        procs.world_size,
+        run.position,
+    )
     throughput = report.Throughput(run.position.step)
     with StopRequest() as stop:
         while run.position.step < total:
@@ -190,7 +216,8 @@ def _non_finite_error(run: RunState, bad: NonFinite | None, epoch: int) -> NonFi
     step = run.position.step + 1
     where = (
         f"term {bad.term} = {bad.value} at step {step}, batch {bad.batch + 1} of epoch {epoch + 1}"
-        if bad is not None else f"on another process at step {step}"
+        if bad is not None
+        else f"on another process at step {step}"
     )
     kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint had been written yet"
     return NonFiniteLossError(

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,7 @@ class Features:
     scores: dict[int, Tensor] = field(default_factory=dict)
     mask: Tensor | None = None
 
-    def detached(self) -> "Features":
+    def detached(self) -> Features:
         """Copies made outside inference mode, usable in autograd (e.g. kd_ce_loss multiplies
         by the teacher's probabilities, which inference tensors forbid). Copies only what was
         captured: logits, the matched layers and the mask."""
@@ -113,9 +113,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Ten
     params = inspect.signature(model.forward).parameters
     single_type = getattr(getattr(model, "config", None), "type_vocab_size", 2) <= 1
     return {
-        k: batch[k]
-        for k in INPUT_KEYS
-        if k in batch and k in params and not (k == "token_type_ids" and single_type)
+        k: batch[k] for k in INPUT_KEYS if k in batch and k in params and not (k == "token_type_ids" and single_type)
     }
 
 
@@ -194,9 +192,7 @@ class FeatureCapture:
             )
         for i in self.hidden_layers:
             if i == 0:
-                self._handles.append(
-                    blocks.modules[0].register_forward_pre_hook(self._input_hook, with_kwargs=True)
-                )
+                self._handles.append(blocks.modules[0].register_forward_pre_hook(self._input_hook, with_kwargs=True))
             else:
                 self._handles.append(blocks.modules[i - 1].register_forward_hook(self._output_hook(i)))
         for i in self.attention_layers:
@@ -260,8 +256,7 @@ class FeatureCapture:
             logits=output.logits,
             hidden={i: hidden[i] for i in self.hidden_layers},
             scores={
-                i: attention_scores(qk[(i, "q")], qk[(i, "k")], mask, self._heads[i])
-                for i in self.attention_layers
+                i: attention_scores(qk[(i, "q")], qk[(i, "k")], mask, self._heads[i]) for i in self.attention_layers
             },
             mask=mask,
         )
@@ -281,7 +276,7 @@ class FeatureCapture:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "FeatureCapture":
+    def __enter__(self) -> FeatureCapture:
         return self
 
     def __exit__(self, *exc) -> None:

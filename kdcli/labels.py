@@ -26,8 +26,9 @@ csv/tsv are skipped, as `datasets` skips them).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from kdcli.errors import RunError
 
@@ -83,7 +84,11 @@ def label_key(value: Any) -> int | str:
         raise _score(repr(value))
     text = str(value).strip()
     if not text:
-        raise LabelValueError(f"some rows have no label (an empty value {str(value)!r})", _NO_LABEL_FIX, "some rows have no label (an empty value)")
+        raise LabelValueError(
+            f"some rows have no label (an empty value {str(value)!r})",
+            _NO_LABEL_FIX,
+            "some rows have no label (an empty value)",
+        )
     if _INTEGER.fullmatch(text):
         return int(text)
     if _DECIMAL.fullmatch(text):

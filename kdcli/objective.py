@@ -33,8 +33,8 @@ Logits are upcast to float32; the loss functions reduce bf16/fp16 features in fl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from kdcli import registry
 from kdcli.errors import RunError
 from kdcli.tasks import IGNORE_INDEX, task_for
-
 
 
 @dataclass(frozen=True)
@@ -109,9 +108,7 @@ def hard_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
     Positions labelled -100 are ignored; mean over the rest (Hugging Face's `loss`).
     """
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def _as_tuple(layer: int | Sequence[int]) -> tuple[int, ...]:
@@ -131,7 +128,9 @@ class Objective(nn.Module):
     `weights(step_fraction)` gives the weight each term has at that point of training.
     """
 
-    def __init__(self, distillation=None, *, hidden_S: int | None = None, hidden_T: int | None = None, task=None) -> None:
+    def __init__(
+        self, distillation=None, *, hidden_S: int | None = None, hidden_T: int | None = None, task=None
+    ) -> None:
         super().__init__()
         self.config = distillation
         # the task's choice of the logits the KD and hard-label terms compare (kdcli.tasks)
@@ -289,12 +288,12 @@ def _check_sizes(i: int, match, proj, hidden_S: int | None, hidden_T: int | None
         if (proj.dim_S, proj.dim_T) != (hidden_S, hidden_T):
             raise RunError(
                 f"{where}.proj maps {proj.dim_S} -> {proj.dim_T}, but the student's hidden size is "
-                f"{hidden_S} and the teacher's {hidden_T}. Fix: write [\"{proj.kind}\", {hidden_S}, {hidden_T}]"
+                f'{hidden_S} and the teacher\'s {hidden_T}. Fix: write ["{proj.kind}", {hidden_S}, {hidden_T}]'
             )
     elif registry.get_loss(match.loss).needs_proj_when_sizes_differ and hidden_S != hidden_T:
         raise RunError(
             f"{where}: {match.loss} compares hidden states of sizes {hidden_S} (student) and "
-            f"{hidden_T} (teacher). Fix: add \"proj\": [\"linear\", {hidden_S}, {hidden_T}]"
+            f'{hidden_T} (teacher). Fix: add "proj": ["linear", {hidden_S}, {hidden_T}]'
         )
 
 

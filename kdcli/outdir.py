@@ -20,7 +20,7 @@
   cannot be created, and a folder where nothing can be written are each one message (a real
   probe: a file is created and deleted).
 
-This module imports nothing heavy (kdcli.checkpoint, which imports torch, only when resuming).
+This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
+from kdcli.checkpoint_layout import CHECKPOINTS, latest_checkpoint
 from kdcli.errors import UsageError
 
 try:  # POSIX; elsewhere runs are not locked
@@ -44,7 +45,6 @@ MARKER = ".kdcli-run.json"
 LOCK_FILE = ".kdcli.lock"
 #: kdcli's bookkeeping files: they do not make a folder "not empty" and survive clearing.
 OWN_FILES = frozenset({MARKER, LOCK_FILE})
-CHECKPOINTS = "checkpoints"  # the checkpoints' folder (kdcli.checkpoint takes the name from here)
 _PROBE_PREFIX = ".kdcli-probe-"
 _NAME_MAX = 255
 _TEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile.mkstemp / mkdtemp's random part
@@ -169,7 +169,7 @@ class FolderLock:
         self.created = created  # the lock file did not exist before
 
     @classmethod
-    def acquire(cls, folder: str | os.PathLike) -> "FolderLock":
+    def acquire(cls, folder: str | os.PathLike) -> FolderLock:
         """Take the lock, or raise UsageError naming the live process that holds it."""
         path = Path(folder) / LOCK_FILE
         if fcntl is None:  # pragma: no cover - no flock on this platform
@@ -280,7 +280,10 @@ def make_folder(out: Path) -> Path | None:
             elif exc.errno == errno.ENAMETOOLONG:
                 problem, fix = "the path is too long for the file system", "choose a shorter --output-dir"
             else:
-                problem, fix = f"{_describe(exc)} in {folder.parent}", "choose an --output-dir in a folder you can write to"
+                problem, fix = (
+                    f"{_describe(exc)} in {folder.parent}",
+                    "choose an --output-dir in a folder you can write to",
+                )
             raise UsageError(f"cannot create the output folder {out}: {problem}. Fix: {fix}") from None
         top = top or folder
     return top
@@ -320,7 +323,9 @@ class RunFolder:
     to resume from), `begin` (clear the old run if overwriting, mark), `close` (release; a run
     that never began removes the folder it created)."""
 
-    def __init__(self, out: Path, *, overwrite: bool, lock: FolderLock | None, created: Path | None, latest: Path | None):
+    def __init__(
+        self, out: Path, *, overwrite: bool, lock: FolderLock | None, created: Path | None, latest: Path | None
+    ):
         self.path = out
         self.latest = latest  # the checkpoint to resume from
         self._overwrite = overwrite
@@ -342,7 +347,7 @@ class RunFolder:
         protected: Iterable[str | os.PathLike],
         main: bool = True,
         file_names: Iterable[str] = (),
-    ) -> "RunFolder":
+    ) -> RunFolder:
         """Check `out` for this run and, on the main process, create, probe and lock it.
 
         Raises UsageError: --resume with --overwrite; a file; a name too long; not creatable or
@@ -429,6 +434,4 @@ class RunFolder:
 
 
 def _latest(out: Path) -> Path | None:
-    from kdcli import checkpoint
-
-    return checkpoint.latest_checkpoint(out)
+    return latest_checkpoint(out)

@@ -17,8 +17,9 @@ PROJ_MAP, TEMPERATURE_SCHEDULER, WEIGHT_SCHEDULER.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
 Feature = Literal["logits", "hidden", "attention"]
 
@@ -251,9 +252,7 @@ PROJECTIONS: tuple[ProjectionSpec, ...] = (
 _PAPER_LESSONS = "Wen et al. 2019, Preparing Lessons: Improve KD with Better Supervision, arXiv:1911.07471"
 
 SCHEDULERS: tuple[SchedulerSpec, ...] = (
-    SchedulerSpec(
-        "constant", "temperature", (), "constant_temperature", "T_i = T"
-    ),
+    SchedulerSpec("constant", "temperature", (), "constant_temperature", "T_i = T"),
     SchedulerSpec(
         "flsw",
         "temperature",
@@ -271,12 +270,8 @@ SCHEDULERS: tuple[SchedulerSpec, ...] = (
         f"w_i = 1 / (max softmax(z_S,i) + 1e-3); T_i = max(T + (mean(w) - w_i) * beta, {MIN_TEMPERATURE})",
         _PAPER_LESSONS,
     ),
-    SchedulerSpec(
-        "linear_decay", "weight", (), "linear_decay_weight", "w = 1 - step / total_steps"
-    ),
-    SchedulerSpec(
-        "linear_growth", "weight", (), "linear_growth_weight", "w = step / total_steps"
-    ),
+    SchedulerSpec("linear_decay", "weight", (), "linear_decay_weight", "w = 1 - step / total_steps"),
+    SchedulerSpec("linear_growth", "weight", (), "linear_growth_weight", "w = step / total_steps"),
 )
 
 

@@ -22,9 +22,10 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -35,7 +36,7 @@ ProgressMode = Literal["rich", "plain", "off"]
 
 
 def progress_mode(quiet: bool, stream=None) -> ProgressMode:
-    """"off" when quiet, "rich" when the stream (default stderr) is a terminal, else "plain"."""
+    """ "off" when quiet, "rich" when the stream (default stderr) is a terminal, else "plain"."""
     if quiet:
         return "off"
     stream = stream if stream is not None else sys.stderr
@@ -103,10 +104,12 @@ class Progress:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress as RichProgress,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
             )
             from rich.text import Text
 

@@ -19,7 +19,7 @@ entry names the scheduler itself. The objective calls `build_temperature_schedul
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from torch import Tensor
 from kdcli import registry
 from kdcli.recipe.temperature import parse_temperature_scheduler, scheduler_arguments
 
-TemperatureScheduler = Callable[[Tensor, Tensor, float], Union[float, Tensor]]
+TemperatureScheduler = Callable[[Tensor, Tensor, float], float | Tensor]
 WeightScheduler = Callable[[float], float]
 
 #: TextBrewer's `flsw` adds this to the logits' norms before normalising them.

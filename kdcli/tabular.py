@@ -116,7 +116,9 @@ def validate_table(
     except NotRegularFile as exc:
         raise DataError(f"{where}: not read: {exc}. Fix: point data.train/data.eval at a data file") from None
     except OSError as exc:
-        raise DataError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__}). Fix: check data.train/data.eval paths") from None
+        raise DataError(
+            f"{where}: cannot be read ({exc.strerror or type(exc).__name__}). Fix: check data.train/data.eval paths"
+        ) from None
     if not header:
         raise DataError(f"{where}: the file is empty. Fix: give a file with a header line and rows")
     if rows == 0:
@@ -130,13 +132,13 @@ def _csv_error(where: str, start: int, line: int, message: str, sep: str) -> str
     if "unexpected end of data" in message:
         return (
             f"{where}, line {start}: a quote opened on line {start} is never closed (the file ends "
-            "inside it). Fix: close the quote; a quote inside a quoted field is written twice (\"\")"
+            'inside it). Fix: close the quote; a quote inside a quoted field is written twice ("")'
         )
     if "expected after" in message:
         return (
             f"{where}, line {line}: a closing quote is followed by more text instead of a {sep} or "
             f"the line end (the record starts on line {start}). Fix: quote the whole field and "
-            "write each quote inside it twice (\"say \"\"hi\"\"\"), or close the quote opened "
+            'write each quote inside it twice ("say ""hi"""), or close the quote opened '
             f"on line {start} where the field ends"
         )
     if "field larger than field limit" in message:
@@ -188,5 +190,5 @@ def _check_merged_rows(
                         f"{where}, line {start}: a quote opened on line {start} runs over the next "
                         f"line(s) and swallows line {line}, which reads as a row of its own: two "
                         f"rows merged into one. Fix: close the quote on line "
-                        f"{start}; a quote inside a quoted field is written twice (\"\")"
+                        f'{start}; a quote inside a quoted field is written twice ("")'
                     )

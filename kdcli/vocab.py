@@ -22,9 +22,9 @@ read from a SentencePiece file is compared only with another one read the same w
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from kdcli.safe_files import NotRegularFile, read_regular_bytes, read_regular_text
 
@@ -121,12 +121,12 @@ def _fields(data: bytes):
         if wire == 0:
             value, pos = _varint(data, pos)
         elif wire == 1:
-            value, pos = data[pos:pos + 8], pos + 8
+            value, pos = data[pos : pos + 8], pos + 8
         elif wire == 2:
             length, pos = _varint(data, pos)
-            value, pos = data[pos:pos + length], pos + length
+            value, pos = data[pos : pos + length], pos + length
         elif wire == 5:
-            value, pos = data[pos:pos + 4], pos + 4
+            value, pos = data[pos : pos + 4], pos + 4
         else:
             raise ValueError(f"protobuf wire type {wire}")
         yield number, wire, value
@@ -160,7 +160,16 @@ def read_vocab(folder: str | Path) -> Vocab | None:
             continue
         try:
             vocab = _READERS[name](path)
-        except (OSError, ValueError, UnicodeDecodeError, IndexError, TypeError, RecursionError, AttributeError, NotRegularFile):
+        except (
+            OSError,
+            ValueError,
+            UnicodeDecodeError,
+            IndexError,
+            TypeError,
+            RecursionError,
+            AttributeError,
+            NotRegularFile,
+        ):
             vocab = None
         if vocab is not None and vocab.tokens:
             return vocab

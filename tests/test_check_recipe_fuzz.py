@@ -32,9 +32,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from kdcli.recipe import check_paths, render_github, render_text
 from kdcli.cli import app
-from test_cli_check_recipe import VALID, VALID_TRAIN, make_workspace
+from kdcli.recipe import check_paths, render_github, render_text
+from recipe_workspace import VALID, VALID_TRAIN, make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 N = int(os.environ.get("KDCLI_FUZZ_N", "300"))
@@ -52,7 +52,7 @@ RAW_VALUES = [
     "Infinity",
     "-Infinity",
     "[" * 10_000 + "]" * 10_000,
-    "{\"a\":" * 3000 + "1" + "}" * 3000,
+    '{"a":' * 3000 + "1" + "}" * 3000,
     '"\\ud800"',
     '"\\udc00x\\ud83d"',
     '"a\\u0000b"',
@@ -107,9 +107,25 @@ def _value(rng: random.Random, raws: list[str]) -> Any:
     if kind == 2:
         return rng.choice(PATHS)
     if kind == 3:
-        return {"path": rng.choice(PATHS), "format": rng.choice(["csv", "tsv", "json", "jsonl", "parquet", "xml", None])}
+        return {
+            "path": rng.choice(PATHS),
+            "format": rng.choice(["csv", "tsv", "json", "jsonl", "parquet", "xml", None]),
+        }
     if kind == 4:
-        return rng.choice(["hidden", "attention", "hidden_mse", "mmd", "attention_mse", "linear", "cwsm", "ce", "mse", "token-classification"])
+        return rng.choice(
+            [
+                "hidden",
+                "attention",
+                "hidden_mse",
+                "mmd",
+                "attention_mse",
+                "linear",
+                "cwsm",
+                "ce",
+                "mse",
+                "token-classification",
+            ]
+        )
     if kind == 5:
         raws.append(rng.choice(RAW_VALUES))
         return f"__RAW{len(raws) - 1}__"
@@ -120,7 +136,12 @@ def _value(rng: random.Random, raws: list[str]) -> Any:
     if kind == 8:
         return "m" * rng.choice([1 << 20, 3 << 20])  # multi-MB strings
     if kind == 9:
-        return ["linear", rng.choice([1, 384, 0, -3, 2**40]), rng.choice([384, 768, "x"]), {_text(rng): _value(rng, raws)}]
+        return [
+            "linear",
+            rng.choice([1, 384, 0, -3, 2**40]),
+            rng.choice([384, 768, "x"]),
+            {_text(rng): _value(rng, raws)},
+        ]
     if kind == 10:
         return rng.choice([[0, 0], [1, 2, 3], [6, 3], [-1], [100]])
     return rng.choice([{}, [], "", " ", "x" * 300])
@@ -155,7 +176,9 @@ def _mutate(recipe: dict, rng: random.Random, raws: list[str]) -> list[str]:
         elif action == "rename" and isinstance(parent, dict):
             parent[_text(rng) or "x"] = parent.pop(path[-1])
         elif action == "add" and isinstance(parent, dict):
-            parent[rng.choice(["layer_t", "weight", "proj", "loss", "student", "x", "path", "format", _text(rng)])] = _value(rng, raws)
+            parent[rng.choice(["layer_t", "weight", "proj", "loss", "student", "x", "path", "format", _text(rng)])] = (
+                _value(rng, raws)
+            )
         done.append(f"{action} {path!r}"[:120])
     return done
 
@@ -215,7 +238,11 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _seeds(root: Path) -> list[tuple[Path, dict]]:
-    out = [(root / "recipes", json.loads(f.read_text(encoding="utf-8"))) for f in sorted((root / "recipes").glob("*.json")) if f.name != "recipe.schema.json"]
+    out = [
+        (root / "recipes", json.loads(f.read_text(encoding="utf-8")))
+        for f in sorted((root / "recipes").glob("*.json"))
+        if f.name != "recipe.schema.json"
+    ]
     out += [(root / "local", VALID), (root / "local", VALID_TRAIN)]
     return out
 

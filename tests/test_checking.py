@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from kdcli.errors import RecipeError, UsageError
 from kdcli.recipe import (
     CheckReport,
+    DataSource,
     check_file,
     check_paths,
     count_labels,
@@ -24,8 +26,6 @@ from kdcli.recipe import (
     render_github,
     render_text,
 )
-from kdcli.errors import RecipeError, UsageError
-from kdcli.recipe import DataSource
 from tiny import teacher_config
 
 STUDENT = {
@@ -49,7 +49,14 @@ def base_recipe() -> dict:
         "distillation": {
             "temperature": 8,
             "intermediate_matches": [
-                {"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]},
+                {
+                    "layer_T": 0,
+                    "layer_S": 0,
+                    "feature": "hidden",
+                    "loss": "hidden_mse",
+                    "weight": 1,
+                    "proj": ["linear", 32, 64],
+                },
                 {"layer_T": [4, 4], "layer_S": [2, 2], "feature": "hidden", "loss": "mmd", "weight": 1},
                 {"layer_T": 4, "layer_S": 2, "feature": "attention", "loss": "attention_mse_sum", "weight": 1},
             ],
@@ -121,22 +128,102 @@ def _teacher_config(**changes):
 
 
 RULES = [
-    ("teacher hidden layer out of range", _set(M + (0, "layer_T"), 5), "distillation.intermediate_matches[0].layer_T", "teacher has 4 layers"),
-    ("student layer in a list out of range", _set(M + (1, "layer_S"), [2, 3]), "distillation.intermediate_matches[1].layer_S[1]", "student has 2 layers"),
-    ("attention layer out of range", _set(M + (2, "layer_T"), 5), "distillation.intermediate_matches[2].layer_T", "attention layers 1..4"),
-    ("proj dim_S differs from the student", _set(M + (0, "proj"), ["linear", 64, 64]), "distillation.intermediate_matches[0].proj[1]", "student's hidden size is 32"),
-    ("proj dim_T differs from the teacher", _set(M + (0, "proj"), ["linear", 32, 768]), "distillation.intermediate_matches[0].proj[2]", "teacher's hidden size is 64"),
-    ("proj required for hidden_mse", _set(M + (0, "proj"), None), "distillation.intermediate_matches[0].proj", '"proj": ["linear", 32, 64]'),
-    ("proj required for fsp", _set(M + (1, "loss"), "fsp"), "distillation.intermediate_matches[1].proj", "needs equal hidden sizes"),
-    ("heads must agree for attention_mse", _set(M + (2, "loss"), "attention_mse"), "distillation.intermediate_matches[2].loss", "attention_mse_sum"),
-    ("heads must agree for attention_ce", _set(M + (2, "loss"), "attention_ce"), "distillation.intermediate_matches[2].loss", "attention_ce_mean"),
-    ("max_length over position embeddings", _set(("data", "max_length"), 512), "data.max_length", "128 position embeddings"),
-    ("missing text column", _set(("data", "text_column"), "sentense"), "data.text_column", 'set data.text_column to "sentence"'),
-    ("missing default label column", _set(("data", "train"), "data/ner.jsonl"), "data.label_column", "the default label_column"),
-    ("init list length", _config_student({"num_hidden_layers": 2}, [1, 2, 3]), "student.init_from_teacher", "lists 3 blocks but the student has 2 layers"),
-    ("init block out of range", _config_student({"num_hidden_layers": 2}, [2, 9]), "student.init_from_teacher[1]", "blocks 1..4"),
-    ("init into another width", _config_student({"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}, [2, 4]), "student.overrides.hidden_size", "hidden_size 64"),
-    ("override typo", _config_student({"num_hiden_layers": 2}), "student.overrides.num_hiden_layers", "did you mean 'num_hidden_layers'"),
+    (
+        "teacher hidden layer out of range",
+        _set(M + (0, "layer_T"), 5),
+        "distillation.intermediate_matches[0].layer_T",
+        "teacher has 4 layers",
+    ),
+    (
+        "student layer in a list out of range",
+        _set(M + (1, "layer_S"), [2, 3]),
+        "distillation.intermediate_matches[1].layer_S[1]",
+        "student has 2 layers",
+    ),
+    (
+        "attention layer out of range",
+        _set(M + (2, "layer_T"), 5),
+        "distillation.intermediate_matches[2].layer_T",
+        "attention layers 1..4",
+    ),
+    (
+        "proj dim_S differs from the student",
+        _set(M + (0, "proj"), ["linear", 64, 64]),
+        "distillation.intermediate_matches[0].proj[1]",
+        "student's hidden size is 32",
+    ),
+    (
+        "proj dim_T differs from the teacher",
+        _set(M + (0, "proj"), ["linear", 32, 768]),
+        "distillation.intermediate_matches[0].proj[2]",
+        "teacher's hidden size is 64",
+    ),
+    (
+        "proj required for hidden_mse",
+        _set(M + (0, "proj"), None),
+        "distillation.intermediate_matches[0].proj",
+        '"proj": ["linear", 32, 64]',
+    ),
+    (
+        "proj required for fsp",
+        _set(M + (1, "loss"), "fsp"),
+        "distillation.intermediate_matches[1].proj",
+        "needs equal hidden sizes",
+    ),
+    (
+        "heads must agree for attention_mse",
+        _set(M + (2, "loss"), "attention_mse"),
+        "distillation.intermediate_matches[2].loss",
+        "attention_mse_sum",
+    ),
+    (
+        "heads must agree for attention_ce",
+        _set(M + (2, "loss"), "attention_ce"),
+        "distillation.intermediate_matches[2].loss",
+        "attention_ce_mean",
+    ),
+    (
+        "max_length over position embeddings",
+        _set(("data", "max_length"), 512),
+        "data.max_length",
+        "128 position embeddings",
+    ),
+    (
+        "missing text column",
+        _set(("data", "text_column"), "sentense"),
+        "data.text_column",
+        'set data.text_column to "sentence"',
+    ),
+    (
+        "missing default label column",
+        _set(("data", "train"), "data/ner.jsonl"),
+        "data.label_column",
+        "the default label_column",
+    ),
+    (
+        "init list length",
+        _config_student({"num_hidden_layers": 2}, [1, 2, 3]),
+        "student.init_from_teacher",
+        "lists 3 blocks but the student has 2 layers",
+    ),
+    (
+        "init block out of range",
+        _config_student({"num_hidden_layers": 2}, [2, 9]),
+        "student.init_from_teacher[1]",
+        "blocks 1..4",
+    ),
+    (
+        "init into another width",
+        _config_student({"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}, [2, 4]),
+        "student.overrides.hidden_size",
+        "hidden_size 64",
+    ),
+    (
+        "override typo",
+        _config_student({"num_hiden_layers": 2}),
+        "student.overrides.num_hiden_layers",
+        "did you mean 'num_hidden_layers'",
+    ),
 ]
 
 
@@ -352,7 +439,9 @@ def _every_format(report: CheckReport) -> str:
     """The report rendered as text, GitHub annotations and JSON, joined."""
     console = Console(record=True, width=400, file=io.StringIO())
     render_text(report, console)
-    return console.export_text() + "\n" + render_github(report) + "\n" + json.dumps(report.to_dict(), ensure_ascii=False)
+    return (
+        console.export_text() + "\n" + render_github(report) + "\n" + json.dumps(report.to_dict(), ensure_ascii=False)
+    )
 
 
 def _environ_values() -> list[str]:
@@ -369,6 +458,7 @@ class _Hung(BaseException):
 def _no_hang(seconds: int = 10):
     """Fail instead of hanging (opening a FIFO for reading blocks until a writer comes, and
     reading /dev/zero never ends)."""
+
     def alarm(*_):
         raise _Hung("check-recipe blocked")
 
@@ -475,12 +565,16 @@ def test_implausible_headers_are_errors_that_show_nothing(ws: Path, name: str, c
     recipe["data"]["eval"] = f"data/{name}"
     report = check_paths([write(ws, recipe)])
     shown = _every_format(report)
-    assert "SECRET_TOKEN" not in shown and "la\x1b" not in shown and "xxxxxxxxxx" not in shown and "yyyyyyyy" not in shown
+    assert (
+        "SECRET_TOKEN" not in shown and "la\x1b" not in shown and "xxxxxxxxxx" not in shown and "yyyyyyyy" not in shown
+    )
     assert why in problems(write(ws, recipe))["data.eval"]
 
 
 def test_a_wide_header_is_checked_but_not_listed(ws: Path) -> None:
-    (ws / "data" / "wide.tsv").write_text("\t".join(f"c{i}" for i in range(300)) + "\tsentence\n" + "\t".join("0" * 301) + "\n")
+    (ws / "data" / "wide.tsv").write_text(
+        "\t".join(f"c{i}" for i in range(300)) + "\tsentence\n" + "\t".join("0" * 301) + "\n"
+    )
     recipe = base_recipe()
     recipe["data"]["eval"] = "data/wide.tsv"
     found = problems(write(ws, recipe))
@@ -504,11 +598,13 @@ def test_text_output_prints_user_strings_as_data(ws: Path) -> None:
 
 
 def test_renderers_encode_lone_surrogates_and_control_characters(ws: Path) -> None:
-    from kdcli.recipe import FileReport
     from kdcli.errors import Problem
+    from kdcli.recipe import FileReport
 
     odd = "bad\udcff\ud800\x07\u202e.json"
-    report = CheckReport([FileReport(odd, "train", [Problem(odd, "data.x", f"message {odd}", f"fix {odd}")], [f"note {odd}"])])
+    report = CheckReport(
+        [FileReport(odd, "train", [Problem(odd, "data.x", f"message {odd}", f"fix {odd}")], [f"note {odd}"])]
+    )
     console = Console(record=True, width=400, file=io.StringIO())
     render_text(report, console)
     text = console.export_text()
@@ -548,7 +644,10 @@ def test_config_json_must_describe_the_weights(real: Path) -> None:
     config = json.loads((real / "t" / "config.json").read_text())
     (real / "t" / "config.json").write_text(json.dumps({**config, "hidden_size": 32, "num_hidden_layers": 4}))
     found = problems(write(real, real_recipe()))["teacher.model"]
-    assert "config.json disagrees with its weights" in found and "num_hidden_layers is 4 but the weights hold 2 blocks" in found
+    assert (
+        "config.json disagrees with its weights" in found
+        and "num_hidden_layers is 4 but the weights hold 2 blocks" in found
+    )
     assert "hidden_size is 32 but bert.embeddings.word_embeddings.weight is 64 wide" in found
 
 
@@ -568,7 +667,11 @@ def test_damaged_weights_are_an_error(real: Path) -> None:
     weights.unlink()
     torch.save({"w": Hostile()}, real / "s" / "pytorch_model.bin")
     found = problems(write(real, real_recipe()))["student.model"]
-    assert "refused to unpickle pytorch_model.bin: it calls" in found and "system" in found and "convert it to model.safetensors" in found
+    assert (
+        "refused to unpickle pytorch_model.bin: it calls" in found
+        and "system" in found
+        and "convert it to model.safetensors" in found
+    )
 
 
 def test_labels_are_counted_over_train_and_eval(real: Path) -> None:
@@ -603,16 +706,24 @@ def test_tokenizers_are_compared_from_their_files(real: Path) -> None:
     assert "the student was trained with another vocabulary than the teacher's tokenizer: id 5 is '.'" in found
     recipe["student"] = {"config": "./s", "overrides": {"vocab_size": 100}}
     found = problems(write(real, recipe))["student.config"]
-    assert f"the student config has 100 token embeddings but the teacher's tokenizer (tokenizer.json) produces ids up to {len(TINY_VOCAB) - 1}" in found
+    assert (
+        f"the student config has 100 token embeddings but the teacher's tokenizer (tokenizer.json) produces ids up to {len(TINY_VOCAB) - 1}"
+        in found
+    )
     recipe["student"] = {"config": "./s", "overrides": {"vocab_size": len(TINY_VOCAB) + 40}}  # padded: fine
-    recipe["distillation"]["intermediate_matches"] = [{"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]}]
+    recipe["distillation"]["intermediate_matches"] = [
+        {"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]}
+    ]
     assert problems(write(real, recipe)) == {}
 
 
 def test_ambiguous_csv_records_are_findings(real: Path) -> None:
     (real / "data" / "open.csv").write_text('label,sentence\n0,ok\n1,"a fine film\n0,a dull one"\n1,fine\n')
     found = problems(write(real, real_recipe(train="data/open.csv", eval=None)))
-    assert "open.csv, line 3: a quote opened on line 3" in found["data.train"] and "/" not in found["data.train"].split(",")[0]
+    assert (
+        "open.csv, line 3: a quote opened on line 3" in found["data.train"]
+        and "/" not in found["data.train"].split(",")[0]
+    )
     (real / "data" / "extra.csv").write_text("label,sentence\n0,ok\n1,a,b\n")
     found = problems(write(real, real_recipe(eval="data/extra.csv")))
     assert "extra.csv, line 3: 3 fields but the header has 2" in found["data.eval"]
@@ -632,7 +743,9 @@ def test_folder_scan_never_opens_special_files(ws: Path) -> None:
     assert found["good.json"].valid
     for name in ("pipe.json", "zero.json", "env.json"):
         [problem] = found[name].problems
-        assert "not read" in problem.message and ("system file" in problem.message or "not a regular file" in problem.message)
+        assert "not read" in problem.message and (
+            "system file" in problem.message or "not a regular file" in problem.message
+        )
 
 
 def test_label_values_of_files_outside_the_repository_are_not_shown(real: Path) -> None:
@@ -651,8 +764,16 @@ def test_label_values_of_files_outside_the_repository_are_not_shown(real: Path) 
 def test_attention_match_on_a_model_without_attention_capture(ws: Path) -> None:
     """From config.json alone: an attention match on a model type kdcli cannot capture attention
     scores of (kdcli.architectures) is refused at the match's feature, naming the fix."""
-    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "n_layer": 2, "n_embd": 32,
-            "n_head": 2, "vocab_size": 1000, "n_positions": 128, "pad_token_id": 0}
+    gpt2 = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2ForSequenceClassification"],
+        "n_layer": 2,
+        "n_embd": 32,
+        "n_head": 2,
+        "vocab_size": 1000,
+        "n_positions": 128,
+        "pad_token_id": 0,
+    }
     (ws / "gpt2").mkdir()
     (ws / "gpt2" / "config.json").write_text(json.dumps(gpt2))
     recipe = base_recipe()
@@ -663,7 +784,7 @@ def test_attention_match_on_a_model_without_attention_capture(ws: Path) -> None:
     ]
     found = problems(write(ws, recipe))
     message = found["distillation.intermediate_matches[1].feature"]
-    assert "the student is a \"gpt2\" model (config.json model_type)" in message
+    assert 'the student is a "gpt2" model (config.json model_type)' in message
     assert "for bert, roberta" in message and '"feature": "hidden"' in message
     assert not any("intermediate_matches[0]" in path for path in found)
     recipe["distillation"]["intermediate_matches"].pop()

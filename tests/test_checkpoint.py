@@ -133,7 +133,7 @@ def test_disk_full_is_recognised_through_wrapping_errors():
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")  # noqa: B904 (the implicit __context__ is the point)
     except RuntimeError as exc:
         wrapped = exc
     assert ck.is_no_space(wrapped)

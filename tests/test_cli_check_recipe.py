@@ -15,43 +15,10 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.recipe import recipe_json_schema
-from tiny import teacher_config
+from recipe_workspace import VALID, VALID_TRAIN, make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-VALID = {
-    "teacher": {"model": "./teacher"},
-    "student": {"config": "./teacher", "overrides": {"num_hidden_layers": 2}, "init_from_teacher": [2, 4]},
-    "data": {"train": "data/train.tsv", "eval": "data/dev.tsv", "max_length": 64},
-    "training": {"num_epochs": 1, "batch_size": 8, "output_dir": "out"},
-    "distillation": {
-        "temperature": 8,
-        "temperature_scheduler": ["cwsm", 1.0],
-        "intermediate_matches": [
-            {"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 64, 64]},
-            {"layer_T": [4, 4], "layer_S": [2, 2], "feature": "hidden", "loss": "nst", "weight": 1},
-            {"layer_T": 4, "layer_S": 2, "feature": "attention", "loss": "attention_ce", "weight": 0.5},
-        ],
-    },
-}
-VALID_TRAIN = {
-    "student": {"model": "./teacher"},
-    "task": "token-classification",
-    "data": {"train": {"path": "data/ner.jsonl"}, "text_column": "tokens", "label_column": "tags"},
-    "training": {"num_steps": 10, "device": "cpu", "precision": "fp32"},
-}
-
-
-def make_workspace(root: Path) -> Path:
-    (root / "teacher").mkdir(parents=True, exist_ok=True)
-    (root / "teacher" / "config.json").write_text(json.dumps(teacher_config()))
-    (root / "data").mkdir(exist_ok=True)
-    rows = "label\tsentence\n1\ta fine film\n0\ta dull one\n"
-    (root / "data" / "train.tsv").write_text(rows)
-    (root / "data" / "dev.tsv").write_text(rows)
-    (root / "data" / "ner.jsonl").write_text(json.dumps({"tokens": ["a", "b"], "tags": [0, 1]}) + "\n")
-    return root
 
 
 @pytest.fixture
@@ -142,7 +109,7 @@ def test_github_format_emits_annotations(ws: Path) -> None:
     assert len(errors) == 2
     text = bad.read_text().splitlines()
     for line in errors:
-        props = dict(kv.split("=", 1) for kv in line[len("::error "):].split("::", 1)[0].split(","))
+        props = dict(kv.split("=", 1) for kv in line[len("::error ") :].split("::", 1)[0].split(","))
         assert props["file"].endswith("b.json")
         row, col = int(props["line"]), int(props["col"])
         assert text[row - 1][col - 1] in '"[0123456789'
@@ -275,10 +242,15 @@ def test_check_recipe_never_imports_torch(ws: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for target in (str(path), str(REPO / "recipes" / "sst2-distill.json"), str(REPO / "recipes")):
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, "check-recipe", target], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
+            [sys.executable, "-c", _PROBE, "check-recipe", target],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=60,
         )
-        line = next(l for l in proc.stderr.splitlines() if l.startswith("PROBE "))
-        probe = json.loads(line[len("PROBE "):])
+        line = next(x for x in proc.stderr.splitlines() if x.startswith("PROBE "))
+        probe = json.loads(line[len("PROBE ") :])
         assert probe == {"code": 0, "heavy": []}, (target, proc.stdout, proc.stderr)
 
 
@@ -301,7 +273,10 @@ def test_json_mode_prints_one_document_even_when_the_command_line_is_wrong(ws: P
     a script asking for JSON gets one document on stdout whatever fails."""
     proc = subprocess.run(
         [sys.executable, "-c", "from kdcli.cli import main; main()", *argv],
-        cwd=ws, capture_output=True, text=True, timeout=60,
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == exit_code, proc.stderr
     doc = json.loads(proc.stdout)

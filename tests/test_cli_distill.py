@@ -24,12 +24,27 @@ def folder(tmp_path_factory):
         "data": {"train": "train.tsv", "eval": "dev.tsv", "max_length": 24},
         "training": {"num_steps": 3, "batch_size": 8, "log_every": 1},
     }
-    (root / "distill.json").write_text(json.dumps({
-        **common, "teacher": {"model": "teacher"},
-        "distillation": {"temperature": 4, "intermediate_matches": [
-            {"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]},
-        ]},
-    }))
+    (root / "distill.json").write_text(
+        json.dumps(
+            {
+                **common,
+                "teacher": {"model": "teacher"},
+                "distillation": {
+                    "temperature": 4,
+                    "intermediate_matches": [
+                        {
+                            "layer_T": 2,
+                            "layer_S": 2,
+                            "feature": "hidden",
+                            "loss": "hidden_mse",
+                            "weight": 1,
+                            "proj": ["linear", 32, 64],
+                        },
+                    ],
+                },
+            }
+        )
+    )
     (root / "train.json").write_text(json.dumps(common))
     return root
 
@@ -56,7 +71,9 @@ def test_distill_json_prints_one_document_and_refuses_a_used_folder(folder):
 
 
 def test_train_renders_a_table(folder):
-    result = runner.invoke(app, ["train", str(folder / "train.json"), "-o", str(folder / "out-train"), "--quiet", "--seed", "3"])
+    result = runner.invoke(
+        app, ["train", str(folder / "train.json"), "-o", str(folder / "out-train"), "--quiet", "--seed", "3"]
+    )
     assert result.exit_code == 0, result.output
     assert "kdcli train" in result.stdout and "final_loss" in result.stdout and "eval.accuracy" in result.stdout
     assert result.stderr == ""

@@ -24,13 +24,25 @@ def test_table_lists_every_name_alias_and_fact(cli_runner):
     result = cli_runner.invoke(app, ["list-losses"])
     assert result.exit_code == 0, result.output
     text = result.stdout
-    for header in ("name", "aliases", "feature", "layers per side", "input shapes", "needs proj when sizes differ", "formula"):
+    for header in (
+        "name",
+        "aliases",
+        "feature",
+        "layers per side",
+        "input shapes",
+        "needs proj when sizes differ",
+        "formula",
+    ):
         assert header in text
     for spec in registry.LOSSES:
         assert spec.name in text
         for alias in spec.aliases:
             assert alias in text
-    for name in (*registry.projection_names(), *registry.scheduler_names("temperature"), *registry.scheduler_names("weight")):
+    for name in (
+        *registry.projection_names(),
+        *registry.scheduler_names("temperature"),
+        *registry.scheduler_names("weight"),
+    ):
         assert name in text
     assert "yes: hidden sizes must agree" in text and "no; head counts must agree" in text
     assert "…" not in text  # nothing is cut short (long cells fold onto more lines)
@@ -105,7 +117,10 @@ def test_command_path_never_imports_torch(repo_root):
 def test_real_process_stdout_is_pure_json(repo_root):
     proc = subprocess.run(
         [sys.executable, "-m", "kdcli", "list-losses", "--json", "--feature", "hidden"],
-        cwd=repo_root, capture_output=True, text=True, timeout=120,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -117,7 +132,7 @@ def _readme_loss_rows(text: str) -> dict[str, tuple[list[str], str, int]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| name | aliases | feature | layers per side |"))
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| `"):
             break
         cells = [c.strip() for c in line.strip("|").split(" | ")]
@@ -144,6 +159,8 @@ def test_the_docs_loss_tables_match_list_losses(cli_runner):
     assert _readme_loss_rows((root / "README.md").read_text(encoding="utf-8")) == want
     recipe_doc = (root / "docs" / "recipe.md").read_text(encoding="utf-8")
     for key, kind in (("loss", "match"), ("kd_loss_type", "kd")):
-        assert _recipe_doc_names(recipe_doc, key) == {s["name"]: s["aliases"] for s in doc["losses"] if s["kind"] == kind}
+        assert _recipe_doc_names(recipe_doc, key) == {
+            s["name"]: s["aliases"] for s in doc["losses"] if s["kind"] == kind
+        }
     features = next(line for line in recipe_doc.splitlines() if line.startswith("| `feature` |"))
     assert [f for f in registry.feature_names("match") if f'"{f}"' in features] == registry.feature_names("match")

@@ -19,8 +19,8 @@ from kdcli.data import (
     prepare_from_recipe,
     train_batches,
 )
-from kdcli.tasks import IGNORE_INDEX
 from kdcli.models import load_tokenizer
+from kdcli.tasks import IGNORE_INDEX
 from tiny import NER_TAGS, make_tiny_bert, read_tsv, write_sst2_sample, write_tiny_ner
 
 
@@ -138,7 +138,7 @@ def test_class_label_names_win_and_bad_labels_are_refused():
 
 
 def test_labels_are_counted_over_both_splits_with_one_rule(tmp_path, tokenizer, cache):
-    """"1" and "1.0" are one class; names in train with ids in eval, or an empty label, are
+    """ "1" and "1.0" are one class; names in train with ids in eval, or an empty label, are
     refused naming the file and the row (they would silently change the head)."""
     train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
     train.write_text("label\tsentence\n1\ta good film\n0\ta bad film\n", encoding="utf-8")
@@ -187,8 +187,9 @@ def test_sst2_sample_tokenised_once_with_int_labels(sst2, tokenizer, cache):
 
 def test_max_samples_take_the_first_rows_and_keep_the_label_set(sst2, tokenizer, cache):
     train, dev = sst2
-    data = _prepare(Source(str(train), "tsv"), Source(str(dev), "tsv"), tokenizer, cache,
-                    max_train_samples=3, max_eval_samples=2)
+    data = _prepare(
+        Source(str(train), "tsv"), Source(str(dev), "tsv"), tokenizer, cache, max_train_samples=3, max_eval_samples=2
+    )
     rows = read_tsv(train)
     assert len(data.train) == 3 and len(data.eval) == 2
     assert data.train["labels"] == [int(r["label"]) for r in rows[:3]]
@@ -197,12 +198,21 @@ def test_max_samples_take_the_first_rows_and_keep_the_label_set(sst2, tokenizer,
 
 def test_string_labels_and_text_pairs(tmp_path, tokenizer, cache):
     (tmp_path / "train.jsonl").write_text(
-        "".join(json.dumps({"a": f"the film {i}", "b": "is good", "y": y}) + "\n"
-                for i, y in enumerate(["pos", "neg", "pos"])), encoding="utf-8")
+        "".join(
+            json.dumps({"a": f"the film {i}", "b": "is good", "y": y}) + "\n"
+            for i, y in enumerate(["pos", "neg", "pos"])
+        ),
+        encoding="utf-8",
+    )
     (tmp_path / "eval.jsonl").write_text(json.dumps({"a": "a", "b": "b", "y": "mixed"}) + "\n", encoding="utf-8")
     data = prepare_data(
-        Source(str(tmp_path / "train.jsonl"), "jsonl"), Source(str(tmp_path / "eval.jsonl"), "jsonl"),
-        tokenizer, text_column="a", text_pair_column="b", label_column="y", cache_dir=cache,
+        Source(str(tmp_path / "train.jsonl"), "jsonl"),
+        Source(str(tmp_path / "eval.jsonl"), "jsonl"),
+        tokenizer,
+        text_column="a",
+        text_pair_column="b",
+        label_column="y",
+        cache_dir=cache,
     )
     assert data.labels.id2label == {0: "mixed", 1: "neg", 2: "pos"}
     assert data.train["labels"] == [2, 1, 2] and data.eval["labels"] == [0]
@@ -213,18 +223,28 @@ def test_string_labels_and_text_pairs(tmp_path, tokenizer, cache):
 
 def test_a_missing_column_is_named_with_the_ones_there(sst2, tokenizer, cache):
     train, _ = sst2
-    with pytest.raises(DataError, match=r"train.tsv: no column 'text' \(data.text_column\); it has \['label', 'sentence'\]"):
+    with pytest.raises(
+        DataError, match=r"train.tsv: no column 'text' \(data.text_column\); it has \['label', 'sentence'\]"
+    ):
         prepare_data(Source(str(train), "tsv"), None, tokenizer, text_column="text", cache_dir=cache)
     with pytest.raises(DataError, match=r"no column 'gold' \(data.label_column\)"):
-        prepare_data(Source(str(train), "tsv"), None, tokenizer, text_column="sentence",
-                     label_column="gold", cache_dir=cache)
+        prepare_data(
+            Source(str(train), "tsv"), None, tokenizer, text_column="sentence", label_column="gold", cache_dir=cache
+        )
 
 
 @pytest.mark.parametrize("int_tags", [False, True])
 def test_token_classification_labels_the_first_sub_token(tmp_path, tokenizer, cache, int_tags):
     path = write_tiny_ner(tmp_path / "ner.jsonl", n=4, int_tags=int_tags)
-    data = prepare_data(Source(str(path), "jsonl"), None, tokenizer, task="token-classification",
-                        text_column="tokens", label_column="ner_tags", cache_dir=cache)
+    data = prepare_data(
+        Source(str(path), "jsonl"),
+        None,
+        tokenizer,
+        task="token-classification",
+        text_column="tokens",
+        label_column="ner_tags",
+        cache_dir=cache,
+    )
     names = sorted(NER_TAGS) if not int_tags else [str(i) for i in range(len(NER_TAGS))]
     assert list(data.labels.names) == names
     words, tags = ["mary", "jane", "went", "to", "paris"], ["B-PER", "I-PER", "O", "O", "B-LOC"]
@@ -246,8 +266,15 @@ def test_token_classification_rows_must_have_one_tag_per_word(tmp_path, tokenize
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"tokens": ["a", "b"], "ner_tags": ["O"]}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="a row has 2 words but 1 tags"):
-        prepare_data(Source(str(path), "jsonl"), None, tokenizer, task="token-classification",
-                     text_column="tokens", label_column="ner_tags", cache_dir=cache)
+        prepare_data(
+            Source(str(path), "jsonl"),
+            None,
+            tokenizer,
+            task="token-classification",
+            text_column="tokens",
+            label_column="ner_tags",
+            cache_dir=cache,
+        )
 
 
 # --- batch order ------------------------------------------------------------------------
@@ -336,7 +363,9 @@ def test_collator_pads_each_batch_to_its_longest_row():
     assert all(torch.equal(batch[k], v) for k, v in Collator(pad_token_id=9)(columns).items())
     wide = Collator(pad_to_multiple_of=8)(rows)
     assert wide["input_ids"].shape == (2, 8)
-    tokens = Collator()([{"input_ids": [2, 5, 3], "labels": [-100, 1, -100]}, {"input_ids": [2, 3], "labels": [-100, -100]}])
+    tokens = Collator()(
+        [{"input_ids": [2, 5, 3], "labels": [-100, 1, -100]}, {"input_ids": [2, 3], "labels": [-100, -100]}]
+    )
     assert tokens["labels"].tolist() == [[-100, 1, -100], [-100, -100, -100]]
     assert tokens["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
@@ -363,8 +392,15 @@ def test_prepare_from_a_loaded_recipe(tmp_path, sst2, tokenizer):
         "teacher": {"model": str(teacher)},
         "student": {"config": str(teacher), "overrides": {"num_hidden_layers": 1}},
         "task": "sequence-classification",
-        "data": {"train": str(train), "eval": str(dev), "text_column": "sentence", "label_column": "label",
-                 "max_length": 16, "max_train_samples": 10, "group_by_length": True},
+        "data": {
+            "train": str(train),
+            "eval": str(dev),
+            "text_column": "sentence",
+            "label_column": "label",
+            "max_length": 16,
+            "max_train_samples": 10,
+            "group_by_length": True,
+        },
         "training": {"num_steps": 1, "batch_size": 4, "output_dir": str(tmp_path / "out")},
         "distillation": {"temperature": 4},
     }
@@ -381,7 +417,11 @@ def test_every_task_has_a_module_behind_the_task_interface():
     for name in TASKS:
         task = task_for(name)
         assert task.name == name and task.auto_class.startswith("AutoModelFor")
-        missing = [m for m in ("encoder", "kd_logits", "metrics", "cache_row", "cache_batch") if not callable(getattr(task, m, None))]
+        missing = [
+            m
+            for m in ("encoder", "kd_logits", "metrics", "cache_row", "cache_batch")
+            if not callable(getattr(task, m, None))
+        ]
         assert not missing and set(Task.__annotations__) <= set(dir(task)), name
     with pytest.raises(ValueError, match="unknown task 'causal-lm'.*Fix"):
         task_for("causal-lm")

@@ -29,18 +29,26 @@ def tiny_recipes(root: Path) -> Path:
     student = {"config": "../runs/sst2-teacher", "overrides": {"num_hidden_layers": 2}, "init_from_teacher": [2, 4]}
     docs = {
         "sst2-teacher.json": {
-            "student": {"model": "../base"}, "data": data,
+            "student": {"model": "../base"},
+            "data": data,
             "training": {**training, "output_dir": "../runs/sst2-teacher"},
         },
         "sst2-distill.json": {
-            "teacher": {"model": "../runs/sst2-teacher"}, "student": student, "data": data,
+            "teacher": {"model": "../runs/sst2-teacher"},
+            "student": student,
+            "data": data,
             "training": {**training, "output_dir": "../runs/sst2-distill"},
-            "distillation": {"temperature": 8, "intermediate_matches": [
-                {"layer_T": 4, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1},
-            ]},
+            "distillation": {
+                "temperature": 8,
+                "intermediate_matches": [
+                    {"layer_T": 4, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1},
+                ],
+            },
         },
         "sst2-control.json": {
-            "student": student, "data": data, "training": {**training, "output_dir": "../runs/sst2-control"},
+            "student": student,
+            "data": data,
+            "training": {**training, "output_dir": "../runs/sst2-control"},
         },
     }
     for name, doc in docs.items():
@@ -125,7 +133,11 @@ def figures(key: str, accuracy: float) -> demo.Figures:
 
 
 def test_targets_and_table():
-    table = {"teacher": figures("teacher", 0.86), "student": figures("student", 0.845), "control": figures("control", 0.82)}
+    table = {
+        "teacher": figures("teacher", 0.86),
+        "student": figures("student", 0.845),
+        "control": figures("control", 0.82),
+    }
     verdict = demo.targets(table)
     assert verdict["keeps_97pct_of_teacher"]["met"] is True  # 0.845 >= 0.8342
     assert verdict["beats_control"]["met"] is True

@@ -26,7 +26,15 @@ from kdcli import distill, outdir
 from kdcli.engine import devices, optim, teachers
 from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError
 from kdcli.recipe import load_recipe
-from tiny import REPO, deny_writes, hold_output_lock, make_tiny_bert, make_tiny_config, write_sst2_sample, write_tiny_ner
+from tiny import (
+    REPO,
+    deny_writes,
+    hold_output_lock,
+    make_tiny_bert,
+    make_tiny_config,
+    write_sst2_sample,
+    write_tiny_ner,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +88,24 @@ def interrupt_at(patch: pytest.MonkeyPatch, step: int) -> None:
 
 
 HIDDEN_AND_ATTENTION = [
-    {"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64, {"lr": 1e-2}]},
+    {
+        "layer_T": 2,
+        "layer_S": 2,
+        "feature": "hidden",
+        "loss": "hidden_mse",
+        "weight": 1,
+        "proj": ["linear", 32, 64, {"lr": 1e-2}],
+    },
     {"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "cos", "weight": 1, "proj": ["relu", 32, 64]},
     {"layer_T": 1, "layer_S": 1, "feature": "hidden", "loss": "pkd", "weight": 1, "proj": ["tanh", 32, 64]},
-    {"layer_T": [1, 2], "layer_S": [1, 2], "feature": "hidden", "loss": "fsp", "weight": 0.1, "proj": ["linear", 32, 64]},
+    {
+        "layer_T": [1, 2],
+        "layer_S": [1, 2],
+        "feature": "hidden",
+        "loss": "fsp",
+        "weight": 0.1,
+        "proj": ["linear", 32, 64],
+    },
     {"layer_T": [0, 2], "layer_S": [0, 2], "feature": "hidden", "loss": "nst", "weight": 1},
     {"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1},
     {"layer_T": 2, "layer_S": 2, "feature": "attention", "loss": "attention_ce", "weight": 1},
@@ -93,24 +115,49 @@ HIDDEN_AND_ATTENTION = [
 
 
 def test_full_distill_every_loss_family_with_and_without_proj(world):
-    path = write_recipe(world, "all", distillation={
-        "temperature": 4, "temperature_scheduler": ["flsw", 1, 1], "hard_label_weight": 0.5,
-        "intermediate_matches": HIDDEN_AND_ATTENTION,
-    }, training={"eval_every": 2})
+    path = write_recipe(
+        world,
+        "all",
+        distillation={
+            "temperature": 4,
+            "temperature_scheduler": ["flsw", 1, 1],
+            "hard_label_weight": 0.5,
+            "intermediate_matches": HIDDEN_AND_ATTENTION,
+        },
+        training={"eval_every": 2},
+    )
     out = world / "out-all"
     summary = distill.run(load_recipe(path, mode="distill"), mode="distill", output_dir=out, quiet=True)
 
     assert summary["steps"] == 4 and summary["total_steps"] == 4
     assert set(summary["final_terms"]) == {
-        "kd", "hidden_mse[2->2]", "cos[0->0]", "pkd[1->1]", "fsp[1,2->1,2]", "nst[0,2->0,2]",
-        "attention_mse[1->1]", "attention_ce[2->2]", "attention_mse_sum[2->1]", "attention_ce_mean[1->2]", "hard_label",
+        "kd",
+        "hidden_mse[2->2]",
+        "cos[0->0]",
+        "pkd[1->1]",
+        "fsp[1,2->1,2]",
+        "nst[0,2->0,2]",
+        "attention_mse[1->1]",
+        "attention_ce[2->2]",
+        "attention_mse_sum[2->1]",
+        "attention_ce_mean[1->2]",
+        "hard_label",
     }
     assert 0 <= summary["eval"]["accuracy"] <= 1 and summary["eval"]["examples"] == 24
     assert summary["teacher_eval"]["examples"] == 24
     assert summary["peak_memory_mb"] > 0 and summary["samples_per_s"] > 0
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "projections.safetensors",
-                 "metrics.jsonl", "summary.json", "recipe.json", "tensorboard", "checkpoints"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "projections.safetensors",
+        "metrics.jsonl",
+        "summary.json",
+        "recipe.json",
+        "tensorboard",
+        "checkpoints",
+    ):
         assert (out / name).exists(), name
     assert json.loads((out / "recipe.json").read_text()) == json.loads(path.read_text())
     assert list((out / "tensorboard").iterdir())
@@ -131,8 +178,9 @@ def test_saved_student_loads_with_plain_transformers_and_predicts(world):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = world / "out-plain"
-    distill.run(load_recipe(write_recipe(world, "plain", training={"num_steps": 1}), mode="distill"),
-                output_dir=out, quiet=True)
+    distill.run(
+        load_recipe(write_recipe(world, "plain", training={"num_steps": 1}), mode="distill"), output_dir=out, quiet=True
+    )
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["architectures"] == ["BertForSequenceClassification"]
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -148,7 +196,8 @@ def test_saved_student_loads_with_plain_transformers_and_predicts(world):
 
 def test_config_student_multi_teacher_cached_logits_kd_mse(world):
     path = write_recipe(
-        world, "multi",
+        world,
+        "multi",
         teacher=[{"model": "teacher"}, {"model": "teacher2"}],
         student={"config": "student_config", "init_from_teacher": [2]},
         training={"num_steps": None, "num_epochs": 2, "batch_size": 16},
@@ -163,8 +212,9 @@ def test_config_student_multi_teacher_cached_logits_kd_mse(world):
 def test_cached_logits_work_with_num_steps(world):
     """The reference refuses is_caching_logits with num_steps; kdcli's cache is keyed by row,
     so it works across epoch boundaries, and the recipe accepts the combination."""
-    path = write_recipe(world, "cachesteps", training={"num_steps": 5, "batch_size": 16},
-                        distillation={"is_caching_logits": True})
+    path = write_recipe(
+        world, "cachesteps", training={"num_steps": 5, "batch_size": 16}, distillation={"is_caching_logits": True}
+    )
     recipe = load_recipe(path, mode="distill")
     assert recipe.distillation.is_caching_logits
     summary = distill.run(recipe, output_dir=world / "out-cs", quiet=True)
@@ -173,9 +223,16 @@ def test_cached_logits_work_with_num_steps(world):
 
 
 def test_cached_logits_are_switched_off_with_a_warning_when_matches_need_features(world):
-    path = write_recipe(world, "cachewarn", training={"num_steps": 1}, distillation={
-        "intermediate_matches": [{"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1}],
-    })
+    path = write_recipe(
+        world,
+        "cachewarn",
+        training={"num_steps": 1},
+        distillation={
+            "intermediate_matches": [
+                {"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1}
+            ],
+        },
+    )
     recipe = load_recipe(path, mode="distill")
     recipe.distillation.is_caching_logits = True  # recipe.py rejects this; a Recipe built in code may not
     summary = distill.run(recipe, mode="distill", output_dir=world / "out-cw", quiet=True)
@@ -185,13 +242,19 @@ def test_cached_logits_are_switched_off_with_a_warning_when_matches_need_feature
 
 def test_token_classification_distill(world):
     path = write_recipe(
-        world, "ner", teacher={"model": "ner_teacher"}, student={"config": "ner_teacher", "overrides": {"num_hidden_layers": 1}},
+        world,
+        "ner",
+        teacher={"model": "ner_teacher"},
+        student={"config": "ner_teacher", "overrides": {"num_hidden_layers": 1}},
         task="token-classification",
         data={"train": "ner.jsonl", "eval": "ner.jsonl", "text_column": "tokens", "label_column": "ner_tags"},
-        distillation={"hard_label_weight": 1, "intermediate_matches": [
-            {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1},
-            {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1},
-        ]},
+        distillation={
+            "hard_label_weight": 1,
+            "intermediate_matches": [
+                {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1},
+                {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 1},
+            ],
+        },
     )
     summary = distill.run(load_recipe(path, mode="distill"), mode="distill", output_dir=world / "out-ner", quiet=True)
     assert set(summary["eval"]) == {"accuracy", "examples", "precision", "recall", "f1"}
@@ -222,9 +285,18 @@ def test_seeded_runs_are_identical_and_the_seed_matters(world):
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkeypatch):
     """Stop at step 3 of 7 with a SIGINT (dropout on, accumulation 2, lr warm-up and decay),
     resume from the checkpoint, and compare with a run that never stopped."""
-    path = write_recipe(world, "resume", training={
-        "num_steps": 7, "batch_size": 4, "gradient_accumulation_steps": 2, "warmup_ratio": 0.3, "save_every": 5,
-    }, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0], HIDDEN_AND_ATTENTION[5]]})
+    path = write_recipe(
+        world,
+        "resume",
+        training={
+            "num_steps": 7,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "warmup_ratio": 0.3,
+            "save_every": 5,
+        },
+        distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0], HIDDEN_AND_ATTENTION[5]]},
+    )
     recipe = load_recipe(path, mode="distill")
     distill.run(recipe, mode="distill", output_dir=world / "out-straight", quiet=True)
 
@@ -243,7 +315,10 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkey
     resumed = load_file(out / "model.safetensors")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
-    assert load_file(out / "projections.safetensors").keys() == load_file(world / "out-straight" / "projections.safetensors").keys()
+    assert (
+        load_file(out / "projections.safetensors").keys()
+        == load_file(world / "out-straight" / "projections.safetensors").keys()
+    )
     steps = [r["step"] for r in lines(out / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
     straight_losses = [r["loss"] for r in lines(world / "out-straight" / "metrics.jsonl") if "loss" in r]
@@ -252,7 +327,9 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkey
 
 
 def test_non_finite_loss_stops_naming_term_step_and_batch_and_keeps_checkpoint(world, monkeypatch):
-    path = write_recipe(world, "nan", training={"num_steps": 6, "save_every": 1}, distillation={"hard_label_weight": 0.5})
+    path = write_recipe(
+        world, "nan", training={"num_steps": 6, "save_every": 1}, distillation={"hard_label_weight": 0.5}
+    )
     recipe = load_recipe(path, mode="distill")
     from kdcli import objective as objective_module
 
@@ -313,9 +390,14 @@ def test_resume_of_a_finished_run_saves_again_without_training(world):
 
 def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
     out = world / "out-hostile"
-    distill.run(load_recipe(write_recipe(world, "hostile", training={"num_steps": 2}), mode="distill"),
-                output_dir=out, quiet=True)
-    other = write_recipe(world, "other", training={"num_steps": 2}, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]})
+    distill.run(
+        load_recipe(write_recipe(world, "hostile", training={"num_steps": 2}), mode="distill"),
+        output_dir=out,
+        quiet=True,
+    )
+    other = write_recipe(
+        world, "other", training={"num_steps": 2}, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]}
+    )
     with pytest.raises(UsageError, match="does not fit this recipe"):
         distill.run(load_recipe(other, mode="distill"), output_dir=out, resume=True, quiet=True)
 
@@ -381,7 +463,11 @@ def test_sigint_to_a_subprocess_leaves_a_resumable_checkpoint(world):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kdcli", "distill", str(path), "--output-dir", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=world,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=world,
     )
     deadline = time.time() + 120
     metrics = out / "metrics.jsonl"
@@ -439,7 +525,10 @@ def test_an_overwrite_that_fails_before_writing_keeps_the_previous_run(world, mo
     def bad_data(*args, **kwargs):
         raise UsageError("cannot read the data: broken on purpose")
 
-    for target, broken in ((distill.kmodels, ("load_model", bad_model)), (distill.kdata, ("prepare_from_recipe", bad_data))):
+    for target, broken in (
+        (distill.kmodels, ("load_model", bad_model)),
+        (distill.kdata, ("prepare_from_recipe", bad_data)),
+    ):
         with monkeypatch.context() as patch:
             patch.setattr(target, *broken)
             with pytest.raises((RunError, UsageError), match="broken on purpose"):
@@ -508,7 +597,11 @@ def test_resume_removes_the_temporary_folders_of_a_killed_save(world):
     recipe = load_recipe(path, mode="distill")
     out = world / "out-killed"
     distill.run(recipe, output_dir=out, quiet=True)
-    stale = [out / "checkpoints" / ".step-3.x1y2z3w4", out / "checkpoints" / ".step-2.old-31337", out / ".save_pretrained.q9w8e7r6"]
+    stale = [
+        out / "checkpoints" / ".step-3.x1y2z3w4",
+        out / "checkpoints" / ".step-2.old-31337",
+        out / ".save_pretrained.q9w8e7r6",
+    ]
     for folder in stale:
         folder.mkdir()
         (folder / "state.pt").write_bytes(b"half a checkpoint")
@@ -610,10 +703,18 @@ def test_resume_follows_a_changed_learning_rate(world, monkeypatch):
     resumed run's schedule continues at the new rate; a projection's own lr stays its own."""
     matches = [HIDDEN_AND_ATTENTION[0], {**HIDDEN_AND_ATTENTION[1], "proj": ["linear", 32, 64]}]
     training = {"num_steps": 6, "warmup_ratio": 0.0}
-    first = load_recipe(write_recipe(world, "lr-a", training={**training, "learning_rate": 1e-3},
-                                     distillation={"intermediate_matches": matches}), mode="distill")
-    second = load_recipe(write_recipe(world, "lr-b", training={**training, "learning_rate": 2e-4},
-                                      distillation={"intermediate_matches": matches}), mode="distill")
+    first = load_recipe(
+        write_recipe(
+            world, "lr-a", training={**training, "learning_rate": 1e-3}, distillation={"intermediate_matches": matches}
+        ),
+        mode="distill",
+    )
+    second = load_recipe(
+        write_recipe(
+            world, "lr-b", training={**training, "learning_rate": 2e-4}, distillation={"intermediate_matches": matches}
+        ),
+        mode="distill",
+    )
     out = world / "out-lr"
     with monkeypatch.context() as patch:
         interrupt_at(patch, 3)

@@ -26,14 +26,24 @@ def _no_dropout(folder: Path) -> None:
 
 def _recipe(root: Path, name: str, batch_size: int) -> Path:
     path = root / f"{name}.json"
-    path.write_text(json.dumps({
-        "teacher": {"model": "teacher"},
-        "student": {"model": "student"},
-        "data": {"train": "train.tsv", "max_length": 24},
-        "training": {"num_steps": 4, "batch_size": batch_size, "log_every": 1, "learning_rate": 1e-3,
-                     "warmup_ratio": 0.0, "device": "cpu"},
-        "distillation": {"temperature": 4, "hard_label_weight": 0.5},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "teacher": {"model": "teacher"},
+                "student": {"model": "student"},
+                "data": {"train": "train.tsv", "max_length": 24},
+                "training": {
+                    "num_steps": 4,
+                    "batch_size": batch_size,
+                    "log_every": 1,
+                    "learning_rate": 1e-3,
+                    "warmup_ratio": 0.0,
+                    "device": "cpu",
+                },
+                "distillation": {"temperature": 4, "hard_label_weight": 0.5},
+            }
+        )
+    )
     return path
 
 
@@ -60,9 +70,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     done = subprocess.run(
-        [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "kdcli", "distill",
-         str(_recipe(tmp_path, "two", 4)), "--output-dir", str(double), "--json", "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [
+            *_torchrun(),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kdcli",
+            "distill",
+            str(_recipe(tmp_path, "two", 4)),
+            "--output-dir",
+            str(double),
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # one document: rank 0 alone prints

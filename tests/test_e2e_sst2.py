@@ -45,8 +45,11 @@ def write_recipe(folder: Path, name: str, recipe: dict) -> Path:
 
 def data_section() -> dict:
     return {
-        "train": "train.tsv", "eval": "dev.tsv", "text_column": "sentence",
-        "label_column": "label", "max_length": 64,
+        "train": "train.tsv",
+        "eval": "dev.tsv",
+        "text_column": "sentence",
+        "label_column": "label",
+        "max_length": 64,
     }
 
 
@@ -62,14 +65,24 @@ def teacher(world: Path) -> dict:
     """MiniLM + a new 2-way head, two epochs on the 512 rows, through `kdcli train`."""
     from typer.testing import CliRunner
 
-    recipe = write_recipe(world, "teacher", {
-        "student": {"model": str(MINILM_DIR)},
-        "data": data_section(),
-        "training": {
-            "num_epochs": EPOCHS, "batch_size": BATCH, "learning_rate": 1e-4, "warmup_ratio": 0.1,
-            "seed": 0, "device": "cpu", "log_every": 8, "output_dir": "teacher",
+    recipe = write_recipe(
+        world,
+        "teacher",
+        {
+            "student": {"model": str(MINILM_DIR)},
+            "data": data_section(),
+            "training": {
+                "num_epochs": EPOCHS,
+                "batch_size": BATCH,
+                "learning_rate": 1e-4,
+                "warmup_ratio": 0.1,
+                "seed": 0,
+                "device": "cpu",
+                "log_every": 8,
+                "output_dir": "teacher",
+            },
         },
-    })
+    )
     result = CliRunner().invoke(app, ["train", str(recipe), "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -81,19 +94,31 @@ def student(world: Path, teacher: dict) -> dict:
     from kdcli import distill
     from kdcli.recipe import load_recipe
 
-    matches = [
-        {"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1} for t, s in PAIRS
-    ]
-    recipe = write_recipe(world, "distill", {
-        "teacher": {"model": "teacher"},
-        "student": {"config": "teacher", "overrides": {"num_hidden_layers": 2}, "init_from_teacher": STUDENT_BLOCKS},
-        "data": data_section(),
-        "training": {
-            "num_epochs": EPOCHS, "batch_size": BATCH, "learning_rate": 1e-4, "warmup_ratio": 0.1,
-            "seed": 0, "device": "cpu", "log_every": 4, "output_dir": "student",
+    matches = [{"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1} for t, s in PAIRS]
+    recipe = write_recipe(
+        world,
+        "distill",
+        {
+            "teacher": {"model": "teacher"},
+            "student": {
+                "config": "teacher",
+                "overrides": {"num_hidden_layers": 2},
+                "init_from_teacher": STUDENT_BLOCKS,
+            },
+            "data": data_section(),
+            "training": {
+                "num_epochs": EPOCHS,
+                "batch_size": BATCH,
+                "learning_rate": 1e-4,
+                "warmup_ratio": 0.1,
+                "seed": 0,
+                "device": "cpu",
+                "log_every": 4,
+                "output_dir": "student",
+            },
+            "distillation": {"temperature": 4, "kd_loss_type": "ce", "intermediate_matches": matches},
         },
-        "distillation": {"temperature": 4, "kd_loss_type": "ce", "intermediate_matches": matches},
-    })
+    )
     return distill.run(load_recipe(recipe, mode="distill"), mode="distill", quiet=True)
 
 
@@ -107,9 +132,10 @@ def dev_accuracy(folder: Path, rows: list[dict]) -> float:
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(rows), 100):
-            chunk = rows[start:start + 100]
-            enc = tokenizer([r["sentence"] for r in chunk], truncation=True, max_length=64,
-                            padding=True, return_tensors="pt")
+            chunk = rows[start : start + 100]
+            enc = tokenizer(
+                [r["sentence"] for r in chunk], truncation=True, max_length=64, padding=True, return_tensors="pt"
+            )
             predicted = model(**enc).logits.argmax(-1).tolist()
             correct += sum(p == int(r["label"]) for p, r in zip(predicted, chunk))
     return correct / len(rows)
@@ -137,8 +163,14 @@ def test_output_folder_is_complete(world: Path, student: dict):
     from safetensors import safe_open
 
     out = world / "student"
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "summary.json",
-                 "metrics.jsonl", "recipe.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "summary.json",
+        "metrics.jsonl",
+        "recipe.json",
+    ):
         assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
 

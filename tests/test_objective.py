@@ -8,10 +8,9 @@ The reference value is computed with `textbrewer.losses` and the reference's own
 from __future__ import annotations
 
 import pytest
+import textbrewer.losses as tb
 import torch
 import torch.nn.functional as F
-
-import textbrewer.losses as tb
 from textbrewer.distiller_utils import probability_shift_, select_logits_with_mask
 from textbrewer.schedulers import flsw_temperature_scheduler_builder
 
@@ -51,13 +50,31 @@ MATCHES = [
     {"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", D_S, D_T]},
     {"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_mse", "weight": 0.5},
     {"layer_T": [2, 2], "layer_S": [1, 1], "feature": "hidden", "loss": "nst", "weight": 0.3},
-    {"layer_T": 1, "layer_S": 1, "feature": "hidden", "loss": "cos", "weight": 0.2, "proj": ["relu", D_S, D_T, {"lr": 1e-3}]},
+    {
+        "layer_T": 1,
+        "layer_S": 1,
+        "feature": "hidden",
+        "loss": "cos",
+        "weight": 0.2,
+        "proj": ["relu", D_S, D_T, {"lr": 1e-3}],
+    },
     {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": "attention_ce", "weight": 0.1},
-    {"layer_T": [0, 2], "layer_S": [0, 2], "feature": "hidden", "loss": "fsp", "weight": 0.05, "proj": ["tanh", D_S, D_T]},
+    {
+        "layer_T": [0, 2],
+        "layer_S": [0, 2],
+        "feature": "hidden",
+        "loss": "fsp",
+        "weight": 0.05,
+        "proj": ["tanh", D_S, D_T],
+    },
 ]
 REFERENCE_FN = {
-    "hidden_mse": tb.hid_mse_loss, "attention_mse": tb.att_mse_loss, "nst": tb.mmd_loss,
-    "cos": tb.cos_loss, "attention_ce": tb.att_ce_loss, "fsp": tb.fsp_loss,
+    "hidden_mse": tb.hid_mse_loss,
+    "attention_mse": tb.att_mse_loss,
+    "nst": tb.mmd_loss,
+    "cos": tb.cos_loss,
+    "attention_ce": tb.att_ce_loss,
+    "fsp": tb.fsp_loss,
 }
 
 
@@ -81,8 +98,11 @@ def _reference_match(objective: Objective, i: int, match: dict, feats_S: Feature
 def test_general_distiller_parity_total_terms_and_gradients():
     torch.manual_seed(0)
     config = _config(
-        temperature=4, temperature_scheduler=["flsw", 1.0, 2.0], kd_loss_weight=2,
-        hard_label_weight=0.5, intermediate_matches=MATCHES,
+        temperature=4,
+        temperature_scheduler=["flsw", 1.0, 2.0],
+        kd_loss_weight=2,
+        hard_label_weight=0.5,
+        intermediate_matches=MATCHES,
     )
     objective = Objective(config)
     feats_S, feats_T = _features(D_S, 1, grad=True), _features(D_T, 2, grad=False)
@@ -175,8 +195,10 @@ def test_select_labelled_leaves_sequence_logits_alone():
 
 def test_scheduled_weights_replace_the_configured_ones():
     config = _config(
-        kd_loss_weight=5, kd_loss_weight_scheduler="linear_decay",
-        hard_label_weight=7, hard_label_weight_scheduler="linear_growth",
+        kd_loss_weight=5,
+        kd_loss_weight_scheduler="linear_decay",
+        hard_label_weight=7,
+        hard_label_weight_scheduler="linear_growth",
         intermediate_matches=[MATCHES[0]],
     )
     objective = Objective(config)
@@ -231,7 +253,9 @@ def test_missing_feature_is_a_run_error():
 def test_sizes_are_checked_against_the_models():
     ok = Objective(_config(intermediate_matches=MATCHES), hidden_S=D_S, hidden_T=D_T)
     assert len(ok.matches) == len(MATCHES)
-    with pytest.raises(RunError, match=r"intermediate_matches\[0\]\.proj maps 32 -> 64.*hidden size is 16.*\[\"linear\", 16, 64\]"):
+    with pytest.raises(
+        RunError, match=r"intermediate_matches\[0\]\.proj maps 32 -> 64.*hidden size is 16.*\[\"linear\", 16, 64\]"
+    ):
         Objective(_config(intermediate_matches=MATCHES), hidden_S=16, hidden_T=D_T)
     no_proj = {"layer_T": 1, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1}
     with pytest.raises(RunError, match=r"hidden_mse compares hidden states of sizes 32.*64"):

@@ -160,7 +160,7 @@ def test_a_read_only_folder_or_parent_is_refused_with_one_message(tmp_path, monk
 
 def test_a_name_longer_than_the_file_system_allows_is_one_message(tmp_path):
     long = "x" * 300
-    with pytest.raises(UsageError, match=rf"'x{{20,}}.*' has 300 characters.*255.*Fix: .*shorter"):
+    with pytest.raises(UsageError, match=r"'x{20,}.*' has 300 characters.*255.*Fix: .*shorter"):
         outdir.RunFolder.open(tmp_path / long / "run", resume=False, overwrite=False, protected=[])
 
 

@@ -44,7 +44,9 @@ def test_same_modules_as_textbrewer():
     for kind in registry.projection_names():
         ours, theirs = build_projection(kind, 5, 7), presets.PROJ_MAP[kind](5, 7)
         assert type(ours) is type(theirs)
-        assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
+        assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+            (k, v.shape) for k, v in theirs.state_dict().items()
+        ]
         assert [type(m) for m in ours.modules()] == [type(m) for m in theirs.modules()]
 
 

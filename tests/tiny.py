@@ -102,8 +102,13 @@ def tiny_config(
     common = {"vocab_size": len(TINY_VOCAB), "pad_token_id": 0, **labels}
     if arch == "distilbert":
         return AutoConfig.for_model(
-            "distilbert", dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=inter,
-            max_position_embeddings=max_positions, **common,
+            "distilbert",
+            dim=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            hidden_dim=inter,
+            max_position_embeddings=max_positions,
+            **common,
         )
     sizes = {
         "hidden_size": hidden,
@@ -114,13 +119,21 @@ def tiny_config(
     if arch in ("roberta", "xlm-roberta"):
         # RoBERTa numbers positions from pad_token_id + 1, hence the two extra positions.
         return AutoConfig.for_model(
-            arch, max_position_embeddings=max_positions + 2, type_vocab_size=1,
-            bos_token_id=2, eos_token_id=3, **sizes, **common,
+            arch,
+            max_position_embeddings=max_positions + 2,
+            type_vocab_size=1,
+            bos_token_id=2,
+            eos_token_id=3,
+            **sizes,
+            **common,
         )
     if arch == "electra":
         return AutoConfig.for_model(
-            "electra", embedding_size=max(hidden // 2, 8), max_position_embeddings=max_positions,
-            **sizes, **common,
+            "electra",
+            embedding_size=max(hidden // 2, 8),
+            max_position_embeddings=max_positions,
+            **sizes,
+            **common,
         )
     return AutoConfig.for_model("bert", max_position_embeddings=max_positions, **sizes, **common)
 
@@ -149,7 +162,11 @@ def make_tiny_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = tiny_config(
-        arch, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
+        arch,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=intermediate,
         num_labels=num_labels,
     )
     auto = transformers.AutoModel if not head else getattr(transformers, _HEAD_CLASSES[task])
@@ -173,8 +190,14 @@ def make_tiny_bert(
 ) -> Path:
     """A tiny BERT folder (see module doc); `hidden=64` gives a wider student, same vocabulary."""
     return make_tiny_model(
-        directory, "bert", layers=layers, hidden=hidden, heads=heads, num_labels=num_labels,
-        task=task, seed=seed,
+        directory,
+        "bert",
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        num_labels=num_labels,
+        task=task,
+        seed=seed,
     )
 
 
@@ -263,7 +286,10 @@ def hold_output_lock(folder: str | Path):
         "lock = FolderLock.acquire(sys.argv[1]); print('held', flush=True); sys.stdin.read()"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", code, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
         cwd=REPO,
     )
     assert proc.stdout.readline().strip() == "held"

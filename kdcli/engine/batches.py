@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from kdcli import data as kdata
 from kdcli.checkpoint import Position
@@ -13,12 +13,24 @@ class BatchStream:
     """Where the run is in its data (epoch, batch within the epoch, samples seen), and the
     micro-batches of the next optimizer step. The epoch rollover lives here only."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool,
-                 rank: int, world_size: int, position: Position) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool,
+        rank: int,
+        world_size: int,
+        position: Position,
+    ) -> None:
         self._args = (lengths, batch_size, seed)
         self._group, self._rank, self._world = group_by_length, rank, world_size
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
-        self.epoch, self.batch_in_epoch, self.samples_seen = position.epoch, position.batch_in_epoch, position.samples_seen
+        self.epoch, self.batch_in_epoch, self.samples_seen = (
+            position.epoch,
+            position.batch_in_epoch,
+            position.samples_seen,
+        )
 
     def batches_of(self, epoch: int) -> list[list[int]]:
         """One epoch's batches (the current epoch's are kept)."""
@@ -35,7 +47,7 @@ class BatchStream:
     def next_chunk(self, count: int) -> list[list[int]]:
         """The (up to) `count` batches of the next optimizer step, all from one epoch."""
         self._roll_over()
-        return self.batches_of(self.epoch)[self.batch_in_epoch:self.batch_in_epoch + count]
+        return self.batches_of(self.epoch)[self.batch_in_epoch : self.batch_in_epoch + count]
 
     def advance(self, chunk: list[list[int]], step: int) -> Position:
         """Move past `chunk` (this rank's share; every rank took as many rows) -> the position

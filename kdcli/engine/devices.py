@@ -30,7 +30,7 @@ class Processes:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Processes":
+    def from_env(cls) -> Processes:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -47,7 +47,7 @@ def is_main_process() -> bool:
 
 
 def resolve_device(name: str, procs: Processes) -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; under torchrun on CUDA each rank takes cuda:LOCAL_RANK."""
+    """ "auto" -> cuda, then mps, then cpu; under torchrun on CUDA each rank takes cuda:LOCAL_RANK."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -64,7 +64,9 @@ def resolve_device(name: str, procs: Processes) -> torch.device:
         if device.index is None:  # plain "cuda": the current device, with its index made explicit
             device = torch.device("cuda", torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s). Fix: pick one of them")
+            raise UsageError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s). Fix: pick one of them"
+            )
         torch.cuda.set_device(device)
         return device
     if name == "mps":
@@ -77,7 +79,7 @@ def resolve_device(name: str, procs: Processes) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """"auto" -> bf16 autocast on GPUs that support it, fp16 (+ GradScaler) on other GPUs,
+    """ "auto" -> bf16 autocast on GPUs that support it, fp16 (+ GradScaler) on other GPUs,
     fp32 on CPU and mps."""
     if name == "auto":
         if device.type == "cuda":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kdcli import data as kdata
 from kdcli import models as kmodels
@@ -18,11 +18,16 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
     if mode == "distill":
         kd = recipe.distillation  # a teacher whose logits are used must have a head of the data's size
         uses_logits = kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none"
-        for i, ref in enumerate(recipe.teachers):
+        for ref in recipe.teachers:
             loaded = kmodels.load_model(
-                ref.model, task, id2label=id2label, revision=ref.revision,
-                trust_remote_code=ref.trust_remote_code, role="teacher",
-                resize_head=not uses_logits, warn=warn,
+                ref.model,
+                task,
+                id2label=id2label,
+                revision=ref.revision,
+                trust_remote_code=ref.trust_remote_code,
+                role="teacher",
+                resize_head=not uses_logits,
+                warn=warn,
             )
             if loaded.new_head:
                 warn(
@@ -34,8 +39,13 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
     student_ref = recipe.student
     if isinstance(student_ref, PretrainedModel):
         loaded = kmodels.load_model(
-            student_ref.model, task, id2label=id2label, revision=student_ref.revision,
-            trust_remote_code=student_ref.trust_remote_code, role="student", warn=warn,
+            student_ref.model,
+            task,
+            id2label=id2label,
+            revision=student_ref.revision,
+            trust_remote_code=student_ref.trust_remote_code,
+            role="student",
+            warn=warn,
         )
         return teachers, loaded.model
     init_from, layers = None, student_ref.init_from_teacher
@@ -44,13 +54,25 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
             init_from = teachers[0]
         else:  # train mode: copy from the model the student's config comes from
             init_from = kmodels.load_model(
-                recipe.init_source, task, id2label=id2label, revision=student_ref.revision,
-                trust_remote_code=student_ref.trust_remote_code, role="student.config", warn=warn,
+                recipe.init_source,
+                task,
+                id2label=id2label,
+                revision=student_ref.revision,
+                trust_remote_code=student_ref.trust_remote_code,
+                role="student.config",
+                warn=warn,
             ).model
     student = kmodels.build_student(
-        student_ref.config, student_ref.overrides, task, labels.num_labels, id2label,
-        init_from=init_from, init_layers=layers, revision=student_ref.revision,
-        trust_remote_code=student_ref.trust_remote_code, warn=warn,
+        student_ref.config,
+        student_ref.overrides,
+        task,
+        labels.num_labels,
+        id2label,
+        init_from=init_from,
+        init_layers=layers,
+        revision=student_ref.revision,
+        trust_remote_code=student_ref.trust_remote_code,
+        warn=warn,
     )
     return teachers, student
 

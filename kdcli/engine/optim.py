@@ -4,7 +4,7 @@ learning-rate schedule (linear warm-up, then linear decay to 0: transformers'
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

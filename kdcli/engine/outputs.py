@@ -4,9 +4,9 @@ checkpoints, and at the end the student, the projections and summary.json."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,9 +51,15 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Through
     numbers = dict(zip(names, values.tolist()))
     rate, eta = throughput.read(step, total_steps)
     info = report.StepInfo(
-        step=step, total_steps=total_steps, epoch=run.position.samples_seen / max(1, len(run.train_set)),
-        loss=numbers.pop("loss"), terms=numbers, lr=run.scheduler.get_last_lr()[0],
-        samples_per_s=rate, eta_s=eta, weights=run.objective.weights(step / total_steps),
+        step=step,
+        total_steps=total_steps,
+        epoch=run.position.samples_seen / max(1, len(run.train_set)),
+        loss=numbers.pop("loss"),
+        terms=numbers,
+        lr=run.scheduler.get_last_lr()[0],
+        samples_per_s=rate,
+        eta_s=eta,
+        weights=run.objective.weights(step / total_steps),
     )
     if run.main:
         run.console.progress.show(info)
@@ -120,11 +126,18 @@ def save_checkpoint(run: RunState) -> None:
     path = None
     if run.main:
         with disk_full_keeps(run):
-            path = ckpt.save_checkpoint(run.out, ckpt.Checkpoint(
-                position=pos, student=run.student.state_dict(), objective=run.objective.state_dict(),
-                optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None, rng={"ranks": rng_all},
-            ))
+            path = ckpt.save_checkpoint(
+                run.out,
+                ckpt.Checkpoint(
+                    position=pos,
+                    student=run.student.state_dict(),
+                    objective=run.objective.state_dict(),
+                    optimizer=run.optimizer.state_dict(),
+                    scheduler=run.scheduler.state_dict(),
+                    scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                    rng={"ranks": rng_all},
+                ),
+            )
     run.procs.barrier()
     run.last_saved = path
 
@@ -180,13 +193,15 @@ def write_summary(run: RunState, *, start_step: int, train_time: float, wall_sta
         "train_examples": len(train_set),
         "resumed_from_step": start_step if run.resume_from is not None else None,
         "final_loss": last_log["loss"] if last_log else None,
-        "final_terms": {k[len("loss/"):]: v for k, v in (last_log or {}).items() if k.startswith("loss/")},
+        "final_terms": {k[len("loss/") :]: v for k, v in (last_log or {}).items() if k.startswith("loss/")},
         "eval": run.last_eval,
         "teacher_eval": run.teacher_eval,
         "student_parameters": sum(p.numel() for p in run.student.parameters()),
         "train_time_s": round(train_time, 3),
         "wall_time_s": round(time.perf_counter() - wall_start, 3),
-        "samples_per_s": round(run.samples_this_session / train_time, 3) if train_time > 0 and position.step > start_step else None,
+        "samples_per_s": round(run.samples_this_session / train_time, 3)
+        if train_time > 0 and position.step > start_step
+        else None,
         "peak_memory_mb": round(report.peak_memory_mb(run.device.type), 1),
         "checkpoint": str(run.last_saved) if run.last_saved else None,
         "teacher_cache_rows": len(run.cache) if run.cache is not None else None,

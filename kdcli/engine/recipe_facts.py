@@ -21,9 +21,14 @@ def read_paths(recipe) -> list[Path]:
     as `from_pretrained` and the data readers would read it; each one that exists counts."""
     data = recipe.data
     refs = [
-        recipe.source, data.train.path, data.eval.path if data.eval is not None else None,
-        *[t.model for t in recipe.teachers], getattr(recipe.student, "model", None),
-        getattr(recipe.student, "config", None), recipe.tokenizer, recipe.init_source,
+        recipe.source,
+        data.train.path,
+        data.eval.path if data.eval is not None else None,
+        *[t.model for t in recipe.teachers],
+        getattr(recipe.student, "model", None),
+        getattr(recipe.student, "config", None),
+        recipe.tokenizer,
+        recipe.init_source,
     ]
     bases = ([Path(recipe.source).parent] if recipe.source else []) + [Path.cwd()]
     paths: list[Path] = []

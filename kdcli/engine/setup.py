@@ -122,11 +122,15 @@ class RunState:
         return self.data.eval
 
 
-def setup(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, *, max_steps, device_name, seed, quiet) -> RunState:
+def setup(
+    folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, *, max_steps, device_name, seed, quiet
+) -> RunState:
     training, main = recipe.training, procs.is_main
     console = Console(main, quiet)
     if main and not folder.locked:
-        console.warn(f"warning: cannot lock {folder.path} (its file system has no file locks); make sure no other run writes there")
+        console.warn(
+            f"warning: cannot lock {folder.path} (its file system has no file locks); make sure no other run writes there"
+        )
     run_seed = training.seed if seed is None else seed
     seed_everything(run_seed)
     device = resolve_device(device_name or training.device, procs)
@@ -145,7 +149,8 @@ def setup(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, *, max
     task = task_for(recipe.task)
     teachers, student = load_models(recipe, mode, task_data.labels, console.warn)
     kmodels.check_vocabularies(  # every model reads the tokenizer's ids as its own tokens
-        tokenizer, ref,
+        tokenizer,
+        ref,
         [("teacher", t.model, m) for t, m in zip(recipe.teachers, teachers)]
         + [("student", getattr(recipe.student, "model", None), student)],
     )
@@ -160,35 +165,62 @@ def setup(folder: outdir.RunFolder, recipe, mode: Mode, procs: Processes, *, max
     objective.to(device)
     capture_S = FeatureCapture(student, objective.hidden_layers("S"), objective.attention_layers("S"), role="student")
     captures_T = [
-        FeatureCapture(t, objective.hidden_layers("T") if i == 0 else (), objective.attention_layers("T") if i == 0 else (),
-                       role=f"teacher {i + 1}" if len(teachers) > 1 else "teacher")
+        FeatureCapture(
+            t,
+            objective.hidden_layers("T") if i == 0 else (),
+            objective.attention_layers("T") if i == 0 else (),
+            role=f"teacher {i + 1}" if len(teachers) > 1 else "teacher",
+        )
         for i, t in enumerate(teachers)
     ]
     cache = _logit_cache(recipe, mode, objective, task, console)
     step_module: nn.Module = StudentStep(student, objective, capture_S)
     if procs.distributed:
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
         )
     # different dropout masks per rank, the same model everywhere (DDP broadcast rank 0's)
     torch.manual_seed(run_seed + procs.rank)
 
     # steps, optimizer, learning rate
     bs, accum = training.batch_size, training.gradient_accumulation_steps
-    batches_per_epoch = len(kdata.train_batches(task_data.train_lengths, bs, run_seed, 0, False, procs.rank, procs.world_size))
+    batches_per_epoch = len(
+        kdata.train_batches(task_data.train_lengths, bs, run_seed, 0, False, procs.rank, procs.world_size)
+    )
     total_steps = max_steps or training.num_steps or training.num_epochs * math.ceil(batches_per_epoch / accum)
     optimizer = make_optimizer(param_groups(student, objective, training.weight_decay), training)
     run = RunState(
-        recipe=recipe, mode=mode, procs=procs, folder=folder, console=console, seed=run_seed, device=device,
-        precision=precision, tokenizer=tokenizer, tokenizer_ref=ref, task=task, data=task_data,
-        collator=kdata.Collator.for_tokenizer(tokenizer), teachers=teachers, student=student, objective=objective,
-        capture_S=capture_S, captures_T=captures_T, cache=cache, step_module=step_module,
-        trainable=[p for p in step_module.parameters() if p.requires_grad], optimizer=optimizer,
+        recipe=recipe,
+        mode=mode,
+        procs=procs,
+        folder=folder,
+        console=console,
+        seed=run_seed,
+        device=device,
+        precision=precision,
+        tokenizer=tokenizer,
+        tokenizer_ref=ref,
+        task=task,
+        data=task_data,
+        collator=kdata.Collator.for_tokenizer(tokenizer),
+        teachers=teachers,
+        student=student,
+        objective=objective,
+        capture_S=capture_S,
+        captures_T=captures_T,
+        cache=cache,
+        step_module=step_module,
+        trainable=[p for p in step_module.parameters() if p.requires_grad],
+        optimizer=optimizer,
         scheduler=make_scheduler(optimizer, total_steps, math.ceil(training.warmup_ratio * total_steps)),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), total_steps=total_steps,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        total_steps=total_steps,
         command=resume_command(mode, recipe, folder.path, procs, max_steps=max_steps, device=device_name, seed=seed),
         position=ckpt.Position(step=0, epoch=0, batch_in_epoch=0, samples_seen=0),
-        resume_from=folder.latest, last_saved=folder.latest, closers=[capture_S, *captures_T],
+        resume_from=folder.latest,
+        last_saved=folder.latest,
+        closers=[capture_S, *captures_T],
     )
     if run.resume_from is not None:
         resume(run)
@@ -245,7 +277,9 @@ def resume(run: RunState) -> None:
     if len(ranks) == procs.world_size:
         ckpt.restore_rng(to_cpu(ranks[procs.rank]))
     else:
-        run.console.warn(f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {procs.world_size}; the data order is kept, dropout draws differ")
+        run.console.warn(
+            f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {procs.world_size}; the data order is kept, dropout draws differ"
+        )
     run.position = state.position
     run.console.say(f"resuming from {resume_from} (step {run.position.step} of {run.total_steps})")
 

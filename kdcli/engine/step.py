@@ -41,7 +41,7 @@ class StopRequest:
         self.requested = False
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -65,7 +65,7 @@ class StopFlags(NamedTuple):
     interrupted: bool
 
     @classmethod
-    def agree(cls, procs, device, non_finite: bool, interrupted: bool) -> "StopFlags":
+    def agree(cls, procs, device, non_finite: bool, interrupted: bool) -> StopFlags:
         flags = torch.tensor([float(non_finite), float(interrupted)], device=device)
         if procs.distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -81,7 +81,9 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
         last_micro = micro == len(chunk) - 1
         with nullcontext() if (last_micro or not run.procs.distributed) else run.step_module.no_sync():
             with autocast(run.device, run.precision):
-                feats_T = teacher_features(run.captures_T, run.cache, indices, batch, run.device) if run.teachers else []
+                feats_T = (
+                    teacher_features(run.captures_T, run.cache, indices, batch, run.device) if run.teachers else []
+                )
                 total, terms = run.step_module(batch, feats_T, fraction)
             run.scaler.scale(total / len(chunk)).backward()
         if result.non_finite is None and not bool(torch.isfinite(total.detach())):

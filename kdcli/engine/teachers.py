@@ -3,7 +3,7 @@ forward with the objective as one module."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,11 @@ class TeacherLogitCache:
 
 
 def teacher_features(
-    captures: Sequence[FeatureCapture], cache: TeacherLogitCache | None, indices: list[int], batch: dict[str, Tensor], device
+    captures: Sequence[FeatureCapture],
+    cache: TeacherLogitCache | None,
+    indices: list[int],
+    batch: dict[str, Tensor],
+    device,
 ) -> list[Features]:
     """Each teacher's features for a batch: from the logit cache when every row is in it,
     else a forward pass of each teacher (whose logits the cache then keeps)."""

@@ -50,6 +50,7 @@ def _attention(
         )
     return S, T, _mask(loss, mask, S.shape[0], length, S)
 
+
 def _att_mse(S: Tensor, T: Tensor, m: _Mask | None) -> Tensor:
     """MSE on (B, H, L, L) or (B, L, L); see `att_mse_loss` for the conventions."""
     if m is None:

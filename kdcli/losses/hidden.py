@@ -19,7 +19,11 @@ def _hidden(loss: str, state_S: Tensor, state_T: Tensor, mask: Tensor | None):
     _tensor(loss, "state_S", state_S)
     _tensor(loss, "state_T", state_T)
     _same_shape(
-        loss, "state_S", state_S, "state_T", state_T,
+        loss,
+        "state_S",
+        state_S,
+        "state_T",
+        state_T,
         "hidden sizes must agree; add a `proj` to the match when they differ",
     )
     if state_S.dim() < 1:
@@ -116,7 +120,11 @@ def pkd_loss(state_S: Tensor, state_T: Tensor, mask: Tensor | None = None) -> Te
 
 def _two(loss: str, name: str, states: object) -> tuple[Tensor, Tensor]:
     if not isinstance(states, (list, tuple)) or len(states) != 2:
-        got = f"{type(states).__name__} of length {len(states)}" if isinstance(states, (list, tuple)) else type(states).__name__
+        got = (
+            f"{type(states).__name__} of length {len(states)}"
+            if isinstance(states, (list, tuple))
+            else type(states).__name__
+        )
         raise ValueError(f"{loss}: {name} must be a list of two tensors (two layers), got {got}")
     a = _tensor(loss, f"{name}[0]", states[0])
     b = _tensor(loss, f"{name}[1]", states[1])

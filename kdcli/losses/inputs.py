@@ -40,8 +40,7 @@ def _same_shape(loss: str, name_a: str, a: Tensor, name_b: str, b: Tensor, why: 
     if a.shape != b.shape:
         hint = f" ({why})" if why else ""
         raise ValueError(
-            f"{loss}: {name_a} has shape {_shape(a)} but {name_b} has shape {_shape(b)}; "
-            f"they must be equal{hint}"
+            f"{loss}: {name_a} has shape {_shape(a)} but {name_b} has shape {_shape(b)}; they must be equal{hint}"
         )
 
 
@@ -97,8 +96,7 @@ def _mask(loss: str, mask: object, batch: int, length: int, like: Tensor) -> _Ma
         raise ValueError(f"{loss}: mask must be bool, int or float, got {mask.dtype}")
     if mask.shape != (batch, length):
         raise ValueError(
-            f"{loss}: mask has shape {_shape(mask)} but the inputs need (batch, length) = "
-            f"{(batch, length)}"
+            f"{loss}: mask has shape {_shape(mask)} but the inputs need (batch, length) = {(batch, length)}"
         )
     return _Mask(mask.to(device=like.device), like)
 

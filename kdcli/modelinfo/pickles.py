@@ -8,7 +8,20 @@ from kdcli.modelinfo.weights import MAX_HEADER_BYTES, SAFETENSORS_FILE, SAFETENS
 
 #: what a plain tensor pickle calls (torch's weights-only loader accepts these and little else)
 _SAFE_GLOBAL_MODULES = ("torch", "collections", "_codecs")
-_SAFE_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "dict", "list", "tuple", "int", "float", "bool", "complex", "slice"}
+_SAFE_BUILTINS = {
+    "set",
+    "frozenset",
+    "bytearray",
+    "bytes",
+    "dict",
+    "list",
+    "tuple",
+    "int",
+    "float",
+    "bool",
+    "complex",
+    "slice",
+}
 
 
 def pickle_calls(path: str | Path) -> list[str]:
@@ -32,7 +45,9 @@ def pickle_calls(path: str | Path) -> list[str]:
             if not infos:
                 raise WeightsUnreadable(f"{path} is not a PyTorch checkpoint (no data.pkl inside)")
             if infos[0].file_size > MAX_HEADER_BYTES:  # tensors are stored beside it, not in it
-                raise WeightsUnreadable(f"{path} is not a plain PyTorch checkpoint (its data.pkl is {infos[0].file_size} bytes)")
+                raise WeightsUnreadable(
+                    f"{path} is not a plain PyTorch checkpoint (its data.pkl is {infos[0].file_size} bytes)"
+                )
             data = archive.read(infos[0])
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise WeightsUnreadable(f"{path} is damaged or truncated ({type(exc).__name__})") from None

@@ -11,9 +11,23 @@ from kdcli.safe_files import NotRegularFile, open_regular, read_regular_text
 
 #: bytes per element of each safetensors dtype
 _DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -86,7 +100,9 @@ def _header_shapes(path: Path, header: dict, data_bytes: int) -> dict[str, tuple
         for dim in shape:
             count *= dim
         if dtype in _DTYPE_BYTES and count * _DTYPE_BYTES[dtype] != end - begin:
-            raise WeightsUnreadable(f"{path} is damaged: tensor {name!r} of shape {shape} ({dtype}) has {end - begin} bytes")
+            raise WeightsUnreadable(
+                f"{path} is damaged: tensor {name!r} of shape {shape} ({dtype}) has {end - begin} bytes"
+            )
         covered = max(covered, end)
         shapes[name] = shape
     if covered != data_bytes:
@@ -158,13 +174,19 @@ def weight_disagreements(shapes: dict[str, tuple[int, ...]], config: dict) -> li
     if blocks is not None:
         path, count = blocks
         if facts.num_hidden_layers is not None and count != facts.num_hidden_layers:
-            out.append(f"num_hidden_layers is {facts.num_hidden_layers} but the weights hold {count} blocks ({path}.0-{count - 1})")
+            out.append(
+                f"num_hidden_layers is {facts.num_hidden_layers} but the weights hold {count} blocks ({path}.0-{count - 1})"
+            )
         if facts.hidden_size is not None:
-            norms = {k: v for k, v in shapes.items() if k.startswith(f"{path}.0.") and "norm" in k.lower() and len(v) == 1}
+            norms = {
+                k: v for k, v in shapes.items() if k.startswith(f"{path}.0.") and "norm" in k.lower() and len(v) == 1
+            }
             if norms and all(v[0] != facts.hidden_size for v in norms.values()):
                 key = sorted(norms)[0]
                 out.append(f"hidden_size is {facts.hidden_size} but {key} is {norms[key][0]} wide")
-    head = next((k for k in ("classifier.out_proj.weight", "classifier.weight") if k in shapes and len(shapes[k]) == 2), None)
+    head = next(
+        (k for k in ("classifier.out_proj.weight", "classifier.weight") if k in shapes and len(shapes[k]) == 2), None
+    )
     if head is not None and facts.head and facts.num_labels is not None and shapes[head][0] != facts.num_labels:
         out.append(f"the config declares {facts.num_labels} labels but the head {head} has {shapes[head][0]} rows")
     return out

@@ -31,7 +31,14 @@ code 1), with one line naming the model, the file and the fix.
 """
 
 from kdcli.models.common import (  # noqa: F401
-    TOKENIZER_FILES, Blocks, Dims, HeadMismatch, LoadedModel, ModelError, remote_code_notice, resolve_model_ref,
+    TOKENIZER_FILES,
+    Blocks,
+    Dims,
+    HeadMismatch,
+    LoadedModel,
+    ModelError,
+    remote_code_notice,
+    resolve_model_ref,
 )
 from kdcli.models.loading import load_model, load_tokenizer  # noqa: F401
 from kdcli.models.structure import encoder_blocks, model_dims  # noqa: F401

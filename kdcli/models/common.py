@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import RunError
 from kdcli.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
@@ -21,15 +22,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 _DTYPES = {
-    "fp32": "float32", "float32": "float32",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
 }
 _REDOWNLOAD = "re-download the model, or save it again with save_pretrained"
 #: Files of which a local folder must hold at least one to count as having a tokenizer.
 TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model",
-    "sentencepiece.bpe.model", "tokenizer.model",
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
 )
 
 
@@ -61,7 +70,7 @@ class Blocks:
     """The transformer blocks of a model: `path` is the ModuleList's dotted name."""
 
     path: str  # e.g. "bert.encoder.layer" or "distilbert.transformer.layer"
-    modules: "nn.ModuleList"
+    modules: nn.ModuleList
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -76,7 +85,7 @@ class LoadedModel:
     `unused`: checkpoint tensors the model has no place for.
     """
 
-    model: "PreTrainedModel"
+    model: PreTrainedModel
     ref: str
     new: tuple[str, ...] = ()
     resized: tuple[str, ...] = ()
@@ -107,7 +116,6 @@ class LoadedModel:
         return f"{self.ref}: {type(self.model).__name__}, {what}"
 
 
-
 def resolve_model_ref(ref: str) -> str:
     """`pkg:<package>/<folder>` -> the folder inside an installed package; anything else as is.
 
@@ -122,9 +130,7 @@ def resolve_model_ref(ref: str) -> str:
     except PackageRefError as exc:
         raise ModelError(f"model reference {ref!r}: {exc.message}. Fix: {exc.fix}") from None
     if not path.is_dir():
-        raise ModelError(
-            f"model reference {ref!r}: no folder {path}. Fix: name a folder inside the package"
-        )
+        raise ModelError(f"model reference {ref!r}: no folder {path}. Fix: name a folder inside the package")
     return str(path)
 
 
@@ -134,7 +140,7 @@ def _check_local(ref: str, role: str) -> None:
         raise ModelError(f"{role} {ref!r}: no such folder. Fix: give an existing model folder or a hub id")
 
 
-def _torch_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype":
+def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     import torch
 
     if dtype is None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kdcli.modelinfo import (
     PICKLE_FIX,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-
 def _check_weight_files(ref: str, role: str) -> None:
     """A local folder's weight files, checked without torch before transformers reads them:
     safetensors headers whole, pickles calling nothing but tensor constructors. A `ModelError`
@@ -62,9 +62,13 @@ def _load_failure(exc: BaseException, ref: str, role: str, task: str) -> ModelEr
     file = bins[0] if bins else "pytorch_model.bin"
     if "GLOBAL" in text and ("Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError)):
         called = re.search(r"GLOBAL ([\w.]+)", text)
-        return ModelError(f"{role} {ref!r}: {refused_pickle(file, [called.group(1) if called else 'a callable'])}. Fix: {PICKLE_FIX}")
+        return ModelError(
+            f"{role} {ref!r}: {refused_pickle(file, [called.group(1) if called else 'a callable'])}. Fix: {PICKLE_FIX}"
+        )
     if type(exc).__name__ == "SafetensorError":
-        return ModelError(f"{role} {ref!r}: its safetensors weights cannot be read ({_first_line(exc)}). Fix: {_REDOWNLOAD}")
+        return ModelError(
+            f"{role} {ref!r}: its safetensors weights cannot be read ({_first_line(exc)}). Fix: {_REDOWNLOAD}"
+        )
     missing_file = "does not appear to have" in text or "no file named" in text.lower()
     if pickled and not missing_file and isinstance(exc, (OSError, RuntimeError, EOFError, pickle.UnpicklingError)):
         detail = _first_line(exc.__context__ or exc) if "Weights only load failed" in text else _first_line(exc)
@@ -79,7 +83,7 @@ def _load_failure(exc: BaseException, ref: str, role: str, task: str) -> ModelEr
     )
 
 
-def _in_body(key: str, model: "PreTrainedModel") -> bool:
+def _in_body(key: str, model: PreTrainedModel) -> bool:
     """Whether a parameter name (the model's, or a headless checkpoint's) is inside the base model."""
     prefix = model.base_model_prefix
     if key.startswith(prefix + "."):
@@ -102,10 +106,12 @@ def _names(keys: Sequence[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _check_loading_info(model: "PreTrainedModel", info: dict, ref: str, role: str, *, resize_head: bool) -> None:
+def _check_loading_info(model: PreTrainedModel, info: dict, ref: str, role: str, *, resize_head: bool) -> None:
     """Refuse a load where anything but a classification head (and the pooler under a new
     head) was initialised at random instead of read from the checkpoint."""
-    mismatched = sorted((k[0], k[1], k[2]) if isinstance(k, tuple) else (k, None, None) for k in info.get("mismatched_keys", ()))
+    mismatched = sorted(
+        (k[0], k[1], k[2]) if isinstance(k, tuple) else (k, None, None) for k in info.get("mismatched_keys", ())
+    )
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(info.get("unexpected_keys", ()))
     head_new = any(not _in_body(k, model) for k in missing) or any(not _in_body(k, model) for k, _, _ in mismatched)
@@ -152,7 +158,7 @@ def load_model(
     id2label: dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    dtype: "torch.dtype | str | None" = None,
+    dtype: torch.dtype | str | None = None,
     role: str = "model",
     resize_head: bool = True,
     warn: Callable[[str], None] | None = None,
@@ -211,7 +217,7 @@ def load_tokenizer(
     trust_remote_code: bool = False,
     role: str = "tokenizer",
     warn: Callable[[str], None] | None = None,
-) -> "PreTrainedTokenizerBase":
+) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model folder or hub repo (`AutoTokenizer.from_pretrained`);
     `warn` gets the trust_remote_code warning before anything is loaded."""
     from transformers import AutoTokenizer
@@ -228,9 +234,7 @@ def load_tokenizer(
             "Fix: set `tokenizer` in the recipe to a folder or hub id that has them"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            ref, revision=revision, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(
             f"{role} {ref!r}: no usable tokenizer ({_first_line(exc)}). Fix: set `tokenizer` in "

@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING
 from kdcli.models.common import Blocks, Dims, ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
-
     from torch import nn
     from transformers import PreTrainedModel
 
 
-def model_dims(model: "PreTrainedModel") -> Dims:
+def model_dims(model: PreTrainedModel) -> Dims:
     """Layers, hidden size, attention heads and vocabulary size of a model (from its config)."""
     config = model.config
     return Dims(
@@ -23,7 +22,7 @@ def model_dims(model: "PreTrainedModel") -> Dims:
     )
 
 
-def encoder_blocks(model: "nn.Module") -> Blocks:
+def encoder_blocks(model: nn.Module) -> Blocks:
     """The model's transformer blocks: the list `kdcli.architectures` names for its model
     type (BERT `bert.encoder.layer`, DistilBERT `distilbert.transformer.layer`, ...), else the
     first `nn.ModuleList` whose length is `config.num_hidden_layers`. `ModelError` when there

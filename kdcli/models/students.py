@@ -4,7 +4,8 @@ embeddings, chosen blocks, pooler and head."""
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kdcli.models.common import (
     ModelError,
@@ -21,7 +22,6 @@ from kdcli.models.structure import encoder_blocks
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel
-
 
 
 def load_config(
@@ -53,10 +53,12 @@ def apply_overrides(config, overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         if key not in known and not hasattr(config, key):
             close = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"a {config.model_type} config has {', '.join(sorted(known)[:12])}, ..."
-            raise ModelError(
-                f"student.overrides: {key!r} is not a {config.model_type} config field. Fix: {hint}"
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else f"a {config.model_type} config has {', '.join(sorted(known)[:12])}, ..."
             )
+            raise ModelError(f"student.overrides: {key!r} is not a {config.model_type} config field. Fix: {hint}")
         try:
             setattr(config, key, value)
         except Exception as exc:  # TypeError, ValueError, huggingface_hub's strict-field error
@@ -71,14 +73,14 @@ def build_student(
     task: str,
     num_labels: int | None,
     id2label: dict | None,
-    init_from: "PreTrainedModel | None" = None,
+    init_from: PreTrainedModel | None = None,
     init_layers: Sequence[int] | None = None,
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    dtype: "torch.dtype | str | None" = None,
+    dtype: torch.dtype | str | None = None,
     warn: Callable[[str], None] | None = None,
-) -> "PreTrainedModel":
+) -> PreTrainedModel:
     """A student built from a config (+ overrides) with random weights, for `task`.
 
     With `init_from` and `init_layers`, student block j (1-based) starts as teacher block
@@ -115,7 +117,7 @@ def build_student(
     return model
 
 
-def init_from_teacher(student: "PreTrainedModel", teacher: "PreTrainedModel", layers: Sequence[int]) -> None:
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: Sequence[int]) -> None:
     """Copy the teacher's embeddings, blocks `layers` (1-based, in order), pooler and head
     into `student` in place. `ModelError` naming the first mismatches when anything differs."""
     import torch
@@ -147,7 +149,7 @@ def init_from_teacher(student: "PreTrainedModel", teacher: "PreTrainedModel", la
     problems: list[str] = []
     for key, tensor in student.state_dict().items():
         if key.startswith(s_prefix):
-            index, rest = key[len(s_prefix):].split(".", 1)
+            index, rest = key[len(s_prefix) :].split(".", 1)
             t_key = f"{t_blocks.path}.{layers[int(index)] - 1}.{rest}"
         else:
             t_key = key

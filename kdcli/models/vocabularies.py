@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from kdcli.models.common import (
     TOKENIZER_FILES,
@@ -14,13 +15,12 @@ from kdcli.models.common import (
 from kdcli.models.loading import load_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
-
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from kdcli.vocab import Vocab
 
 
-def _own_vocab(ref: str) -> "Vocab | None":
+def _own_vocab(ref: str) -> Vocab | None:
     """The vocabulary a model was trained with, from its folder's tokenizer files (or its hub
     tokenizer); None when it cannot be had."""
     from kdcli.vocab import read_vocab, vocab_of
@@ -42,9 +42,9 @@ def _own_vocab(ref: str) -> "Vocab | None":
 
 
 def check_vocabularies(
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     tokenizer_ref: str,
-    models: Sequence[tuple[str, str | None, "PreTrainedModel"]],
+    models: Sequence[tuple[str, str | None, PreTrainedModel]],
 ) -> None:
     """Refuse a run whose models cannot read the tokenizer's ids: `models` holds (role,
     reference or None for a model built from a config, model). A model needs as many token

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from kdcli.errors import RecipeError
 from kdcli.recipe.data_rules import data_findings, values_shown
@@ -65,7 +65,14 @@ def check_loaded(loaded: LoadedRecipe, resolver: Resolver, strict: bool = False)
             _place(loaded, problem, strict)
 
 
-def check_file(path: str | Path, *, strict: bool = False, mode: Mode | None = None, producers: dict[str, list[Path]] | None = None, resolver: Resolver | None = None) -> tuple[FileReport, LoadedRecipe]:
+def check_file(
+    path: str | Path,
+    *,
+    strict: bool = False,
+    mode: Mode | None = None,
+    producers: dict[str, list[Path]] | None = None,
+    resolver: Resolver | None = None,
+) -> tuple[FileReport, LoadedRecipe]:
     """Check one recipe file completely; returns its report and what was read."""
     producers = producers if producers is not None else find_producers([Path(path)])
     resolver = resolver or Resolver(producers)
@@ -81,7 +88,9 @@ def check_paths(paths: Iterable[str | Path], *, strict: bool = False, mode: Mode
     files = expand_paths(paths)
     producers = find_producers(files)
     resolver = Resolver(producers)
-    return CheckReport([check_file(f, strict=strict, mode=mode, producers=producers, resolver=resolver)[0] for f in files])
+    return CheckReport(
+        [check_file(f, strict=strict, mode=mode, producers=producers, resolver=resolver)[0] for f in files]
+    )
 
 
 def load_checked(path: str | Path, mode: Mode | None = None, *, strict: bool = False) -> Recipe:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from kdcli.recipe.sources import DataSource
 from kdcli.safe_files import NotRegularFile, open_regular
@@ -64,11 +65,17 @@ def _plausible(columns: list[Any], fmt: str, where: str) -> list[str]:
         if not isinstance(name, str):
             raise DataUnreadable(f"its {where} does not look like a {fmt} header: a column name is not text")
         if "\n" in name or "\r" in name:
-            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a quoted column name goes on over more than one line")
+            raise DataUnreadable(
+                f"its {where} does not look like a {fmt} header: a quoted column name goes on over more than one line"
+            )
         if not name.replace("\t", "").isprintable():  # a tab: a csv read with the wrong delimiter
-            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a column name holds a non-printable character")
+            raise DataUnreadable(
+                f"its {where} does not look like a {fmt} header: a column name holds a non-printable character"
+            )
         if len(name) > COLUMN_NAME_MAX:
-            raise DataUnreadable(f"its {where} does not look like a {fmt} header: a column name is over {COLUMN_NAME_MAX} characters long")
+            raise DataUnreadable(
+                f"its {where} does not look like a {fmt} header: a column name is over {COLUMN_NAME_MAX} characters long"
+            )
     return list(columns)
 
 
@@ -91,7 +98,9 @@ def read_header(source: DataSource) -> DataHeader:
             if not row:
                 raise DataUnreadable("it is empty (a header line is needed)")
             if any("\n" in c or "\r" in c for c in row):  # an open quote: the row goes on
-                raise DataUnreadable(f"its first line does not look like a {fmt} header: a quoted column name goes on over more than one line")
+                raise DataUnreadable(
+                    f"its first line does not look like a {fmt} header: a quoted column name goes on over more than one line"
+                )
             return DataHeader(_plausible([c.strip() for c in row], fmt, "first line"))
         if fmt == "jsonl":
             return header_of_record(first_jsonl_record(path))
@@ -112,7 +121,9 @@ def read_header(source: DataSource) -> DataHeader:
     except UnicodeDecodeError:
         raise DataUnreadable("it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise DataUnreadable(f"its first record cannot be parsed ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise DataUnreadable(
+            f"its first record cannot be parsed ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
     except csv.Error as exc:
         raise DataUnreadable(f"its header line cannot be parsed ({str(exc).splitlines()[0][:80]})") from None
     except RecursionError:
@@ -126,7 +137,14 @@ def read_header(source: DataSource) -> DataHeader:
     raise DataUnreadable(f"unknown format {fmt!r}")
 
 
-_JSON_KINDS = {list: "a list", str: "a string", bool: "true or false", int: "a number", float: "a number", type(None): "null"}
+_JSON_KINDS = {
+    list: "a list",
+    str: "a string",
+    bool: "true or false",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def header_of_record(record: Any) -> DataHeader:

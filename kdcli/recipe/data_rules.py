@@ -105,12 +105,14 @@ def delimiter_hint(header: DataHeader, source: DataSource) -> str:
     for char, name in (("\t", "a tab"), (",", "a comma"), (";", "a semicolon"), ("|", "a bar")):
         if char in header.columns[0] and char != source.delimiter:
             if char == "\t":
-                return "the header line looks tab-separated: use a .tsv file or set format \"tsv\""
+                return 'the header line looks tab-separated: use a .tsv file or set format "tsv"'
             return f'the header line looks separated by {name}: set "delimiter": {show(char)} (format csv)'
     return ""
 
 
-def _column_findings(recipe: Recipe, loaded: LoadedRecipe, split: str, source: DataSource, header: DataHeader) -> list[Finding]:
+def _column_findings(
+    recipe: Recipe, loaded: LoadedRecipe, split: str, source: DataSource, header: DataHeader
+) -> list[Finding]:
     """The text, pair and label columns exist in one local data file's header (and hold lists
     for token-classification). Column names are shown only for a plausible header of a file
     inside the repository (check-recipe runs in CI on recipes from pull requests)."""
@@ -132,9 +134,19 @@ def _column_findings(recipe: Recipe, loaded: LoadedRecipe, split: str, source: D
             if listed:
                 known = f"its columns: {', '.join(map(show, header.columns)) or 'none'}"
             else:
-                why = "the file is outside the recipe's repository" if outside else f"it has {len(header.columns)} columns"
+                why = (
+                    "the file is outside the recipe's repository"
+                    if outside
+                    else f"it has {len(header.columns)} columns"
+                )
                 known = f"its columns are not listed ({why})"
-            out.append(Finding(("data", option), f"data.{split} file {name} has no column {show(column)}{default}; {known}", misread or fix))
+            out.append(
+                Finding(
+                    ("data", option),
+                    f"data.{split} file {name} has no column {show(column)}{default}; {known}",
+                    misread or fix,
+                )
+            )
         elif recipe.task == "token-classification" and option != "text_pair_column" and header.list_columns is not None:
             if not header.list_columns.get(column, False):
                 what = "words" if option == "text_column" else "tags"
@@ -171,7 +183,9 @@ def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
             header = read_header(source)
         except DataUnreadable as exc:
             shown = show(loaded.written(loaded.data_path(split)) or source.path)
-            out.append(Finding(where, f"data file {shown}: {exc}", f"give a {source.format} file with a header or records"))
+            out.append(
+                Finding(where, f"data file {shown}: {exc}", f"give a {source.format} file with a header or records")
+            )
             continue
         out.extend(_column_findings(recipe, loaded, split, source, header))
     return out

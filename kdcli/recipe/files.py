@@ -26,7 +26,11 @@ def close_names(missing: Path, want_dir: bool, outside: bool = False) -> str:
     except OSError:
         names = []
     guess = suggest(missing.name, names)
-    return f"did you mean '{guess}'?" if guess else "check the spelling; relative paths resolve against the recipe's folder"
+    return (
+        f"did you mean '{guess}'?"
+        if guess
+        else "check the spelling; relative paths resolve against the recipe's folder"
+    )
 
 
 def kind_of_file(path: Path) -> str:
@@ -53,7 +57,9 @@ def _warn_outside(loaded: LoadedRecipe, path: JsonPath, resolved: str, what: str
     return why is not None
 
 
-def _check_model_folder(loaded: LoadedRecipe, path: JsonPath, folder: str, role: str, producers: dict[str, list[Path]], mode: Mode | None) -> None:
+def _check_model_folder(
+    loaded: LoadedRecipe, path: JsonPath, folder: str, role: str, producers: dict[str, list[Path]], mode: Mode | None
+) -> None:
     folder_path = Path(folder)
     written = loaded.written(path)
     shown = show(written) if isinstance(written, str) else show(folder)
@@ -76,9 +82,15 @@ def _check_model_folder(loaded: LoadedRecipe, path: JsonPath, folder: str, role:
                 loaded.notes.append(note)
         return
     if is_dir(folder_path):
-        loaded.add(path, f"{role} folder {shown} has no config.json ({folder})", "point it at a folder written by save_pretrained")
+        loaded.add(
+            path,
+            f"{role} folder {shown} has no config.json ({folder})",
+            "point it at a folder written by save_pretrained",
+        )
         return
-    loaded.add(path, f"{role} folder {shown} not found ({folder})", close_names(folder_path, want_dir=True, outside=outside))
+    loaded.add(
+        path, f"{role} folder {shown} not found ({folder})", close_names(folder_path, want_dir=True, outside=outside)
+    )
 
 
 def check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mode | None) -> None:
@@ -100,7 +112,11 @@ def check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mo
     if "tokenizer" in sections and recipe.tokenizer and os.path.isabs(recipe.tokenizer):
         outside = _warn_outside(loaded, ("tokenizer",), recipe.tokenizer, "tokenizer folder")
         if not is_dir(recipe.tokenizer) and (mode is not None or os.path.normpath(recipe.tokenizer) not in producers):
-            loaded.add(("tokenizer",), f"tokenizer folder {show(loaded.written(('tokenizer',)))} not found ({recipe.tokenizer})", close_names(Path(recipe.tokenizer), want_dir=True, outside=outside))
+            loaded.add(
+                ("tokenizer",),
+                f"tokenizer folder {show(loaded.written(('tokenizer',)))} not found ({recipe.tokenizer})",
+                close_names(Path(recipe.tokenizer), want_dir=True, outside=outside),
+            )
     if "data" in sections:
         for name, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
             if source is None or not source.is_local:
@@ -115,7 +131,11 @@ def check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mo
                     what = "is not a regular file (a device, FIFO or socket)"
                 else:
                     what = "not found"
-                loaded.add(path, f"data file {show(loaded.written(path))} {what} ({source.path})", close_names(file, want_dir=False, outside=outside))
+                loaded.add(
+                    path,
+                    f"data file {show(loaded.written(path))} {what} ({source.path})",
+                    close_names(file, want_dir=False, outside=outside),
+                )
     if "training" not in sections:
         return
     out_dir = os.path.normpath(recipe.training.output_dir or "")
@@ -124,7 +144,16 @@ def check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mo
     if student is not None:
         reading.append(getattr(student, "model", None) or getattr(student, "config", None))
     if any(r and os.path.isabs(r) and os.path.normpath(r) == out_dir for r in reading):
-        loaded.add(where, f"output_dir {out_dir} is also a model this recipe reads; the run would overwrite it", "write the result to another folder")
+        loaded.add(
+            where,
+            f"output_dir {out_dir} is also a model this recipe reads; the run would overwrite it",
+            "write the result to another folder",
+        )
     others = [p for p in producers.get(out_dir, []) if p != loaded.source]
     if others:
-        loaded.add(where, f"{display_name(others[0])} writes to the same output_dir {out_dir}", "give each recipe its own output_dir", "warning")
+        loaded.add(
+            where,
+            f"{display_name(others[0])} writes to the same output_dir {out_dir}",
+            "give each recipe its own output_dir",
+            "warning",
+        )

@@ -130,10 +130,18 @@ class _Parser:
             if exc.msg.startswith("Unterminated"):
                 self.fail("unterminated string: the string starting here is not closed", i, 'add the closing "')
             if bad in ("\n", "\r"):
-                self.fail(f"the string starting here is not closed on its line (found a line break at {self.where(exc.pos)})", i, 'add the closing " (write a line break inside a string as \\n)')
+                self.fail(
+                    f"the string starting here is not closed on its line (found a line break at {self.where(exc.pos)})",
+                    i,
+                    'add the closing " (write a line break inside a string as \\n)',
+                )
             if exc.msg.startswith("Invalid control"):
                 name = _CONTROL_NAMES.get(bad, f"U+{ord(bad):04X}")
-                self.fail(f"a raw control character ({name}) inside a string", exc.pos, "escape it, e.g. \\t for a tab, or remove it")
+                self.fail(
+                    f"a raw control character ({name}) inside a string",
+                    exc.pos,
+                    "escape it, e.g. \\t for a tab, or remove it",
+                )
             self.fail(exc.msg.lower(), exc.pos)
         if any(_is_surrogate(ch) for ch in value):
             self.lone_surrogate(i + 1, end)
@@ -141,7 +149,9 @@ class _Parser:
 
     def lone_surrogate(self, start: int, end: int) -> None:
         """Fail at the first \\uXXXX escape in text[start:end] that is half of no surrogate pair."""
-        escapes = [(m.start(), int(m.group(1), 16)) for m in _UNICODE_ESCAPE.finditer(self.text, start, end) if m.group(1)]
+        escapes = [
+            (m.start(), int(m.group(1), 16)) for m in _UNICODE_ESCAPE.finditer(self.text, start, end) if m.group(1)
+        ]
         k = 0
         while k < len(escapes):
             at, code = escapes[k]
@@ -177,9 +187,17 @@ class _Parser:
         """After an item: a new item starts (a missing comma, reported where the comma belongs)
         or something else is there (reported where it is)."""
         if i >= len(self.text):
-            self.fail(f"expected ',' or '{closer}' {what}, found the end of the file: the {kind} opened at {self.where(opened)} is not closed", i, f"add the missing '{closer}'")
+            self.fail(
+                f"expected ',' or '{closer}' {what}, found the end of the file: the {kind} opened at {self.where(opened)} is not closed",
+                i,
+                f"add the missing '{closer}'",
+            )
         if self.text[i] in '"{[-0123456789tfnNI':
-            self.fail(f"missing ',' {what}: expected ',' here, before the next item at {self.where(i)}", prev_end, "add a comma")
+            self.fail(
+                f"missing ',' {what}: expected ',' here, before the next item at {self.where(i)}",
+                prev_end,
+                "add a comma",
+            )
         self.fail(f"expected ',' or '{closer}' {what}, found {self.describe(i)}", i)
 
     def object(self, i: int, path: JsonPath):
@@ -194,13 +212,21 @@ class _Parser:
                 if self.text[i : i + 1] == "}" and comma is not None:
                     self.fail("trailing comma before '}'", comma, "remove the comma")
                 if i >= len(self.text):
-                    self.fail(f"expected a key in double quotes, found the end of the file: the object opened at {self.where(opened)} is not closed", i, "add the missing '}'")
+                    self.fail(
+                        f"expected a key in double quotes, found the end of the file: the object opened at {self.where(opened)} is not closed",
+                        i,
+                        "add the missing '}'",
+                    )
                 self.fail(f"expected a key in double quotes, found {self.describe(i)}", i)
             key_at = i
             key, key_end = self.string(i)
             i = self.ws(key_end)
             if self.text[i : i + 1] != ":":
-                self.fail(f"expected ':' after the key {show(key)}, found {self.describe(i)}", key_end, "add ':' between the key and its value")
+                self.fail(
+                    f"expected ':' after the key {show(key)}, found {self.describe(i)}",
+                    key_end,
+                    "add ':' between the key and its value",
+                )
             i = self.ws(i + 1)
             child = path + (key,)
             if key in out:

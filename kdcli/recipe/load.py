@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
@@ -28,7 +28,7 @@ from kdcli.tasks import TASKS
 
 @functools.cache
 def _adapter(kind: str) -> TypeAdapter:
-    return TypeAdapter(Optional[Teacher] if kind == "teacher" else Student)
+    return TypeAdapter(Teacher | None if kind == "teacher" else Student)
 
 
 def best_effort(raw: dict, ctx: RecipeContext) -> tuple[Recipe, frozenset[str], list[tuple[int, Match]]]:
@@ -46,7 +46,9 @@ def best_effort(raw: dict, ctx: RecipeContext) -> tuple[Recipe, frozenset[str], 
     attempt("teacher", lambda v: _adapter("teacher").validate_python(v, context=ctx), raw.get("teacher"), None)
     attempt("student", lambda v: _adapter("student").validate_python(v, context=ctx), raw.get("student"), None)
     attempt("data", lambda v: DataSection.model_validate(v, context=ctx), raw.get("data"), None)
-    attempt("training", lambda v: TrainingSection.model_validate(v, context=ctx), raw.get("training", {}), TrainingSection())
+    attempt(
+        "training", lambda v: TrainingSection.model_validate(v, context=ctx), raw.get("training", {}), TrainingSection()
+    )
     tokenizer = raw.get("tokenizer")
     values["tokenizer"] = None
     if isinstance(tokenizer, str):
@@ -64,7 +66,12 @@ def best_effort(raw: dict, ctx: RecipeContext) -> tuple[Recipe, frozenset[str], 
         ok.add("task")
     matches: list[tuple[int, Match]] = []
     distillation = raw.get("distillation")
-    attempt("distillation", lambda v: None if v is None else DistillationConfig.model_validate(v, context=ctx), distillation, None)
+    attempt(
+        "distillation",
+        lambda v: None if v is None else DistillationConfig.model_validate(v, context=ctx),
+        distillation,
+        None,
+    )
     if values["distillation"] is not None:
         matches = list(enumerate(values["distillation"].intermediate_matches))
     elif isinstance(distillation, dict) and isinstance(distillation.get("intermediate_matches"), list):
@@ -85,21 +92,34 @@ def _recipe_text(path: str | Path, loaded: LoadedRecipe) -> str | None:
         with open_regular(loaded.source) as f:
             data = f.read(RECIPE_MAX_BYTES + 1)
     except NotRegularFile as exc:
-        loaded.problems.append(Problem(loaded.display, "", f"not read: {exc}", "pass a recipe file (a regular JSON file)"))
+        loaded.problems.append(
+            Problem(loaded.display, "", f"not read: {exc}", "pass a recipe file (a regular JSON file)")
+        )
         return None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc.__class__.__name__}") from None
     if len(data) > RECIPE_MAX_BYTES:
-        loaded.problems.append(Problem(loaded.display, "", f"the file is over {RECIPE_MAX_BYTES >> 20} MiB; a recipe is a few KiB", "pass a recipe file"))
+        loaded.problems.append(
+            Problem(
+                loaded.display,
+                "",
+                f"the file is over {RECIPE_MAX_BYTES >> 20} MiB; a recipe is a few KiB",
+                "pass a recipe file",
+            )
+        )
         return None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        loaded.problems.append(Problem(loaded.display, "", f"the file is not UTF-8 text (byte {exc.start})", "save it as UTF-8"))
+        loaded.problems.append(
+            Problem(loaded.display, "", f"the file is not UTF-8 text (byte {exc.start})", "save it as UTF-8")
+        )
         return None
 
 
-def read_recipe(path: str | Path, mode: Mode | None = None, producers: dict[str, list[Path]] | None = None) -> LoadedRecipe:
+def read_recipe(
+    path: str | Path, mode: Mode | None = None, producers: dict[str, list[Path]] | None = None
+) -> LoadedRecipe:
     """Read and validate one recipe file, collecting every problem (never raises RecipeError).
 
     `mode` is the command about to run it ("distill" or "train"; None to lint). Raises
@@ -120,15 +140,28 @@ def read_recipe(path: str | Path, mode: Mode | None = None, producers: dict[str,
     except JsonSyntaxError as exc:
         pos = SourceMap(text).position(exc.offset)
         loaded.problems.append(
-            Problem(loaded.display, "", f"invalid JSON: {exc.message}", exc.fix or "fix the JSON syntax at this spot", pos.line, pos.col)
+            Problem(
+                loaded.display,
+                "",
+                f"invalid JSON: {exc.message}",
+                exc.fix or "fix the JSON syntax at this spot",
+                pos.line,
+                pos.col,
+            )
         )
         return loaded
     loaded.raw, loaded.positions = raw, positions
     if not isinstance(raw, dict):
-        loaded.add((), f"a recipe is a JSON object, got {show(raw, 30)}", 'start from {"student": ..., "data": ...} (see docs/recipe.md)')
+        loaded.add(
+            (),
+            f"a recipe is a JSON object, got {show(raw, 30)}",
+            'start from {"student": ..., "data": ...} (see docs/recipe.md)',
+        )
         return loaded
     for dup in positions.duplicates:
-        loaded.add(dup, f"key {show(dup[-1])} appears twice in {dotted(dup[:-1]) or 'the top level'}", "keep one", at_key=True)
+        loaded.add(
+            dup, f"key {show(dup[-1])} appears twice in {dotted(dup[:-1]) or 'the top level'}", "keep one", at_key=True
+        )
 
     ctx = RecipeContext(base=source.parent, stem=source.stem)
     try:

@@ -49,7 +49,9 @@ class LoadedRecipe:
     def ok(self) -> bool:
         return not any(p.severity == "error" for p in self.problems)
 
-    def add(self, path: JsonPath, message: str, fix: str = "", severity: str = "error", *, at_key: bool = False) -> None:
+    def add(
+        self, path: JsonPath, message: str, fix: str = "", severity: str = "error", *, at_key: bool = False
+    ) -> None:
         """Record a problem at a JSON path (line/col looked up in the source map)."""
         pos = self.positions.at(tuple(path), key=at_key) if self.positions else None
         problem = Problem(

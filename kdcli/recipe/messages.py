@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from typing import Iterable, Union
+from collections.abc import Iterable
 
-PathKey = Union[str, int]
+PathKey = str | int
 JsonPath = tuple[PathKey, ...]
 
 

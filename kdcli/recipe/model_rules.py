@@ -54,7 +54,9 @@ def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, studen
     return out
 
 
-def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
+def match_model_findings(
+    matches: list[tuple[int, Match]], teacher: ModelFacts | None, student: ModelFacts | None
+) -> list[Finding]:
     """Layer numbers, projection sizes and head counts of the (index, match) pairs."""
     out: list[Finding] = []
     for i, match in matches:
@@ -81,9 +83,21 @@ def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts |
         d_t = teacher.hidden_size if teacher else None
         if match.feature == "hidden" and match.proj is not None:
             if d_s is not None and match.proj.dim_S != d_s:
-                out.append(Finding(at + ("proj", 1), f"proj dim_S is {match.proj.dim_S} but the student's hidden size is {d_s}", f"write {show([match.proj.kind, d_s, d_t or match.proj.dim_T])}"))
+                out.append(
+                    Finding(
+                        at + ("proj", 1),
+                        f"proj dim_S is {match.proj.dim_S} but the student's hidden size is {d_s}",
+                        f"write {show([match.proj.kind, d_s, d_t or match.proj.dim_T])}",
+                    )
+                )
             if d_t is not None and match.proj.dim_T != d_t:
-                out.append(Finding(at + ("proj", 2), f"proj dim_T is {match.proj.dim_T} but the teacher's hidden size is {d_t}", f"write {show([match.proj.kind, d_s or match.proj.dim_S, d_t])}"))
+                out.append(
+                    Finding(
+                        at + ("proj", 2),
+                        f"proj dim_T is {match.proj.dim_T} but the teacher's hidden size is {d_t}",
+                        f"write {show([match.proj.kind, d_s or match.proj.dim_S, d_t])}",
+                    )
+                )
         if match.feature == "hidden" and match.proj is None and spec.needs_proj_when_sizes_differ:
             if d_s is not None and d_t is not None and d_s != d_t:
                 out.append(
@@ -107,7 +121,9 @@ def match_model_findings(matches: list[tuple[int, Match]], teacher: ModelFacts |
     return out
 
 
-def init_findings(recipe: Recipe, loaded: LoadedRecipe, source: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
+def init_findings(
+    recipe: Recipe, loaded: LoadedRecipe, source: ModelFacts | None, student: ModelFacts | None
+) -> list[Finding]:
     """`student.init_from_teacher`: one existing block per student block, of the same shape."""
     out: list[Finding] = []
     cs = recipe.student
@@ -127,7 +143,13 @@ def init_findings(recipe: Recipe, loaded: LoadedRecipe, source: ModelFacts | Non
     if source is not None and source.num_hidden_layers is not None:
         for i, block in enumerate(blocks):
             if block > source.num_hidden_layers:
-                out.append(Finding(at + (i,), f"block {block} does not exist: the {who} has blocks 1..{source.num_hidden_layers}", f"use blocks from 1 to {source.num_hidden_layers}"))
+                out.append(
+                    Finding(
+                        at + (i,),
+                        f"block {block} does not exist: the {who} has blocks 1..{source.num_hidden_layers}",
+                        f"use blocks from 1 to {source.num_hidden_layers}",
+                    )
+                )
     if source is not None and student is not None:
         for fact in ("hidden_size", "num_attention_heads", "intermediate_size"):
             s, t = getattr(student, fact), getattr(source, fact)
@@ -141,7 +163,13 @@ def init_findings(recipe: Recipe, loaded: LoadedRecipe, source: ModelFacts | Non
                     )
                 )
         if source.model_type and student.model_type and source.model_type != student.model_type:
-            out.append(Finding(at, f"init_from_teacher copies {source.model_type} blocks into a {student.model_type} student", "use a student config of the same architecture"))
+            out.append(
+                Finding(
+                    at,
+                    f"init_from_teacher copies {source.model_type} blocks into a {student.model_type} student",
+                    "use a student config of the same architecture",
+                )
+            )
     return out
 
 
@@ -157,7 +185,14 @@ def override_findings(recipe: Recipe, base: ModelFacts | None) -> list[Finding]:
             continue
         guess = suggest(key, sorted(base.config_keys))
         if guess is not None:
-            out.append(Finding(("student", "overrides", key), f"override {show(key)} is not a field of the base config", f"did you mean '{guess}'?", at_key=True))
+            out.append(
+                Finding(
+                    ("student", "overrides", key),
+                    f"override {show(key)} is not a field of the base config",
+                    f"did you mean '{guess}'?",
+                    at_key=True,
+                )
+            )
         else:
             out.append(
                 Finding(
@@ -236,7 +271,11 @@ def vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> tupl
     elif teachers:
         used_ref, revision, used_name = teachers[0].model, teachers[0].revision, "the teacher's tokenizer"
     elif student is not None:
-        used_ref, revision, used_name = getattr(student, "model", None) or student.config, student.revision, "the student's tokenizer"
+        used_ref, revision, used_name = (
+            getattr(student, "model", None) or student.config,
+            student.revision,
+            "the student's tokenizer",
+        )
     else:
         return [], False
     used_folder = _model_folder(used_ref, revision)
@@ -271,7 +310,11 @@ def _shared_vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models)
         return out
     for t in models.teachers:
         if t.facts is not None and t.facts.vocab_size is not None and t.facts.vocab_size != s.vocab_size:
-            why = "intermediate matches compare token positions" if has_matches else "token-level logits are compared position by position"
+            why = (
+                "intermediate matches compare token positions"
+                if has_matches
+                else "token-level logits are compared position by position"
+            )
             out.append(
                 Finding(
                     student_ref_path(recipe, loaded),
@@ -289,7 +332,13 @@ def _max_length_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -
     for role, facts in [("teacher", r.facts) for r in models.teachers] + [("student", models.student.facts)]:
         limit = facts.max_position_embeddings if facts else None
         if limit is not None and recipe.data.max_length > limit:
-            return [Finding(("data", "max_length"), f"max_length {recipe.data.max_length} exceeds the {role}'s {limit} position embeddings", f"use max_length <= {limit}")]
+            return [
+                Finding(
+                    ("data", "max_length"),
+                    f"max_length {recipe.data.max_length} exceeds the {role}'s {limit} position embeddings",
+                    f"use max_length <= {limit}",
+                )
+            ]
     return []
 
 
@@ -310,7 +359,14 @@ def _teacher_head_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models,
         path = teacher_path(recipe, i) + ("model",)
         if facts.head not in (None, recipe.task):
             kind = "no classification head" if facts.head == "" else f"a {facts.head} head"
-            out.append(Finding(path, f"the teacher has {kind} for {recipe.task} (config: {facts.source}); its logits would come from a randomly initialised head", _HEADLESS_FIX, "warning"))
+            out.append(
+                Finding(
+                    path,
+                    f"the teacher has {kind} for {recipe.task} (config: {facts.source}); its logits would come from a randomly initialised head",
+                    _HEADLESS_FIX,
+                    "warning",
+                )
+            )
         elif facts.head == recipe.task and facts.num_labels is not None and data_labels is not None:
             n_data = data_labels.num_labels
             if n_data > facts.num_labels or (scan.complete and n_data != facts.num_labels):
@@ -355,7 +411,11 @@ def unchecked_rules(recipe: Recipe, loaded: LoadedRecipe, role: str) -> list[str
             rules.append("attention heads")
     if recipe.teachers and (matches or recipe.task == "token-classification"):
         rules.append("shared vocabulary")
-    if role in ("init", "student config") and isinstance(recipe.student, ConfigStudent) and recipe.student.init_from_teacher:
+    if (
+        role in ("init", "student config")
+        and isinstance(recipe.student, ConfigStudent)
+        and recipe.student.init_from_teacher
+    ):
         rules.append("init_from_teacher")
     if role == "student config" and isinstance(recipe.student, ConfigStudent) and recipe.student.overrides:
         rules.append("override names")

@@ -50,7 +50,9 @@ def path_problem(path: str) -> str | None:
     longest = max(re.split(r"[/\\]", path), key=lambda part: len(part.encode("utf-8", "surrogatepass")))
     size = len(longest.encode("utf-8", "surrogatepass"))
     if size > NAME_MAX:
-        return f"has a name of {size} bytes ({show(longest, 24)}), over 255 bytes, the most a file or folder name may have"
+        return (
+            f"has a name of {size} bytes ({show(longest, 24)}), over 255 bytes, the most a file or folder name may have"
+        )
     return None
 
 

@@ -135,7 +135,10 @@ def resolve_models(recipe: Recipe, loaded: LoadedRecipe, resolver: Resolver) -> 
     has_student = "student" in loaded.sections
     teachers = [resolver.model(t.model, t.revision) for t in recipe.teachers] if "teacher" in loaded.sections else []
     student = resolver.student(recipe) if has_student else Resolved(None, "the student section is invalid")
-    refs = [(teacher_path(recipe, i) + ("model",), "teacher", t.model, r) for i, (t, r) in enumerate(zip(recipe.teachers, teachers))]
+    refs = [
+        (teacher_path(recipe, i) + ("model",), "teacher", t.model, r)
+        for i, (t, r) in enumerate(zip(recipe.teachers, teachers))
+    ]
     base = None
     if has_student and isinstance(recipe.student, PretrainedModel):
         refs.append((("student", "model"), "student", recipe.student.model, student))

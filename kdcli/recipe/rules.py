@@ -57,7 +57,9 @@ def match_findings(raw: Any, at: JsonPath) -> list[Finding]:
     return out
 
 
-def _layer_findings(at: JsonPath, side: str, layer: Any, loss: str, spec: registry.LossSpec | None, feature: str | None) -> list[Finding]:
+def _layer_findings(
+    at: JsonPath, side: str, layer: Any, loss: str, spec: registry.LossSpec | None, feature: str | None
+) -> list[Finding]:
     """One side's layer as written (`layer_T` or `layer_S` of the match at `at`, whose loss is
     written `loss`): the loss's number of layers per side, and numbers no model has."""
     out: list[Finding] = []
@@ -84,7 +86,9 @@ def _layer_findings(at: JsonPath, side: str, layer: Any, loss: str, spec: regist
     for i, number in enumerate(layer if isinstance(layer, list) else [layer]):
         where = at + (side, i) if isinstance(layer, list) else at + (side,)
         if number < 0:
-            out.append(Finding(where, f"{side} {number} is negative", "layers are numbered from 0 (hidden) or 1 (attention)"))
+            out.append(
+                Finding(where, f"{side} {number} is negative", "layers are numbered from 0 (hidden) or 1 (attention)")
+            )
         elif number == 0 and feature == "attention":
             out.append(
                 Finding(
@@ -118,7 +122,7 @@ def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[F
             Finding(
                 at,
                 "every loss term has weight 0 (kd_loss_weight, hard_label_weight and every match weight), so nothing would be learned",
-                "give at least one term a weight > 0, e.g. \"kd_loss_weight\": 1",
+                'give at least one term a weight > 0, e.g. "kd_loss_weight": 1',
             )
         )
     if config.is_caching_logits and config.intermediate_matches:
@@ -159,7 +163,7 @@ def command_findings(raw: dict, mode: Mode | None) -> list[Finding]:
             Finding(
                 (),
                 "`kdcli distill` needs a `distillation` section; this recipe has none (it is a `kdcli train` recipe)",
-                "add \"distillation\": {...} and a teacher, or run `kdcli train`",
+                'add "distillation": {...} and a teacher, or run `kdcli train`',
             )
         )
     elif mode == "train" and has_distillation:
@@ -176,7 +180,7 @@ def command_findings(raw: dict, mode: Mode | None) -> list[Finding]:
             Finding(
                 ("teacher",),
                 "a teacher is given but there is no distillation section; a `kdcli train` recipe has no teacher",
-                "add \"distillation\": {} to distil (kdcli distill), or remove teacher to train the student alone",
+                'add "distillation": {} to distil (kdcli distill), or remove teacher to train the student alone',
                 at_key=True,
             )
         )
@@ -203,9 +207,16 @@ def command_findings(raw: dict, mode: Mode | None) -> list[Finding]:
 
 def trust_findings(raw: dict) -> list[Finding]:
     """A warning for each model whose repository code would run (trust_remote_code)."""
-    models = [(path, "teacher", teacher) for path, teacher in _teacher_list(raw)] + [(("student",), "student", raw.get("student"))]
+    models = [(path, "teacher", teacher) for path, teacher in _teacher_list(raw)] + [
+        (("student",), "student", raw.get("student"))
+    ]
     return [
-        Finding(path + ("trust_remote_code",), f"trust_remote_code runs Python code from the {role}'s repository", "keep it only for repositories you trust", "warning")
+        Finding(
+            path + ("trust_remote_code",),
+            f"trust_remote_code runs Python code from the {role}'s repository",
+            "keep it only for repositories you trust",
+            "warning",
+        )
         for path, role, model in models
         if isinstance(model, dict) and model.get("trust_remote_code") is True
     ]
@@ -225,7 +236,13 @@ def task_findings(raw: dict, data: DataSection) -> list[Finding]:
                     )
                 )
         if data.text_pair_column is not None:
-            out.append(Finding(("data", "text_pair_column"), "token-classification takes one list of words per record, not sentence pairs", "remove text_pair_column"))
+            out.append(
+                Finding(
+                    ("data", "text_pair_column"),
+                    "token-classification takes one list of words per record, not sentence pairs",
+                    "remove text_pair_column",
+                )
+            )
     return out
 
 

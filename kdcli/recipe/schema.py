@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -49,7 +49,9 @@ class TrainingSection(Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-4, gt=0, allow_inf_nan=False)
-    warmup_ratio: float = Field(0.1, ge=0, le=1, allow_inf_nan=False, description="Fraction of steps of linear warm-up.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, le=1, allow_inf_nan=False, description="Fraction of steps of linear warm-up."
+    )
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, allow_inf_nan=False, description="Gradient clipping norm; <= 0 disables.")
@@ -137,10 +139,10 @@ ProjField = Annotated[
     Proj,
     BeforeValidator(
         _proj_from_list,
-        json_schema_input_type=Union[
-            tuple[Literal[tuple(registry.projection_names())], int, int],  # type: ignore[misc]
-            tuple[Literal[tuple(registry.projection_names())], int, int, dict[str, Any]],  # type: ignore[misc]
-        ],
+        json_schema_input_type=(
+            tuple[Literal[tuple(registry.projection_names())], int, int]  # type: ignore[misc]
+            | tuple[Literal[tuple(registry.projection_names())], int, int, dict[str, Any]]  # type: ignore[misc]
+        ),
     ),
 ]
 
@@ -154,7 +156,7 @@ def _check_layer(value: Any) -> Any:
     )
 
 
-Layer = Annotated[Union[int, list[int]], BeforeValidator(_check_layer)]
+Layer = Annotated[int | list[int], BeforeValidator(_check_layer)]
 
 
 class Match(Section):
@@ -192,13 +194,13 @@ def _normalise_temperature_scheduler(value: Any) -> Any:
 
 
 TemperatureScheduler = Annotated[
-    Union[Literal["none"], list[Union[str, float]]],
+    Literal["none"] | list[str | float],
     BeforeValidator(
         _normalise_temperature_scheduler,
-        json_schema_input_type=Union[
-            Literal[tuple(["none", *registry.scheduler_names("temperature")])],  # type: ignore[misc]
-            list[Union[str, float, dict[str, float]]],
-        ],
+        json_schema_input_type=(
+            Literal[tuple(["none", *registry.scheduler_names("temperature")])]  # type: ignore[misc]
+            | list[str | float | dict[str, float]]
+        ),
     ),
 ]
 
@@ -227,9 +229,7 @@ class DistillationConfig(Section):
     intermediate_matches: list[Match] = Field(default_factory=list)
     is_caching_logits: bool = False
 
-    _check_schedulers = field_validator("hard_label_weight_scheduler", "kd_loss_weight_scheduler")(
-        _weight_scheduler
-    )
+    _check_schedulers = field_validator("hard_label_weight_scheduler", "kd_loss_weight_scheduler")(_weight_scheduler)
 
     @field_validator("kd_loss_type")
     @classmethod
@@ -264,9 +264,15 @@ class Recipe(Section):
 
     schema_: str | None = Field(None, alias="$schema", description="JSON Schema URL or path, for editors.")
     description: str | None = Field(None, description="Free text: what the recipe does and why.")
-    teacher: Teacher | None = Field(None, description="Teacher model, or a list of teachers (their logits are averaged).")
-    student: Student = Field(description='{"model": ...} or {"config": ..., "overrides": {...}, "init_from_teacher": [...]}.')
-    tokenizer: str | None = Field(None, description="Tokenizer (hub id, folder or pkg:); default: the first teacher's, else the student's model.")
+    teacher: Teacher | None = Field(
+        None, description="Teacher model, or a list of teachers (their logits are averaged)."
+    )
+    student: Student = Field(
+        description='{"model": ...} or {"config": ..., "overrides": {...}, "init_from_teacher": [...]}.'
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (hub id, folder or pkg:); default: the first teacher's, else the student's model."
+    )
     task: Task = "sequence-classification"
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -298,7 +304,7 @@ class Recipe(Section):
 
     @property
     def kind(self) -> Mode:
-        """"distill" when the recipe has a distillation section, else "train"."""
+        """ "distill" when the recipe has a distillation section, else "train"."""
         return kind_of({"distillation": self.distillation})
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import (
     BeforeValidator,
@@ -33,9 +33,7 @@ SIZE_OVERRIDES = (
 class PretrainedModel(Section):
     """A model loaded with `from_pretrained`: a teacher, or a student given by `model`."""
 
-    model: str = Field(
-        description="Hub id, local folder (relative to the recipe's folder), or pkg:<package>/<folder>."
-    )
+    model: str = Field(description="Hub id, local folder (relative to the recipe's folder), or pkg:<package>/<folder>.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
 
@@ -56,7 +54,7 @@ class ConfigStudent(Section):
     )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Hugging Face config fields to change, e.g. {\"num_hidden_layers\": 3}.",
+        description='Hugging Face config fields to change, e.g. {"num_hidden_layers": 3}.',
     )
     init_from_teacher: list[int] | None = Field(
         None,
@@ -80,7 +78,7 @@ class ConfigStudent(Section):
                 if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                     raise recipe_error(
                         f"overrides.{key} must be a positive integer, got {show(size)}",
-                        f"write e.g. \"{key}\": {3 if key == 'num_hidden_layers' else 384}",
+                        f'write e.g. "{key}": {3 if key == "num_hidden_layers" else 384}',
                     )
         hidden, heads = value.get("hidden_size"), value.get("num_attention_heads")
         if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
@@ -96,7 +94,10 @@ class ConfigStudent(Section):
         if value is None:
             return value
         if not value:
-            raise recipe_error("init_from_teacher is an empty list", "list one teacher block per student block, e.g. [2, 4, 6], or remove it")
+            raise recipe_error(
+                "init_from_teacher is an empty list",
+                "list one teacher block per student block, e.g. [2, 4, 6], or remove it",
+            )
         for block in value:
             if block < 1:
                 raise recipe_error(
@@ -126,7 +127,7 @@ def _check_student_shape(value: Any) -> Any:
 
 
 Student = Annotated[
-    Union[Annotated[PretrainedModel, Tag("<pretrained>")], Annotated[ConfigStudent, Tag("<config>")]],
+    Annotated[PretrainedModel, Tag("<pretrained>")] | Annotated[ConfigStudent, Tag("<config>")],
     Discriminator(_student_form),
     BeforeValidator(_check_student_shape),
 ]
@@ -157,7 +158,7 @@ def _check_teacher_shape(value: Any) -> Any:
 
 
 Teacher = Annotated[
-    Union[Annotated[PretrainedModel, Tag("<one>")], Annotated[list[PretrainedModel], Tag("<list>")]],
+    Annotated[PretrainedModel, Tag("<one>")] | Annotated[list[PretrainedModel], Tag("<list>")],
     Discriminator(_teacher_form),
     BeforeValidator(_check_teacher_shape),
 ]
@@ -260,9 +261,7 @@ def _source_from_string(value: Any) -> Any:
     return {"path": value} if isinstance(value, str) else value
 
 
-SourceField = Annotated[
-    DataSource, BeforeValidator(_source_from_string, json_schema_input_type=Union[str, DataSource])
-]
+SourceField = Annotated[DataSource, BeforeValidator(_source_from_string, json_schema_input_type=str | DataSource)]
 
 
 class DataSection(Section):

@@ -30,10 +30,12 @@ def parse_temperature_scheduler(value: Any) -> str | list:
         return value
     if isinstance(value, str):
         if value not in names:
-            raise TemperatureSpecError(f"unknown temperature scheduler {show(value)}", did_you_mean(value, ["none", *names]))
+            raise TemperatureSpecError(
+                f"unknown temperature scheduler {show(value)}", did_you_mean(value, ["none", *names])
+            )
         value = [value]
     if not isinstance(value, list) or not value or not isinstance(value[0], str):
-        raise TemperatureSpecError(f"temperature_scheduler must be \"none\" or [name, *params], got {show(value)}", USAGE)
+        raise TemperatureSpecError(f'temperature_scheduler must be "none" or [name, *params], got {show(value)}', USAGE)
     name, params = value[0], value[1:]
     if name not in names:
         raise TemperatureSpecError(f"unknown temperature scheduler {show(name)}", did_you_mean(name, names))
@@ -61,7 +63,9 @@ def parse_temperature_scheduler(value: Any) -> str | list:
         )
     for param_name, param in zip(allowed, params):
         if isinstance(param, bool) or not isinstance(param, (int, float)) or not math.isfinite(param):
-            raise TemperatureSpecError(f"{name} parameter {param_name} must be a finite number, got {show(param)}", USAGE)
+            raise TemperatureSpecError(
+                f"{name} parameter {param_name} must be a finite number, got {show(param)}", USAGE
+            )
     return [name, *params]
 
 

@@ -114,12 +114,22 @@ def describe_error(err: dict, raw: Any) -> tuple[JsonPath, str, str, bool]:
         return path, f"unknown key {show(key)} in {parent}", did_you_mean(key, allowed), True
     if kind == "missing":
         parent = dotted(path[:-1]) or "the top level"
-        return path, f"missing required key {show(path[-1] if path else '')} in {parent}", "add it (see docs/recipe.md)", False
+        return (
+            path,
+            f"missing required key {show(path[-1] if path else '')} in {parent}",
+            "add it (see docs/recipe.md)",
+            False,
+        )
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         return path, f"{name} is {show(value)}, not one of: {', '.join(expected)}", did_you_mean(value, expected), False
     if kind in _TYPE_WORDS:
-        return path, f"{name} must be {_TYPE_WORDS[kind]}, got {show(value)}", f"write {name} as {_TYPE_WORDS[kind]}", False
+        return (
+            path,
+            f"{name} must be {_TYPE_WORDS[kind]}, got {show(value)}",
+            f"write {name} as {_TYPE_WORDS[kind]}",
+            False,
+        )
     if kind in _COMPARISONS:
         symbol, key = _COMPARISONS[kind]
         limit = _number(ctx.get(key))

@@ -8,8 +8,9 @@ shape and its name in `kdcli.tasks.TASKS` / `_MODULES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -44,17 +45,17 @@ class Task(Protocol):
     #: the transformers Auto class that loads and builds its models
     auto_class: str
 
-    def encoder(self, tokenizer, labels: "Labels", columns: Columns, max_length: int, source: str) -> Encoder:
+    def encoder(self, tokenizer, labels: Labels, columns: Columns, max_length: int, source: str) -> Encoder:
         """The function that tokenises a batch of raw rows (`DataError` for unusable settings)."""
 
-    def kd_logits(self, logits: "Tensor", labels: "Tensor | None") -> "tuple[Tensor, Tensor | None]":
+    def kd_logits(self, logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The logits (N, C) the KD and hard-label terms compare, and their labels (N,)."""
 
-    def metrics(self, predictions: Sequence[int], gold: Sequence[int], labels: "Labels") -> dict[str, float]:
+    def metrics(self, predictions: Sequence[int], gold: Sequence[int], labels: Labels) -> dict[str, float]:
         """Evaluation metrics from flat predicted and gold label ids (-100 = not scored)."""
 
-    def cache_row(self, logits: "Tensor", length: int) -> "Tensor":
+    def cache_row(self, logits: Tensor, length: int) -> Tensor:
         """One row's teacher logits (n_teachers, ...) as the logit cache keeps them."""
 
-    def cache_batch(self, rows: "list[Tensor]", width: int) -> "Tensor":
+    def cache_batch(self, rows: list[Tensor], width: int) -> Tensor:
         """Cached rows back to batch logits (n_teachers, B, ...), padded to `width` tokens."""

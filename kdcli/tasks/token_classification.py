@@ -3,7 +3,7 @@ sub-token of each word carries the tag, the others -100; logits (B, L, C)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -70,8 +70,7 @@ class TokenClassification:
 def _row_labels(word_ids, tags, words, labels: Labels, source: str, tags_column: str) -> list[int]:
     if len(tags) != len(words):
         raise DataError(
-            f"{source}: a row has {len(words)} words but {len(tags)} tags "
-            f"({words[:5]}...). Fix: give one tag per word"
+            f"{source}: a row has {len(words)} words but {len(tags)} tags ({words[:5]}...). Fix: give one tag per word"
         )
     row_labels, previous = [], None
     for word in word_ids:
