@@ -43,32 +43,34 @@ class _ChunkedKD(torch.autograd.Function):
         total = torch.zeros((), dtype=dtype, device=hidden_S.device)
         for start in range(0, hidden_S.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
+            h = hidden_S[rows]
             logits_T = F.linear(hidden_T[rows], head_T, bias_T)
+            # the graph starts at the logits (autograd is off here): their gradient dz gives the
+            # inputs' by hand, accumulated in place (no (V, D) temporary per chunk)
+            logits_S = F.linear(h, head_S, bias_S).to(dtype).requires_grad_(any(needs))
             with torch.enable_grad():
-                leaves = [
-                    x.detach().requires_grad_(need) if x is not None else None
-                    for x, need in zip((hidden_S[rows], head_S, bias_S), needs)
-                ]
-                logits_S = F.linear(*leaves)
                 per_token = fn(logits_S, logits_T, temperature=temperature, **options)
                 if labels is not None:
                     target = labels[rows]
                     per_token = torch.where(target != IGNORE_INDEX, per_token, 0.0)
                 part = per_token.sum()
                 if hard_weight:
-                    ce = F.cross_entropy(logits_S.to(dtype), target, ignore_index=IGNORE_INDEX, reduction="sum")
+                    ce = F.cross_entropy(logits_S, target, ignore_index=IGNORE_INDEX, reduction="sum")
                     part = part + hard_weight * ce
-                wanted = [x for x, need in zip(leaves, needs) if need]
-                if wanted:
-                    chunk_grads = iter(torch.autograd.grad(part, wanted))
-                    for i, need in enumerate(needs):
-                        if need:
-                            g = next(chunk_grads)
-                            if i == 0:
-                                grads[0][rows] = g
-                            else:
-                                grads[i] += g
+                dz = torch.autograd.grad(part, logits_S)[0] if any(needs) else None
             total += part.detach()
+            if dz is None:
+                continue
+            dz_in = dz.to(head_S.dtype)  # the head's matmuls run in the inputs' dtype
+            if needs[0]:
+                grads[0][rows] = dz_in @ head_S
+            if needs[1]:
+                if dz_in.dtype == dtype:
+                    grads[1].addmm_(dz_in.T, h)
+                else:
+                    grads[1] += dz_in.T @ h
+            if needs[2]:
+                grads[2] += dz.sum(0)
         ctx.grads = [g / normaliser if g is not None else None for g in grads]
         ctx.dtypes = (hidden_S.dtype, head_S.dtype, bias_S.dtype if bias_S is not None else None)
         return total / normaliser
@@ -96,7 +98,7 @@ def chunked_kd_loss(
     bias_T: Tensor | None = None,
     divergence: str | Callable[..., Tensor] = "forward_kl",
     divergence_options: Mapping[str, Any] | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     temperature: float = 1.0,
     hard_label_weight: float = 0.0,
     labels: Tensor | None = None,
