@@ -373,3 +373,24 @@ def test_chunked_errors(change, match):
     kwargs = dict(hidden_S=h_S, head_S=W_S, hidden_T=h_T, head_T=W_T, labels=labels) | change
     with pytest.raises(ValueError, match=f"chunked_kd_loss: {match}" if "temperature" not in change else match):
         chunked_kd_loss(**kwargs)
+
+
+def test_chunked_holds_one_chunk_of_logits_and_takes_a_callable():
+    """The divergence only ever sees chunk_size rows of logits; a callable works as a name does;
+    only the inputs that require grad get one."""
+    h_S, W_S, b_S, h_T, W_T, b_T, labels = _model_inputs()
+    seen = []
+
+    def recording(z_S, z_T, **kwargs):
+        seen.append((tuple(z_S.shape), tuple(z_T.shape)))
+        return reverse_kl(z_S, z_T, **kwargs)
+
+    W = W_S.clone().requires_grad_(True)
+    got = chunked_kd_loss(h_S, W, h_T, W_T, divergence=recording, chunk_size=4, labels=labels, temperature=1.5)
+    got.backward()
+    assert seen == [((4, 9), (4, 9)), ((4, 9), (4, 9)), ((3, 9), (3, 9))]
+    W_ref = W_S.clone().requires_grad_(True)
+    ref = _full(h_S, W_ref, None, h_T, W_T, None, labels, "reverse_kl", {}, 1.5, 0.0)
+    ref.backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(W.grad, W_ref.grad)

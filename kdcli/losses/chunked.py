@@ -122,7 +122,9 @@ def chunked_kd_loss(
         temperature: T > 0 of the divergence (the hard-label term uses T = 1).
         hard_label_weight: >= 0; > 0 needs ``labels``.
         labels: (N,) integer targets or None (every row is a target). Rows labelled
-            IGNORE_INDEX contribute nothing, to the KD term either.
+            IGNORE_INDEX contribute nothing, to the KD term either (but are still computed:
+            a caller with many such rows, e.g. long prompts, saves time by passing only the
+            target rows).
         normaliser: the number of target tokens of the whole optimizer step (for gradient
             accumulation over micro-batches); default: the target rows here (at least 1).
     Returns: a 0-dim tensor, differentiable w.r.t. hidden_S, head_S and bias_S (not twice).
