@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from torch import Tensor
 # DataError, Labels and infer_labels live torch-free in kdcli.labels (check-recipe counts labels
 # with the same code) and are re-exported here.
 from kdcli.labels import DataError, Labels, infer_labels, labels_of_splits  # noqa: F401
-from kdcli.tabular import validate_table
+from kdcli.tabular import dialect, validate_table
 from kdcli.tasks import IGNORE_INDEX, TASKS, task_for
 from kdcli.tasks.base import Columns
 
@@ -116,8 +115,7 @@ def load_table(source: Source, *, cache_dir: str | None = None, label_column: st
         if not path.is_file():
             raise DataError(f"{path}: no such file. Fix: check data.train/data.eval paths")
         if fmt in ("csv", "tsv"):
-            delimiter = source.delimiter or ("\t" if fmt == "tsv" else ",")
-            quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+            delimiter, quoting = dialect(fmt, source.delimiter)
             columns = validate_table(path, delimiter=delimiter, quoting=quoting, label_column=label_column).header
             kwargs.update(
                 delimiter=delimiter,

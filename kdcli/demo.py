@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcli.errors import KdcliError
+from kdcli.tabular import dialect
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -144,13 +145,9 @@ def read_dev(recipes: Path, stage: Stage) -> DevSet:
     data = recipe.data
     if data.eval is None or data.eval.format not in ("tsv", "csv"):
         raise KdcliError(f"{recipes / stage.recipe}: the demo needs a local tsv/csv eval file in data.eval")
-    tsv = data.eval.format == "tsv"
+    delimiter, quoting = dialect(data.eval.format, data.eval.delimiter)
     with open(data.eval.path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(
-            f,
-            delimiter="\t" if tsv else ",",
-            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-        )
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         rows = list(reader)
     if data.max_eval_samples is not None:
         rows = rows[: data.max_eval_samples]
