@@ -16,8 +16,8 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
     id2label = labels.id2label
     teachers = []
     if mode == "distill":
-        kd = recipe.distillation  # a teacher whose logits are used must have a head of the data's size
-        uses_logits = kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none"
+        # a teacher whose logits are used must keep its head, of the data's size
+        uses_logits = recipe.distillation.uses_teacher_logits
         for ref in recipe.teachers:
             loaded = kmodels.load_model(
                 ref.model,

@@ -347,8 +347,7 @@ def _teacher_head_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models,
     as many classes as the data has labels (counted as the run counts them)."""
     out: list[Finding] = []
     kd = recipe.distillation
-    uses_logits = kd is not None and (kd.kd_loss_weight > 0 or kd.kd_loss_weight_scheduler != "none")
-    if not uses_logits or "data" not in loaded.sections:
+    if kd is None or not kd.uses_teacher_logits or "data" not in loaded.sections:
         return out
     scan = resolver.labels(recipe.data)
     data_labels = scan.labels

@@ -113,8 +113,8 @@ def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[F
     out: list[Finding] = []
     at: JsonPath = ("distillation",)
     active = [
-        config.kd_loss_weight > 0 or config.kd_loss_weight_scheduler != "none",
-        config.hard_label_weight > 0 or config.hard_label_weight_scheduler != "none",
+        config.uses_teacher_logits,
+        config.uses_hard_labels,
         *(m.weight > 0 for m in config.intermediate_matches),
     ]
     if not any(active):

@@ -250,6 +250,16 @@ class DistillationConfig(Section):
     def _none_is_empty(cls, value: Any) -> Any:
         return [] if value is None else value
 
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """The KD term is active (a weight > 0 or a weight scheduler), so it reads the teachers'
+        logits: their heads must fit the data's labels (the run and check-recipe both ask)."""
+        return self.kd_loss_weight > 0 or self.kd_loss_weight_scheduler != "none"
+
+    @property
+    def uses_hard_labels(self) -> bool:
+        return self.hard_label_weight > 0 or self.hard_label_weight_scheduler != "none"
+
 
 class Recipe(Section):
     """A kdcli recipe. `kdcli distill` needs `teacher` and `distillation`; `kdcli train` has neither."""
