@@ -60,9 +60,9 @@ from kdcli.engine.outputs import (
     write_summary,
 )
 from kdcli.engine.recipe_facts import Mode, read_paths
-from kdcli.engine.setup import RunState, first_line, setup
+from kdcli.engine.setup import RunState, setup
 from kdcli.engine.step import NonFinite, StopFlags, StopRequest, optimizer_step, train_step
-from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError
+from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError, first_line
 
 
 def run(

@@ -110,3 +110,10 @@ class Interrupted(KdcliError):
     """Ctrl-C: a resumable checkpoint was written before exiting."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's multi-line one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

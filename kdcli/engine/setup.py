@@ -31,7 +31,7 @@ from kdcli.engine.optim import (
 )
 from kdcli.engine.recipe_facts import Mode, resume_command
 from kdcli.engine.teachers import StudentStep, TeacherLogitCache
-from kdcli.errors import RunError, UsageError
+from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
 from kdcli.tasks import task_for
@@ -306,8 +306,3 @@ def to_cpu(state):
     if isinstance(state, (list, tuple)):
         return type(state)(to_cpu(v) for v in state)
     return state
-
-
-def first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -173,11 +173,6 @@ def _label_kwargs(num_labels: int | None, id2label: dict | None) -> dict[str, An
     return {}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' own load report and progress bars (LoadedModel.describe() and the

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.errors import first_line
 from kdcli.modelinfo import (
     PICKLE_FIX,
     WeightsUnreadable,
@@ -25,7 +26,6 @@ from kdcli.models.common import (
     ModelError,
     _auto_class,
     _check_local,
-    _first_line,
     _has_safetensors,
     _label_kwargs,
     _quiet_transformers,
@@ -67,17 +67,17 @@ def _load_failure(exc: BaseException, ref: str, role: str, task: str) -> ModelEr
         )
     if type(exc).__name__ == "SafetensorError":
         return ModelError(
-            f"{role} {ref!r}: its safetensors weights cannot be read ({_first_line(exc)}). Fix: {_REDOWNLOAD}"
+            f"{role} {ref!r}: its safetensors weights cannot be read ({first_line(exc)}). Fix: {_REDOWNLOAD}"
         )
     missing_file = "does not appear to have" in text or "no file named" in text.lower()
     if pickled and not missing_file and isinstance(exc, (OSError, RuntimeError, EOFError, pickle.UnpicklingError)):
-        detail = _first_line(exc.__context__ or exc) if "Weights only load failed" in text else _first_line(exc)
+        detail = first_line(exc.__context__ or exc) if "Weights only load failed" in text else first_line(exc)
         return ModelError(
             f"{role} {ref!r}: {file} is damaged or not a PyTorch checkpoint ({detail}). Fix: "
             "re-download the model, or save it again (preferably as model.safetensors)"
         )
     return ModelError(
-        f"{role} {ref!r}: cannot load it as a {task} model ({_first_line(exc)}). "
+        f"{role} {ref!r}: cannot load it as a {task} model ({first_line(exc)}). "
         "Fix: give a local folder with config.json and weights, or a hub id reachable "
         "from this machine"
     )
@@ -237,7 +237,7 @@ def load_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(
-            f"{role} {ref!r}: no usable tokenizer ({_first_line(exc)}). Fix: set `tokenizer` in "
+            f"{role} {ref!r}: no usable tokenizer ({first_line(exc)}). Fix: set `tokenizer` in "
             "the recipe to a folder or hub id that has tokenizer files"
         ) from exc
     return tokenizer

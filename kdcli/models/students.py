@@ -7,11 +7,11 @@ import difflib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kdcli.errors import first_line
 from kdcli.models.common import (
     ModelError,
     _auto_class,
     _check_local,
-    _first_line,
     _label_kwargs,
     _torch_dtype,
     remote_code_notice,
@@ -42,7 +42,7 @@ def load_config(
         return AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
-            f"student config {ref!r}: cannot read it ({_first_line(exc)}). Fix: give a folder "
+            f"student config {ref!r}: cannot read it ({first_line(exc)}). Fix: give a folder "
             "with config.json, a config.json file, or a hub id"
         ) from exc
 
@@ -63,7 +63,7 @@ def apply_overrides(config, overrides: dict[str, Any]) -> None:
             setattr(config, key, value)
         except Exception as exc:  # TypeError, ValueError, huggingface_hub's strict-field error
             raise ModelError(
-                f"student.overrides: {key}={value!r} is not valid ({_first_line(exc.__cause__ or exc)})"
+                f"student.overrides: {key}={value!r} is not valid ({first_line(exc.__cause__ or exc)})"
             ) from exc
 
 
@@ -108,7 +108,7 @@ def build_student(
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelError(
             f"student: cannot build a {config.model_type} model from {config_ref!r} with "
-            f"overrides {overrides or {}} ({_first_line(exc)})"
+            f"overrides {overrides or {}} ({first_line(exc)})"
         ) from exc
     if init_layers is not None:
         if init_from is None:
