@@ -47,3 +47,35 @@ def make_workspace(root: Path) -> Path:
     (root / "data" / "dev.tsv").write_text(rows)
     (root / "data" / "ner.jsonl").write_text(json.dumps({"tokens": ["a", "b"], "tags": [0, 1]}) + "\n")
     return root
+
+
+# -- recipe mutations for rule tables: each returns a function that changes a recipe dict in place
+
+
+def _parent(recipe: dict, path: tuple):
+    node = recipe
+    for key in path[:-1]:
+        node = node[key]
+    return node
+
+
+def set_at(path: tuple, value):
+    def mutate(recipe: dict) -> None:
+        _parent(recipe, path)[path[-1]] = value
+
+    return mutate
+
+
+def delete_at(path: tuple):
+    def mutate(recipe: dict) -> None:
+        del _parent(recipe, path)[path[-1]]
+
+    return mutate
+
+
+def rename_at(path: tuple, new: str):
+    def mutate(recipe: dict) -> None:
+        node = _parent(recipe, path)
+        node[new] = node.pop(path[-1])
+
+    return mutate

@@ -26,6 +26,7 @@ from kdcli.recipe import (
     render_github,
     render_text,
 )
+from recipe_workspace import set_at as _set
 from tiny import teacher_config
 
 STUDENT = {
@@ -98,16 +99,6 @@ def test_base_recipe_is_clean(ws: Path) -> None:
 
 
 M = ("distillation", "intermediate_matches")
-
-
-def _set(path: tuple, value):
-    def mutate(r: dict) -> None:
-        node = r
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = value
-
-    return mutate
 
 
 def _config_student(overrides: dict, init=None):

@@ -27,6 +27,9 @@ from kdcli.recipe import (
     resolve_model_ref,
     suggest,
 )
+from recipe_workspace import delete_at as _delete
+from recipe_workspace import rename_at as _rename
+from recipe_workspace import set_at as _set
 from tiny import teacher_config
 
 MINILM = (
@@ -311,36 +314,6 @@ def test_pkg_reference_resolves_without_importing_the_package(tmp_path: Path) ->
 # --- one test per structural rule: exact dotted path and message ------------------------------
 
 M = ("distillation", "intermediate_matches")
-
-
-def _set(path: tuple, value):
-    def mutate(r: dict) -> None:
-        node = r
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = value
-
-    return mutate
-
-
-def _delete(path: tuple):
-    def mutate(r: dict) -> None:
-        node = r
-        for key in path[:-1]:
-            node = node[key]
-        del node[path[-1]]
-
-    return mutate
-
-
-def _rename(path: tuple, new: str):
-    def mutate(r: dict) -> None:
-        node = r
-        for key in path[:-1]:
-            node = node[key]
-        node[new] = node.pop(path[-1])
-
-    return mutate
 
 
 def _zero_weights(r: dict) -> None:
