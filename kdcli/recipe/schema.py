@@ -338,3 +338,5 @@ def apply_defaults(recipe: Recipe, ctx: RecipeContext) -> None:
         recipe.student.config = recipe.teachers[0].model
         if recipe.student.revision is None:
             recipe.student.revision = recipe.teachers[0].revision
+        if recipe.student.gguf_file is None:
+            recipe.student.gguf_file = recipe.teachers[0].gguf_file

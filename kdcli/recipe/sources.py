@@ -17,7 +17,7 @@ from pydantic import (
 
 from kdcli.recipe.messages import show
 from kdcli.recipe.paths import check_path_text, data_format_of, local_path, looks_local_data, model_ref
-from kdcli.recipe.validation import DataFormat, Section, context_of, recipe_error
+from kdcli.recipe.validation import DataFormat, RowFormat, Section, context_of, recipe_error
 
 #: model config fields that `student.overrides` must give as positive integers
 SIZE_OVERRIDES = (
@@ -30,14 +30,33 @@ SIZE_OVERRIDES = (
 )
 
 
+def _gguf_name(value: str | None) -> str | None:
+    """A GGUF file's name inside its model folder: a plain relative name ending in .gguf."""
+    if value is None:
+        return None
+    if not value.endswith(".gguf") or value.startswith(("/", "~")) or ".." in value.split("/") or "\\" in value:
+        raise recipe_error(
+            f"gguf_file must be the name of a .gguf file inside the model folder, got {show(value)}",
+            'write e.g. "gguf_file": "model.Q4_1.gguf" and put the folder in "model"',
+        )
+    check_path_text(value)
+    return value
+
+
 class PretrainedModel(Section):
     """A model loaded with `from_pretrained`: a teacher, or a student given by `model`."""
 
     model: str = Field(description="Hub id, local folder (relative to the recipe's folder), or pkg:<package>/<folder>.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code.")
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside `model` (e.g. model.Q4_1.gguf), dequantized by transformers "
+        "(needs the gguf package); causal-lm only.",
+    )
 
     _check_model = field_validator("model")(model_ref)
+    _check_gguf = field_validator("gguf_file")(lambda v: _gguf_name(v))
 
     @property
     def is_local(self) -> bool:
@@ -63,6 +82,11 @@ class ConfigStudent(Section):
     )
     revision: str | None = None
     trust_remote_code: bool = False
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside `config` whose header is the base config (default: the teacher's)."
+    )
+
+    _check_gguf = field_validator("gguf_file")(lambda v: _gguf_name(v))
 
     @field_validator("config")
     @classmethod
@@ -276,6 +300,16 @@ class DataSection(Section):
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N evaluation examples.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together.")
+    row_format: RowFormat = Field(
+        "text",
+        description="causal-lm: text (every token is a target), prompt-completion (the completion's "
+        "tokens are), messages (chat turns rendered with the chat template; the assistant turns are).",
+    )
+    prompt_column: str = Field("prompt", description="causal-lm prompt-completion: the prompt column.")
+    completion_column: str = Field("completion", description="causal-lm prompt-completion: the completion column.")
+    messages_column: str = Field(
+        "messages", description='causal-lm messages: a list of {"role", "content"} turns per row.'
+    )
 
     @model_validator(mode="after")
     def _default_splits(self) -> DataSection:

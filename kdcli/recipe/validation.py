@@ -9,9 +9,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 from pydantic_core import PydanticCustomError
 
-from kdcli.tasks import TASKS
+from kdcli.tasks import ROW_FORMATS, TASKS
 
 Task = Literal[TASKS]  # type: ignore[valid-type]
+RowFormat = Literal[ROW_FORMATS]  # type: ignore[valid-type]
 DataFormat = Literal["csv", "tsv", "json", "jsonl", "parquet"]
 Mode = Literal["distill", "train"]
 

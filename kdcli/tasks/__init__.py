@@ -9,13 +9,22 @@ package behind one small interface; this file holds only the shared names.
 from __future__ import annotations
 
 #: the values of a recipe's `task`
-TASKS = ("sequence-classification", "token-classification")
+TASKS = ("sequence-classification", "token-classification", "causal-lm")
+
+#: the values of a causal-lm recipe's `data.row_format`: plain text (every token a target),
+#: prompt + completion columns (the completion's tokens are the targets), chat messages
+#: (rendered with the tokenizer's chat template; the assistant turns are the targets)
+ROW_FORMATS = ("text", "prompt-completion", "messages")
 
 #: label id of positions no loss or metric reads (padding, special tokens, non-first sub-words)
 IGNORE_INDEX = -100
 
 #: the module of each task (`kdcli/tasks/<module>.py`, holding `TASK`, a `tasks.base.Task`)
-_MODULES = {"sequence-classification": "sequence_classification", "token-classification": "token_classification"}
+_MODULES = {
+    "sequence-classification": "sequence_classification",
+    "token-classification": "token_classification",
+    "causal-lm": "causal_lm",
+}
 
 
 def task_for(name: str):

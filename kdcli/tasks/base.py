@@ -31,6 +31,11 @@ class Columns:
     text: str = "text"
     text_pair: str | None = None
     label: str = "label"
+    #: causal-lm only: which row format (`kdcli.tasks.ROW_FORMATS`) and its columns
+    row_format: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
 
 
 def text_values(values: list[Any]) -> list[str]:
