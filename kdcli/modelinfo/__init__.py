@@ -23,8 +23,13 @@ checking that the header covers the file exactly (`WeightsUnreadable` for an emp
 random file), and `weight_disagreements(shapes, config)` says where config.json and the weights
 disagree (vocabulary rows, embedding width, block count, hidden width, head rows).
 
+A GGUF checkpoint (`gguf_file`) has no config.json: `gguf_facts(path)` reads the same facts
+from its header (`{arch}.block_count`, ...), plus its token list and chat template, without
+reading its tensors (`GGUFUnreadable` for a truncated, hostile or special file).
+
 Modules: `config` (facts from a config.json), `hub` (pkg: folders, the cache, the hub),
-`weights` (safetensors headers), `pickles` (pickled weights inspected without unpickling).
+`weights` (safetensors headers), `pickles` (pickled weights inspected without unpickling),
+`gguf` (GGUF headers).
 """
 
 from kdcli.modelinfo.config import (
@@ -36,6 +41,15 @@ from kdcli.modelinfo.config import (
     local_facts,
     read_config,
     with_overrides,
+)
+from kdcli.modelinfo.gguf import (
+    GGUF_FIX,
+    GGUFFacts,
+    GGUFHeader,
+    GGUFUnreadable,
+    SkippedArray,
+    gguf_facts,
+    read_gguf_header,
 )
 from kdcli.modelinfo.hub import (
     HUB_TIMEOUT_S,
@@ -58,25 +72,32 @@ from kdcli.modelinfo.weights import (
 
 __all__ = [
     "GENERIC_CONFIG_KEYS",
+    "GGUF_FIX",
     "HUB_TIMEOUT_S",
     "PACKAGE_PREFIX",
     "PICKLE_FIX",
     "SAFETENSORS_FILE",
     "SAFETENSORS_INDEX",
     "ConfigUnavailable",
+    "GGUFFacts",
+    "GGUFHeader",
+    "GGUFUnreadable",
     "ModelFacts",
     "PackageRefError",
+    "SkippedArray",
     "WeightsUnreadable",
     "cached_hub_config",
     "check_pickles",
     "config_num_labels",
     "facts_from_config",
+    "gguf_facts",
     "hub_facts",
     "local_facts",
     "package_folder",
     "pickle_calls",
     "pickled_weight_files",
     "read_config",
+    "read_gguf_header",
     "read_safetensors_header",
     "refused_pickle",
     "weight_disagreements",
