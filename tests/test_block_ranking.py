@@ -261,6 +261,15 @@ def test_no_attention_mask_means_all_tokens() -> None:
     _close(bare.scores, masked.scores, rel=1e-9)
 
 
+def test_batches_may_be_a_generator_and_keep_any_integer() -> None:
+    model = _llama(seed=16)
+    rows = _rows(6, seed=17)
+    listed = rank_blocks(model, _batches(rows, 3), keep=4, by="block_influence")
+    streamed = rank_blocks(model, iter(_batches(rows, 3)), keep=torch.tensor(4).item(), by="block_influence")
+    assert streamed == listed
+    assert rank_blocks(model, _batches(rows, 3), keep=torch.tensor(4), by="block_influence").kept == listed.kept
+
+
 def test_model_state_is_restored_and_hooks_removed() -> None:
     model = _llama(seed=15).train()
     blocks = encoder_blocks(model).modules

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,7 +114,7 @@ def evenly_spaced(num_blocks: int, keep: int) -> tuple[int, ...]:
     arithmetic: (12, 4) -> (3, 6, 9, 12), (12, 6) -> (2, 4, ..., 12), (6, 1) -> (6,). The step
     num_blocks / keep is at least 1, so the blocks are distinct and ascending.
     """
-    _check_keep(num_blocks, keep)
+    keep = _check_keep(num_blocks, keep)
     return tuple((2 * k * num_blocks + keep) // (2 * keep) for k in range(1, keep + 1))
 
 
@@ -136,7 +137,7 @@ def rank_blocks(
     if by not in BY:
         raise ValueError(f"unknown block ranking {by!r}; choose one of {', '.join(BY)}")
     num_blocks = len(encoder_blocks(model))
-    _check_keep(num_blocks, keep)
+    keep = _check_keep(num_blocks, keep)
     drop = num_blocks - keep
     if by == "angular_distance":
         pairs = [(start, start + drop) for start in range(num_blocks - drop + 1)] if drop else []
@@ -156,11 +157,17 @@ def rank_blocks(
 # -- choosing ------------------------------------------------------------------------------
 
 
-def _check_keep(num_blocks: int, keep: int) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= num_blocks:
+def _check_keep(num_blocks: int, keep: int) -> int:
+    """`keep` as an int (any integral type but bool); ValueError outside 1..num_blocks."""
+    try:
+        value = None if isinstance(keep, bool) else operator.index(keep)
+    except TypeError:
+        value = None
+    if value is None or not 1 <= value <= num_blocks:
         raise ValueError(
             f"cannot keep {keep!r} of {num_blocks} teacher blocks; keep must be a whole number from 1 to {num_blocks}"
         )
+    return value
 
 
 def _run_key(first: int, last: int) -> str:
@@ -267,8 +274,10 @@ def _measure(
                     tokens += count
                     continue
                 hidden = capture.run(batch, forward=forward).hidden
-                units = {i: _unit_tokens(hidden[i], real) for i in layers}
-                values = torch.stack([stat(units[a], units[b]).sum() for a, b in pairs])
+                # one pair at a time: two (T, D) float64 copies alive, not L + 1
+                values = torch.stack(
+                    [stat(_unit_tokens(hidden[a], real), _unit_tokens(hidden[b], real)).sum() for a, b in pairs]
+                )
                 sums += values.cpu()
                 tokens += count
     finally:
