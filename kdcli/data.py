@@ -14,6 +14,10 @@
   `attention_mask`, `token_type_ids` (when the tokenizer makes them), `labels`, `length`.
   Token classification takes words + tags per row (`is_split_into_words=True`); the tag goes
   to each word's first sub-token and -100 to the other sub-tokens and the special tokens.
+  Causal LM (`task="causal-lm"`) has no class labels: rows of `data.row_format` (text,
+  prompt-completion, messages) are encoded by `kdcli.tasks.lm_rows` into unshifted token
+  `labels` (-100 off the targets) and `n_targets`; `prepare_data` then drops the rows left
+  without a target (an empty text, a completion cut away) and counts them in `TaskData.dropped`.
 - `train_batches(lengths, batch_size, seed, epoch, group_by_length, rank, world_size)`: the
   deterministic batch order of one epoch as lists of row indices (resume = skip a count).
 - `Collator`: dynamic padding of a batch of rows to its longest row.
@@ -36,7 +40,7 @@ from torch import Tensor
 # with the same code) and are re-exported here.
 from kdcli.labels import DataError, Labels, infer_labels, labels_of_splits  # noqa: F401
 from kdcli.tabular import dialect, validate_table
-from kdcli.tasks import IGNORE_INDEX, TASKS, task_for
+from kdcli.tasks import IGNORE_INDEX, TASKS, lm_rows, task_for
 from kdcli.tasks.base import Columns
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,12 +84,16 @@ class Source:
 @dataclass
 class TaskData:
     """Tokenised splits and their labels. Rows hold input_ids, attention_mask,
-    [token_type_ids], labels and length (token count)."""
+    [token_type_ids], labels and length (token count); causal-lm rows also n_targets.
+
+    `labels` is None for causal-lm (no classes); `dropped` counts, per split name ("train",
+    "eval"), the causal-lm rows dropped for having no target token left."""
 
     train: Dataset
     eval: Dataset | None
-    labels: Labels
+    labels: Labels | None
     task: str = "sequence-classification"
+    dropped: dict[str, int] = field(default_factory=dict)
     _lengths: list[int] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -171,10 +179,18 @@ def _check_columns(table: Dataset, columns: Mapping[str, str | None], source: st
             )
 
 
+#: The recipe options naming the columns each causal-lm row format reads.
+_LM_COLUMN_OPTIONS = {
+    "text": ("text_column",),
+    "prompt-completion": ("prompt_column", "completion_column"),
+    "messages": ("messages_column",),
+}
+
+
 def tokenize(
     table: Dataset,
     tokenizer: PreTrainedTokenizerBase,
-    labels: Labels,
+    labels: Labels | None,
     *,
     task: str = "sequence-classification",
     text_column: str = "text",
@@ -182,14 +198,39 @@ def tokenize(
     label_column: str = "label",
     max_length: int = 128,
     source: str = "data",
+    row_format: str = "text",
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    messages_column: str = "messages",
 ) -> Dataset:
     """Tokenise every row once (`map(batched=True)`, cached by datasets), without padding.
 
     Output columns: input_ids, attention_mask, [token_type_ids], labels (an int per row, or a
-    list per token with -100 off the first sub-tokens), length.
+    list per token with -100 off the first sub-tokens), length. Causal LM (`labels` None, the
+    columns of `row_format`): input_ids, attention_mask, labels (unshifted, -100 off the
+    targets), length, n_targets (`kdcli.tasks.lm_rows`); rows without targets are kept here.
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}. Fix: use one of {', '.join(TASKS)}")
+    if task == "causal-lm":
+        columns = Columns(
+            text=text_column,
+            row_format=row_format,
+            prompt=prompt_column,
+            completion=completion_column,
+            messages=messages_column,
+        )
+        function = lm_rows.encoder(tokenizer, columns, max_length, source)
+        named = {
+            "text_column": text_column,
+            "prompt_column": prompt_column,
+            "completion_column": completion_column,
+            "messages_column": messages_column,
+        }
+        _check_columns(table, {option: named[option] for option in _LM_COLUMN_OPTIONS[row_format]}, source)
+        return table.map(function, batched=True, with_indices=True, remove_columns=table.column_names)
+    if labels is None:
+        raise DataError(f"{source}: task {task} needs class labels. Fix: pass the labels of the label column")
     _check_columns(
         table,
         {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column},
@@ -198,6 +239,18 @@ def tokenize(
     columns = Columns(text=text_column, text_pair=text_pair_column, label=label_column)
     function = task_for(task).encoder(tokenizer, labels, columns, max_length, source)
     return table.map(function, batched=True, remove_columns=table.column_names)
+
+
+def drop_untargeted(table: Dataset, source: str) -> tuple[Dataset, int]:
+    """Causal-LM rows with `n_targets` > 0 and how many were dropped; `DataError` when none is left."""
+    kept = table.filter(lambda counts: [n > 0 for n in counts], input_columns="n_targets", batched=True)
+    if len(kept) == 0:
+        raise DataError(
+            f"{source}: no row has a target token left ({len(table)} rows: empty texts or completions, "
+            "no assistant turn, or targets cut away by truncation). Fix: check data.row_format and its "
+            "columns, or raise data.max_length"
+        )
+    return kept, len(table) - len(kept)
 
 
 def prepare_data(
@@ -213,21 +266,34 @@ def prepare_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     cache_dir: str | None = None,
+    row_format: str = "text",
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    messages_column: str = "messages",
 ) -> TaskData:
-    """Read, label and tokenise the train (and eval) split; `max_*_samples` keep the first N rows."""
-    tables = {"train": load_table(train, cache_dir=cache_dir, label_column=label_column)}
+    """Read, label and tokenise the train (and eval) split; `max_*_samples` keep the first N rows.
+
+    Causal LM: no labels (`TaskData.labels` None); the rows of `row_format` are encoded, then
+    those without a target token are dropped (after `max_*_samples`), counted in `TaskData.dropped`.
+    """
+    causal = task == "causal-lm"
+    label_at = None if causal else label_column
+    tables = {"train": load_table(train, cache_dir=cache_dir, label_column=label_at)}
     if eval is not None:
-        tables["eval"] = load_table(eval, cache_dir=cache_dir, label_column=label_column)
+        tables["eval"] = load_table(eval, cache_dir=cache_dir, label_column=label_at)
     sources = {"train": train, "eval": eval}
-    for name, table in tables.items():
-        _check_columns(table, {"label_column": label_column}, sources[name].describe())
-    names = class_names(tables["train"], label_column)
-    splits = [
-        (f"{sources[name].describe()}, column {label_column!r}", table[label_column])
-        for name, table in tables.items()
-        if name == "train" or names is None
-    ]
-    labels = labels_of_splits(splits, names=names)
+    labels: Labels | None = None
+    if not causal:
+        for name, table in tables.items():
+            _check_columns(table, {"label_column": label_column}, sources[name].describe())
+        names = class_names(tables["train"], label_column)
+        splits = [
+            (f"{sources[name].describe()}, column {label_column!r}", table[label_column])
+            for name, table in tables.items()
+            if name == "train" or names is None
+        ]
+        labels = labels_of_splits(splits, names=names)
+    dropped: dict[str, int] = {}
     limits = {"train": max_train_samples, "eval": max_eval_samples}
     out: dict[str, Any] = {}
     for name, table in tables.items():
@@ -243,9 +309,15 @@ def prepare_data(
             text_pair_column=text_pair_column,
             label_column=label_column,
             max_length=max_length,
-            source=(train if name == "train" else eval).describe(),
+            source=sources[name].describe(),
+            row_format=row_format,
+            prompt_column=prompt_column,
+            completion_column=completion_column,
+            messages_column=messages_column,
         )
-    return TaskData(train=out["train"], eval=out.get("eval"), labels=labels, task=task)
+        if causal:
+            out[name], dropped[name] = drop_untargeted(out[name], sources[name].describe())
+    return TaskData(train=out["train"], eval=out.get("eval"), labels=labels, task=task, dropped=dropped)
 
 
 def prepare_from_recipe(recipe, tokenizer: PreTrainedTokenizerBase, *, cache_dir: str | None = None) -> TaskData:
@@ -263,6 +335,10 @@ def prepare_from_recipe(recipe, tokenizer: PreTrainedTokenizerBase, *, cache_dir
         max_train_samples=data.max_train_samples,
         max_eval_samples=data.max_eval_samples,
         cache_dir=cache_dir,
+        row_format=data.row_format,
+        prompt_column=data.prompt_column,
+        completion_column=data.completion_column,
+        messages_column=data.messages_column,
     )
 
 

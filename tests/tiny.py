@@ -20,6 +20,17 @@ through the real `from_pretrained` path, exactly as a user's checkpoint folder w
   4-layer BERT teacher that the recipe and check-recipe tests write as `./teacher` (config
   only, never loaded as weights).
 - `write_tiny_ner(path, n)`: a jsonl token-classification file (`tokens`, `ner_tags`).
+
+Causal LMs (task causal-lm):
+
+- `tiny_lm_tokenizer()`: a byte-level BPE fast tokenizer (vocab 512) trained in-process on
+  fixed sentences of `LM_WORDS` (deterministic), eos/pad `<|endoftext|>` (0), `<|im_start|>`
+  (1), `<|im_end|>` (2), bos `<s>` (3, added before each text), a ChatML chat template.
+- `make_tiny_lm(dir, arch="llama" | "qwen2" | "gpt2", layers=4, hidden=32, heads=4,
+  kv_heads=2, vocab=None, tie=True, seed=0)`: a seeded random causal LM + that tokenizer +
+  generation_config, read back through `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained`.
+- `write_lm_rows(path, row_format, n, seed=0)`: a jsonl file of n rows of `LM_WORDS` as
+  `text`, `prompt`/`completion` or `messages` (some with a system turn, some multi-turn).
 """
 
 from __future__ import annotations
@@ -323,3 +334,172 @@ def deny_writes(monkeypatch, folder: str | Path) -> None:
 
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+# -- tiny causal LMs (task causal-lm) -----------------------------------------------------------
+
+#: The tiny LM tokenizer's special tokens, in id order: eos (also pad), ChatML turn markers, bos.
+LM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+#: The words of the tiny LM tokenizer's training text (every row `write_lm_rows` writes uses them).
+LM_WORDS = (
+    "the a an and or but of to in on at for with by from as is are was were be it this that there "
+    "i you he she we they not no very so just more all one film movie story good bad great love like "
+    "time life hello hi what how why who where when please tell me about answer question yes thanks "
+    "helpful system user assistant cat dog sun moon red blue green big small fast slow happy sad day night"
+).split()
+#: A ChatML chat template (as SmolLM2's, without its default system turn).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LM_ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def _lm_sentences(n: int, seed: int) -> list[str]:
+    """n sentences of LM_WORDS (3 to 10 words, capitalised, ending in . ? or !), fixed by seed."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = " ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(3, 10)))
+        out.append(words.capitalize() + rng.choice(".?!"))
+    return out
+
+
+def tiny_lm_tokenizer(*, add_bos: bool = True, chat_template: str | None = CHATML_TEMPLATE):
+    """A byte-level BPE `PreTrainedTokenizerFast` (vocab 512) trained in-process on 400 fixed
+    sentences: deterministic across runs. Ids: `<|endoftext|>` 0 (eos and pad), `<|im_start|>` 1,
+    `<|im_end|>` 2, `<s>` 3 (bos, put before each text when `add_bos`), then the 256 byte
+    symbols and the merges. `chat_template=None` gives a tokenizer without one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=LM_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_lm_sentences(400, seed=1234), trainer)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", LM_SPECIALS.index("<s>"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=chat_template,
+    )
+
+
+def tiny_lm_config(
+    arch: str = "llama",
+    *,
+    vocab: int,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = True,
+    max_positions: int = 256,
+):
+    """A causal-LM config of `arch` ("llama", "qwen2", "gpt2") sized for tests, with the tiny LM
+    tokenizer's special ids (bos 3, eos and pad 0); `kv_heads` is ignored by gpt2."""
+    from transformers import AutoConfig
+
+    if arch not in LM_ARCHS:
+        raise ValueError(f"arch must be one of {LM_ARCHS}, not {arch!r}")
+    ids = {"bos_token_id": 3, "eos_token_id": 0, "pad_token_id": 0, "tie_word_embeddings": tie}
+    if arch == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **ids
+        )
+    return AutoConfig.for_model(
+        arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_positions,
+        **ids,
+    )
+
+
+def make_tiny_lm(
+    directory: str | Path,
+    arch: str = "llama",
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int | None = None,
+    tie: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Save a seeded random causal LM (config.json, model.safetensors, generation_config.json)
+    and `tiny_lm_tokenizer()` to `directory` and return it; loads back with
+    `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(directory)`. `vocab` (default: the
+    tokenizer's 512) may exceed the tokenizer, as padded embedding tables do. The weights depend
+    only on the arguments (the global RNG is left untouched)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = tiny_lm_tokenizer()
+    size = len(tokenizer) if vocab is None else vocab
+    if size < len(tokenizer):
+        raise ValueError(f"vocab {size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tiny_lm_config(arch, vocab=size, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, tie=tie)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(bos_token_id=3, eos_token_id=0, pad_token_id=0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+LM_ROW_FORMATS = ("text", "prompt-completion", "messages")
+
+
+def _lm_messages(i: int, sentences: list[str]) -> list[dict[str, str]]:
+    """Row i's conversation: a system turn on every third row, two exchanges on every other."""
+    turns = [{"role": "system", "content": "You are a helpful assistant."}] if i % 3 == 0 else []
+    for k in range(2 if i % 2 else 1):
+        turns.append({"role": "user", "content": sentences[2 * k]})
+        turns.append({"role": "assistant", "content": sentences[2 * k + 1]})
+    return turns
+
+
+def write_lm_rows(path: str | Path, row_format: str, n: int, seed: int = 0) -> Path:
+    """A jsonl file of n causal-LM rows of LM_WORDS in `row_format`: "text" (column `text`),
+    "prompt-completion" (`prompt`, `completion`) or "messages" (`messages`: user/assistant turns,
+    a system turn on every third row, two exchanges on every other row)."""
+    if row_format not in LM_ROW_FORMATS:
+        raise ValueError(f"row_format must be one of {LM_ROW_FORMATS}, not {row_format!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            sentences = _lm_sentences(4, seed * 100_003 + i)
+            if row_format == "text":
+                row: dict = {"text": " ".join(sentences[:2])}
+            elif row_format == "prompt-completion":
+                row = {"prompt": sentences[0] + "\n", "completion": sentences[1]}
+            else:
+                row = {"messages": _lm_messages(i, sentences)}
+            f.write(json.dumps(row) + "\n")
+    return path
