@@ -179,14 +179,6 @@ def _check_columns(table: Dataset, columns: Mapping[str, str | None], source: st
             )
 
 
-#: The recipe options naming the columns each causal-lm row format reads.
-_LM_COLUMN_OPTIONS = {
-    "text": ("text_column",),
-    "prompt-completion": ("prompt_column", "completion_column"),
-    "messages": ("messages_column",),
-}
-
-
 def tokenize(
     table: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -221,13 +213,8 @@ def tokenize(
             messages=messages_column,
         )
         function = lm_rows.encoder(tokenizer, columns, max_length, source)
-        named = {
-            "text_column": text_column,
-            "prompt_column": prompt_column,
-            "completion_column": completion_column,
-            "messages_column": messages_column,
-        }
-        _check_columns(table, {option: named[option] for option in _LM_COLUMN_OPTIONS[row_format]}, source)
+        needed = {option: getattr(columns, name) for option, name in lm_rows.FORMAT_COLUMNS[row_format]}
+        _check_columns(table, needed, source)
         return table.map(function, batched=True, with_indices=True, remove_columns=table.column_names)
     if labels is None:
         raise DataError(f"{source}: task {task} needs class labels. Fix: pass the labels of the label column")

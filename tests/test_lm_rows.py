@@ -375,6 +375,25 @@ def test_chat_template_that_does_not_render_prefixes_is_refused(tok):
         encode(odd, {"messages": [turns]}, "messages")
 
 
+def test_chat_template_raising_names_the_row(tok):
+    strict = tiny_lm_tokenizer(
+        chat_template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+        + tok.chat_template
+    )
+    turns = [{"role": "system", "content": "Hi"}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(DataError, match=r"column 'messages', row 1: the chat template refused.*no system turns.*Fix"):
+        encode(strict, {"messages": [turns + [{"role": "assistant", "content": "Yes."}]]}, "messages")
+
+
+def test_text_rows_from_tsv(tmp_path, tok):
+    path = tmp_path / "t.tsv"
+    path.write_text("text\tlabel\nHello there.\tx\n\tx\nHi\tx\n", encoding="utf-8")
+    data = prepare_data(
+        Source(str(path), "tsv"), None, tok, task="causal-lm", text_column="text", cache_dir=str(tmp_path)
+    )
+    assert data.dropped == {"train": 1} and data.train["n_targets"] == [3, 2]
+
+
 def test_unknown_row_format(tok):
     with pytest.raises(DataError, match="unknown data.row_format 'chat'. Fix: use one of text, prompt-completion"):
         encoder(tok, Columns(row_format="chat"), 32, "x")

@@ -129,20 +129,29 @@ def _messages_cell(value: Any, source: str, column: str, row: int) -> list[dict[
     return turns
 
 
-def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, where: str) -> str:
+    """The chat template's text of `messages`; `DataError` naming the row when the template raises
+    (e.g. "roles must alternate")."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja2 TemplateError, or whatever a template's raise_exception raises
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"{where}: the chat template refused the conversation ({type(exc).__name__}: {first}). "
+            "Fix: give turns the roles and order the tokenizer's chat template accepts"
+        ) from exc
 
 
 def assistant_spans(tokenizer, messages: list[dict[str, Any]], where: str) -> tuple[str, list[tuple[int, int]]]:
     """The chat template's rendering of a conversation and the character spans [start, end) of
     its assistant turns (see module doc); `DataError` when turns do not render as prefixes."""
-    text = _render(tokenizer, messages, False)
+    text = _render(tokenizer, messages, False, where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True)
-        through = _render(tokenizer, messages[: i + 1], False)
+        before = _render(tokenizer, messages[:i], True, where)
+        through = _render(tokenizer, messages[: i + 1], False, where)
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(
                 f"{where}: the chat template does not render turns as prefixes (the conversation up to "
@@ -172,7 +181,18 @@ def _check_tokenizer(tokenizer, row_format: str, source: str) -> None:
         )
 
 
+#: The columns of an encoded row, in order.
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "length", "n_targets")
+#: The recipe options naming the columns each row format reads, and their `Columns` fields.
+FORMAT_COLUMNS = {
+    "text": (("text_column", "text"),),
+    "prompt-completion": (("prompt_column", "prompt"), ("completion_column", "completion")),
+    "messages": (("messages_column", "messages"),),
+}
+
+
 def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
+    """One encoded row from its ids and unshifted labels (L,)."""
     return {
         "input_ids": ids,
         "attention_mask": [1] * len(ids),
@@ -180,6 +200,49 @@ def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
         "length": len(ids),
         "n_targets": count_targets(labels),
     }
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[dict[str, Any]]:
+    """Text rows: tokens with the special tokens, all targets, the start kept."""
+    rows = []
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        ids = list(ids[:max_length])
+        rows.append(_row(ids, list(ids)))
+    return rows
+
+
+def encode_prompt_completions(
+    tokenizer, prompts: list[str], completions: list[str], max_length: int
+) -> list[dict[str, Any]]:
+    """Prompt (with special tokens) + completion (without, then EOS when the tokenizer has one);
+    the completion's tokens are the targets; truncated by `truncate`."""
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    rows = []
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        c = list(c) + eos
+        rows.append(_row(*truncate(list(p) + c, [IGNORE_INDEX] * len(p) + c, max_length)))
+    return rows
+
+
+def encode_conversations(
+    tokenizer, conversations: list[list[dict[str, Any]]], wheres: list[str], max_length: int
+) -> list[dict[str, Any]]:
+    """Chat-template renderings tokenised without special tokens; the tokens inside assistant
+    turns are the targets; truncated by `truncate`. `wheres` name each row in errors."""
+    texts, all_spans = [], []
+    for messages, where in zip(conversations, wheres, strict=True):
+        text, spans = assistant_spans(tokenizer, messages, where)
+        texts.append(text)
+        all_spans.append(spans)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    rows = []
+    for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans, strict=True):
+        mask = target_mask(offsets, spans)
+        labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask, strict=True)]
+        rows.append(_row(*truncate(list(ids), labels, max_length)))
+    return rows
 
 
 def encoder(tokenizer, columns: Columns, max_length: int, source: str) -> Encoder:
@@ -193,58 +256,30 @@ def encoder(tokenizer, columns: Columns, max_length: int, source: str) -> Encode
     """
     row_format = columns.row_format
     _check_tokenizer(tokenizer, row_format, source)
-    eos = tokenizer.eos_token_id
-    needed = {
-        "text": [("text_column", columns.text)],
-        "prompt-completion": [("prompt_column", columns.prompt), ("completion_column", columns.completion)],
-        "messages": [("messages_column", columns.messages)],
-    }[row_format]
+    needed = [(option, getattr(columns, name)) for option, name in FORMAT_COLUMNS[row_format]]
 
-    def cells(rows: dict[str, list], option: str, column: str) -> list[Any]:
+    def cells(rows: dict[str, list], option: str, column: str, numbers: list[int]) -> list[Any]:
         if column not in rows:
             raise DataError(
                 f"{source}: no column {column!r} (data.{option}); it has {sorted(rows)}. "
                 f"Fix: set data.{option} to one of them"
             )
-        return rows[column]
+        check = _messages_cell if row_format == "messages" else _text_cell
+        return [check(v, source, column, n) for v, n in zip(rows[column], numbers, strict=True)]
 
     def encode(rows: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
-        values = [cells(rows, option, column) for option, column in needed]
-        numbers = [i + 1 for i in indices] if indices is not None else list(range(1, len(values[0]) + 1))
-        encoded: list[dict[str, Any]] = []
-        if not values[0]:
-            pass
+        size = len(next(iter(rows.values()), []))
+        numbers = [i + 1 for i in indices] if indices is not None else list(range(1, size + 1))
+        values = [cells(rows, option, column, numbers) for option, column in needed]
+        if not numbers:
+            encoded: list[dict[str, Any]] = []
         elif row_format == "text":
-            texts = [_text_cell(v, source, columns.text, n) for v, n in zip(values[0], numbers, strict=True)]
-            for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-                ids = list(ids[:max_length])
-                encoded.append(_row(ids, list(ids)))
+            encoded = encode_texts(tokenizer, values[0], max_length)
         elif row_format == "prompt-completion":
-            prompts = [_text_cell(v, source, columns.prompt, n) for v, n in zip(values[0], numbers, strict=True)]
-            completions = [
-                _text_cell(v, source, columns.completion, n) for v, n in zip(values[1], numbers, strict=True)
-            ]
-            prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-            completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-            for p, c in zip(prompt_ids, completion_ids, strict=True):
-                c = list(c) + ([eos] if eos is not None else [])
-                ids, labels = truncate(list(p) + c, [IGNORE_INDEX] * len(p) + c, max_length)
-                encoded.append(_row(ids, labels))
+            encoded = encode_prompt_completions(tokenizer, values[0], values[1], max_length)
         else:
-            texts, all_spans = [], []
-            for value, n in zip(values[0], numbers, strict=True):
-                messages = _messages_cell(value, source, columns.messages, n)
-                text, spans = assistant_spans(tokenizer, messages, _where(source, columns.messages, n))
-                texts.append(text)
-                all_spans.append(spans)
-            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans, strict=True):
-                ids = list(ids)
-                mask = target_mask(offsets, spans)
-                labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask, strict=True)]
-                ids, labels = truncate(ids, labels, max_length)
-                encoded.append(_row(ids, labels))
-        keys = ("input_ids", "attention_mask", "labels", "length", "n_targets")
-        return {k: [row[k] for row in encoded] for k in keys}
+            wheres = [_where(source, columns.messages, n) for n in numbers]
+            encoded = encode_conversations(tokenizer, values[0], wheres, max_length)
+        return {k: [row[k] for row in encoded] for k in ROW_KEYS}
 
     return encode
