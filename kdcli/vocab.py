@@ -15,6 +15,11 @@ fails mid-run (IndexError). `check-recipe` and the run both compare vocabularies
 - `first_difference(a, b)`: None when every id both vocabularies have is the same token (a
   padded vocabulary, larger than its tokenizer, agrees with it); else the first id that differs.
 
+- `vocab_of_tokens(tokens, source)`: the same from a token list in id order (a GGUF header's
+  `tokenizer.ggml.tokens`, `kdcli.modelinfo.gguf`).
+- `chat_template_of(folder)`: the chat template a tokenizer folder ships (tokenizer_config.json
+  `chat_template`, chat_template.jinja, chat_template.json), or None.
+
 Ids of a SentencePiece file are not Hugging Face ids (fairseq models shift them), so a vocabulary
 read from a SentencePiece file is compared only with another one read the same way.
 """
@@ -22,11 +27,11 @@ read from a SentencePiece file is compared only with another one read the same w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcli.safe_files import NotRegularFile, read_regular_bytes, read_regular_text
+from kdcli.safe_files import NotRegularFile, read_regular_bytes, read_regular_text, read_small
 
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 #: tokenizer files larger than this are not read (the largest real ones are a few tens of MB)
@@ -66,6 +71,36 @@ class Difference:
 def vocab_of(mapping: Mapping[str, int], source: str) -> Vocab:
     """A vocabulary from a token -> id mapping (a loaded tokenizer's `get_vocab()`)."""
     return Vocab({int(i): str(t) for t, i in mapping.items()}, source)
+
+
+def vocab_of_tokens(tokens: Sequence[str], source: str) -> Vocab:
+    """A vocabulary from a token list in id order (a GGUF header's `tokenizer.ggml.tokens`)."""
+    return Vocab(dict(enumerate(tokens)), source)
+
+
+#: tokenizer_config.json files larger than this are not read for their chat template
+MAX_TOKENIZER_CONFIG_BYTES = 64 * 1024 * 1024
+
+
+def chat_template_of(folder: str | Path) -> str | None:
+    """The chat template a tokenizer folder ships, as transformers finds it: chat_template.jinja,
+    chat_template.json's `chat_template`, tokenizer_config.json's `chat_template` (a string, or
+    a list of named templates); None when it has none (or the files cannot be read)."""
+    folder = Path(folder)
+    jinja = read_small(folder / "chat_template.jinja", MAX_TOKENIZER_CONFIG_BYTES)
+    if jinja is not None and jinja.strip():
+        return jinja.decode("utf-8", "replace")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        raw = read_small(folder / name, MAX_TOKENIZER_CONFIG_BYTES)
+        try:
+            template = json.loads(raw).get("chat_template") if raw is not None else None
+        except (ValueError, AttributeError, RecursionError):
+            continue
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict)), None)
+        if isinstance(template, str) and template.strip():
+            return template
+    return None
 
 
 def _from_tokenizer_json(path: Path) -> Vocab | None:

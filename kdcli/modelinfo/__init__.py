@@ -56,6 +56,7 @@ from kdcli.modelinfo.hub import (
     PACKAGE_PREFIX,
     PackageRefError,
     cached_hub_config,
+    cached_hub_file,
     hub_facts,
     package_folder,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "SkippedArray",
     "WeightsUnreadable",
     "cached_hub_config",
+    "cached_hub_file",
     "check_pickles",
     "config_num_labels",
     "facts_from_config",

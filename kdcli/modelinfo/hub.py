@@ -63,15 +63,15 @@ def _hub_cache_dirs() -> list[Path]:
     return dirs
 
 
-def cached_hub_config(model_id: str, revision: str | None = None) -> tuple[dict, str] | None:
-    """(config, path) from the Hugging Face cache, or None when the cache lacks it."""
+def _snapshots(model_id: str, revision: str | None) -> list[Path]:
+    """The snapshot folders of a hub model in the Hugging Face caches, the revision's first."""
     repo = "models--" + model_id.replace("/", "--")
+    snapshots = []
     for cache in _hub_cache_dirs():
         root = cache / repo
         if not root.is_dir():
             continue
         ref = revision or "main"
-        snapshots = []
         ref_file = root / "refs" / ref
         if ref_file.is_file():
             snapshots.append(root / "snapshots" / ref_file.read_text().strip())
@@ -79,15 +79,28 @@ def cached_hub_config(model_id: str, revision: str | None = None) -> tuple[dict,
             snapshots.append(root / "snapshots" / revision)
         else:
             snapshots.extend(sorted((root / "snapshots").glob("*")))
-        for snap in snapshots:
-            path = snap / "config.json"
-            if path.is_file():
-                try:
-                    config = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    continue
-                if isinstance(config, dict):
-                    return config, str(path)
+    return snapshots
+
+
+def cached_hub_file(model_id: str, filename: str, revision: str | None = None) -> Path | None:
+    """A file of a hub model (e.g. its GGUF file) in the Hugging Face cache, or None."""
+    for snap in _snapshots(model_id, revision):
+        if (snap / filename).is_file():
+            return snap / filename
+    return None
+
+
+def cached_hub_config(model_id: str, revision: str | None = None) -> tuple[dict, str] | None:
+    """(config, path) from the Hugging Face cache, or None when the cache lacks it."""
+    for snap in _snapshots(model_id, revision):
+        path = snap / "config.json"
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(config, dict):
+                return config, str(path)
     return None
 
 

@@ -43,7 +43,9 @@ def check_loaded(loaded: LoadedRecipe, resolver: Resolver, strict: bool = False)
     models = resolve_models(recipe, loaded, resolver)
     reported: set[str] = set()
     for path, _, ref, resolved in models.refs:
-        if resolved.facts is not None and not resolved.partial or ref in reported or _reported_missing(ref, loaded):
+        if resolved.facts is not None and not resolved.partial or resolved.reported:
+            continue
+        if ref in reported or _reported_missing(ref, loaded):
             continue
         reported.add(ref)
         written = loaded.written(path)
@@ -60,7 +62,8 @@ def check_loaded(loaded: LoadedRecipe, resolver: Resolver, strict: bool = False)
     if "data" in loaded.sections:
         for finding in data_findings(recipe, loaded):
             _place(loaded, finding, strict)
-        problem = resolver.labels(recipe.data).problem(values_shown(recipe, loaded))  # csv/tsv records, labels
+        labels = resolver.labels(recipe.data) if recipe.task != "causal-lm" else None  # no labels: next tokens
+        problem = labels.problem(values_shown(recipe, loaded)) if labels is not None else None  # csv/tsv records
         if problem is not None:
             _place(loaded, problem, strict)
 

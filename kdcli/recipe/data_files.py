@@ -217,3 +217,45 @@ def label_values(source: DataSource, column: str) -> Iterable[Any]:
         import pyarrow.parquet as pq
 
         yield from pq.read_table(path, columns=[column]).column(column).to_pylist()
+
+
+#: how many first records `first_values` reads for a column's values
+FIRST_RECORDS = 5
+
+
+def first_values(source: DataSource, column: str, count: int = FIRST_RECORDS) -> list[Any]:
+    """The `column` values of the first `count` records of a local json, jsonl or parquet file
+    (a record without the column gives None), read within RECORD_MAX_CHARS per record; fewer
+    when the file has fewer or they cannot be read ([] for csv/tsv, whose cells are text)."""
+    fmt, path = source.format, source.path
+    values: list[Any] = []
+    try:
+        if fmt == "jsonl":
+            with open_text(path) as f:
+                while len(values) < count:
+                    line = f.readline(RECORD_MAX_CHARS + 1)
+                    if not line or len(line) > RECORD_MAX_CHARS:
+                        break
+                    if line.strip():
+                        record = json.loads(line)
+                        values.append(record.get(column) if isinstance(record, dict) else None)
+        elif fmt == "json":
+            with open_text(path) as f:
+                text = f.read(RECORD_MAX_CHARS * count).lstrip()
+            decoder, pos = json.JSONDecoder(), 1 if text.startswith("[") else 0
+            while len(values) < count:
+                while pos < len(text) and text[pos] in " \t\r\n,":
+                    pos += 1
+                if pos >= len(text) or text[pos] == "]":
+                    break
+                record, pos = decoder.raw_decode(text, pos)
+                values.append(record.get(column) if isinstance(record, dict) else None)
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            with open_binary(path) as binary:
+                batch = next(pq.ParquetFile(binary).iter_batches(batch_size=count, columns=[column]), None)
+                values = batch.column(0).to_pylist() if batch is not None else []
+    except Exception:  # a record cut short or unparsable: judge the ones read (read_header reports the file)
+        return values
+    return values

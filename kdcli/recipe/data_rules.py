@@ -8,6 +8,7 @@ from typing import Any
 
 from kdcli.labels import DataError, Labels, labels_of_splits
 from kdcli.recipe.data_files import DataHeader, DataUnreadable, label_values, read_header
+from kdcli.recipe.lm_data import messages_findings
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show, suggest
 from kdcli.recipe.rules import Finding
@@ -117,10 +118,7 @@ def _column_findings(
     for token-classification). Column names are shown only for a plausible header of a file
     inside the repository (check-recipe runs in CI on recipes from pull requests)."""
     out: list[Finding] = []
-    data = recipe.data
-    columns = [("text_column", data.text_column), ("label_column", data.label_column)]
-    if data.text_pair_column is not None:
-        columns.append(("text_pair_column", data.text_pair_column))
+    columns = data_columns(recipe)
     name = os.path.basename(source.path)
     outside = loaded.outside(loaded.data_path(split), source.path)
     listed = outside is None and header.listable
@@ -157,7 +155,26 @@ def _column_findings(
                         f"store each record's {what} as a JSON list",
                     )
                 )
+        elif option == "messages_column":
+            out.extend(messages_findings(split, source, column, header))
     return out
+
+
+def data_columns(recipe: Recipe) -> list[tuple[str, str]]:
+    """(option, column) of each column the task reads: causal-lm's by its row format (text;
+    prompt and completion; messages), else the text, label and pair columns."""
+    data = recipe.data
+    if recipe.task == "causal-lm":
+        options = {
+            "text": ("text_column",),
+            "prompt-completion": ("prompt_column", "completion_column"),
+            "messages": ("messages_column",),
+        }[data.row_format]
+        return [(option, getattr(data, option)) for option in options]
+    columns = [("text_column", data.text_column), ("label_column", data.label_column)]
+    if data.text_pair_column is not None:
+        columns.append(("text_pair_column", data.text_pair_column))
+    return columns
 
 
 def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
@@ -172,7 +189,7 @@ def data_findings(recipe: Recipe, loaded: LoadedRecipe) -> list[Finding]:
                 Finding(
                     where,
                     f"columns of the hub dataset {show(source.path)} were not checked (only local files are read)",
-                    "check text_column and label_column against the dataset card",
+                    f"check {', '.join(option for option, _ in data_columns(recipe))} against the dataset card",
                     "unchecked",
                 )
             )

@@ -58,14 +58,20 @@ def _warn_outside(loaded: LoadedRecipe, path: JsonPath, resolved: str, what: str
 
 
 def _check_model_folder(
-    loaded: LoadedRecipe, path: JsonPath, folder: str, role: str, producers: dict[str, list[Path]], mode: Mode | None
+    loaded: LoadedRecipe,
+    path: JsonPath,
+    folder: str,
+    role: str,
+    producers: dict[str, list[Path]],
+    mode: Mode | None,
+    gguf_file: str | None = None,
 ) -> None:
     folder_path = Path(folder)
     written = loaded.written(path)
     shown = show(written) if isinstance(written, str) else show(folder)
     outside = _warn_outside(loaded, path, folder, f"{role} folder")
-    if is_file(folder_path / "config.json"):
-        return
+    if is_file(folder_path / "config.json") or (gguf_file and is_dir(folder_path)):
+        return  # a GGUF checkpoint needs no config.json (recipe.lm_rules checks its file)
     makers = [p for p in producers.get(os.path.normpath(folder), []) if p != loaded.source]
     if makers:
         maker = makers[0]
@@ -102,13 +108,15 @@ def check_files(loaded: LoadedRecipe, producers: dict[str, list[Path]], mode: Mo
         for i, teacher in enumerate(recipe.teachers):
             path: JsonPath = ("teacher", i, "model") if many else ("teacher", "model")
             if teacher.is_local:
-                _check_model_folder(loaded, path, teacher.model, "teacher", producers, mode)
+                _check_model_folder(loaded, path, teacher.model, "teacher", producers, mode, teacher.gguf_file)
     student = recipe.student if "student" in sections else None
     if isinstance(student, PretrainedModel) and student.is_local:
-        _check_model_folder(loaded, ("student", "model"), student.model, "student", producers, mode)
+        _check_model_folder(loaded, ("student", "model"), student.model, "student", producers, mode, student.gguf_file)
     if isinstance(student, ConfigStudent) and student.config and os.path.isabs(student.config):
         if loaded.written(("student", "config")) is not None:
-            _check_model_folder(loaded, ("student", "config"), student.config, "student config", producers, mode)
+            _check_model_folder(
+                loaded, ("student", "config"), student.config, "student config", producers, mode, student.gguf_file
+            )
     if "tokenizer" in sections and recipe.tokenizer and os.path.isabs(recipe.tokenizer):
         outside = _warn_outside(loaded, ("tokenizer",), recipe.tokenizer, "tokenizer folder")
         if not is_dir(recipe.tokenizer) and (mode is not None or os.path.normpath(recipe.tokenizer) not in producers):

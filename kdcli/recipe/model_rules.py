@@ -10,22 +10,23 @@ from kdcli.architectures import ATTENTION_MODEL_TYPES, attention_capture_support
 from kdcli.modelinfo import (
     GENERIC_CONFIG_KEYS,
     ConfigUnavailable,
+    GGUFFacts,
     ModelFacts,
     WeightsUnreadable,
-    cached_hub_config,
     check_pickles,
     read_config,
     weight_disagreements,
     weight_shapes,
 )
 from kdcli.recipe.data_rules import values_shown
+from kdcli.recipe.lm_rules import lm_findings
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show, suggest
-from kdcli.recipe.resolve import Models, Resolver, student_ref_path, teacher_path
+from kdcli.recipe.resolve import Models, Resolver, gguf_file_at, teacher_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Match, Recipe
 from kdcli.recipe.sources import ConfigStudent
-from kdcli.vocab import VOCAB_FIX, read_vocab, vocabulary_problem
+from kdcli.recipe.vocab_rules import shared_vocab_findings, vocab_findings
 
 _HEADLESS_FIX = "fine-tune the teacher on the task first (kdcli train), or point teacher.model at a fine-tuned model"
 
@@ -34,6 +35,10 @@ def _layer_range(feature: str, layers: int) -> tuple[int, int, str]:
     if feature == "hidden":
         return 0, layers, f"hidden layers 0..{layers}, 0 being the embeddings"
     return 1, layers, f"attention layers 1..{layers}"
+
+
+def _type_source(facts: ModelFacts) -> str:
+    return "its GGUF header's general.architecture" if isinstance(facts, GGUFFacts) else "config.json model_type"
 
 
 def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
@@ -45,7 +50,7 @@ def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, studen
             out.append(
                 Finding(
                     at + ("feature",),
-                    f"the {who} is a {show(facts.model_type)} model (config.json model_type): kdcli computes attention "
+                    f"the {who} is a {show(facts.model_type)} model ({_type_source(facts)}): kdcli computes attention "
                     f"features for {', '.join(ATTENTION_MODEL_TYPES)} models only",
                     'match hidden features instead ("feature": "hidden" with a hidden loss such as hidden_mse), '
                     f"or use a {who} of one of those types",
@@ -206,17 +211,6 @@ def override_findings(recipe: Recipe, base: ModelFacts | None) -> list[Finding]:
     return out
 
 
-def _model_folder(ref: str | None, revision: str | None = None) -> Path | None:
-    """A model reference's folder on this machine: a local folder, or a hub id's snapshot in
-    the Hugging Face cache; None when there is none (not downloaded, produced by a recipe)."""
-    if not ref:
-        return None
-    if os.path.isabs(ref):
-        return Path(ref) if Path(ref).is_dir() else None
-    cached = cached_hub_config(ref, revision)
-    return Path(cached[1]).parent if cached is not None else None
-
-
 _WEIGHTS_CONFIG_FIX = (
     "use the config.json that was saved with these weights (it must describe the tensors in the "
     "file), or save the model again with save_pretrained"
@@ -232,7 +226,7 @@ def weight_findings(recipe: Recipe, models: Models) -> list[Finding]:
         if role == "student config" and not (recipe.init_source and not recipe.teachers):
             continue  # a student built from a config: no weights are loaded from there
         folder = Path(ref) if os.path.isabs(ref) else None
-        if folder is None or ref in seen or not (folder / "config.json").is_file():
+        if folder is None or ref in seen or gguf_file_at(recipe, path) or not (folder / "config.json").is_file():
             continue
         seen.add(ref)
         try:
@@ -254,72 +248,6 @@ def weight_findings(recipe: Recipe, models: Models) -> list[Finding]:
                     f"the {role}'s config.json disagrees with its weights: {'; '.join(disagreements[:3])}{more}; "
                     "loading it would start those tensors at random",
                     _WEIGHTS_CONFIG_FIX,
-                )
-            )
-    return out
-
-
-def vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> tuple[list[Finding], bool]:
-    """Every model reads the run's tokenizer ids as its own tokens (`kdcli.vocab`, as the run
-    checks them): enough token embeddings, and a pretrained model's own tokenizer files agree
-    with the tokenizer on every id both have. Also returns whether the tokens could be
-    compared for every model (then vocab_size alone decides nothing)."""
-    student = recipe.student if "student" in loaded.sections else None
-    teachers = recipe.teachers if "teacher" in loaded.sections else []
-    if isinstance(recipe.tokenizer, str) and recipe.tokenizer and "tokenizer" in loaded.sections:
-        used_ref, revision, used_name = recipe.tokenizer, None, "the recipe's tokenizer"
-    elif teachers:
-        used_ref, revision, used_name = teachers[0].model, teachers[0].revision, "the teacher's tokenizer"
-    elif student is not None:
-        used_ref, revision, used_name = (
-            getattr(student, "model", None) or student.config,
-            student.revision,
-            "the student's tokenizer",
-        )
-    else:
-        return [], False
-    used_folder = _model_folder(used_ref, revision)
-    used = read_vocab(used_folder) if used_folder is not None else None
-    if used is None:
-        return [], False
-    out: list[Finding] = []
-    all_compared = True
-    for path, role, ref, resolved in models.refs:
-        if role == "student config":
-            facts, own, same = models.student.facts, None, True  # built from a config: learns these ids
-        else:
-            facts = resolved.facts
-            folder = _model_folder(ref)
-            same = folder is not None and folder.resolve() == used_folder.resolve()
-            own = read_vocab(folder) if folder is not None and not same else None
-            all_compared = all_compared and (same or own is not None)
-        rows = facts.vocab_size if facts is not None else None
-        problem = vocabulary_problem(used, used_name, own, rows, f"the {role}")
-        if problem is not None:
-            out.append(Finding(path, problem, VOCAB_FIX))
-    return out, all_compared
-
-
-def _shared_vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list[Finding]:
-    """Without readable tokenizer files: teacher and student have one vocabulary size when
-    intermediate matches or token-level logits compare positions."""
-    out: list[Finding] = []
-    s = models.student.facts
-    has_matches = bool(loaded.matches)
-    if not (has_matches or recipe.task == "token-classification") or s is None or s.vocab_size is None:
-        return out
-    for t in models.teachers:
-        if t.facts is not None and t.facts.vocab_size is not None and t.facts.vocab_size != s.vocab_size:
-            why = (
-                "intermediate matches compare token positions"
-                if has_matches
-                else "token-level logits are compared position by position"
-            )
-            out.append(
-                Finding(
-                    student_ref_path(recipe, loaded),
-                    f"the teacher's vocabulary has {t.facts.vocab_size} tokens and the student's {s.vocab_size}: {why}, which needs one shared tokenizer",
-                    "use a student with the teacher's tokenizer (same vocab_size)",
                 )
             )
     return out
@@ -347,7 +275,7 @@ def _teacher_head_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models,
     as many classes as the data has labels (counted as the run counts them)."""
     out: list[Finding] = []
     kd = recipe.distillation
-    if kd is None or not kd.uses_teacher_logits or "data" not in loaded.sections:
+    if kd is None or not kd.uses_teacher_logits or "data" not in loaded.sections or recipe.task == "causal-lm":
         return out
     scan = resolver.labels(recipe.data)
     data_labels = scan.labels
@@ -393,9 +321,10 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolve
     vocab, tokens_compared = vocab_findings(recipe, loaded, models)
     out += vocab
     if not tokens_compared:
-        out += _shared_vocab_findings(recipe, loaded, models)
+        out += shared_vocab_findings(recipe, loaded, models)
     out += _max_length_findings(recipe, loaded, models)
     out += _teacher_head_findings(recipe, loaded, models, resolver)
+    out += lm_findings(recipe, loaded, models)
     return out
 
 
@@ -408,7 +337,7 @@ def unchecked_rules(recipe: Recipe, loaded: LoadedRecipe, role: str) -> list[str
             rules.append("hidden sizes and proj")
         if any(m.spec.same_size == "heads" for m in matches):
             rules.append("attention heads")
-    if recipe.teachers and (matches or recipe.task == "token-classification"):
+    if recipe.teachers and (matches or recipe.task in ("token-classification", "causal-lm")):
         rules.append("shared vocabulary")
     if (
         role in ("init", "student config")
@@ -418,7 +347,7 @@ def unchecked_rules(recipe: Recipe, loaded: LoadedRecipe, role: str) -> list[str
         rules.append("init_from_teacher")
     if role == "student config" and isinstance(recipe.student, ConfigStudent) and recipe.student.overrides:
         rules.append("override names")
-    if role == "teacher" and recipe.distillation is not None:
+    if role == "teacher" and recipe.distillation is not None and recipe.task != "causal-lm":
         rules.append("teacher head and labels")
     rules.append("max_length")
     return list(dict.fromkeys(rules))

@@ -9,22 +9,34 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.errors import UsageError
-from kdcli.modelinfo import ConfigUnavailable, ModelFacts, hub_facts, local_facts, with_overrides
+from kdcli.modelinfo import (
+    ConfigUnavailable,
+    GGUFUnreadable,
+    ModelFacts,
+    cached_hub_file,
+    gguf_facts,
+    hub_facts,
+    local_facts,
+    with_overrides,
+)
 from kdcli.recipe.data_rules import LabelScan, scan_labels
 from kdcli.recipe.load import read_recipe
 from kdcli.recipe.loaded import LoadedRecipe, display_name
 from kdcli.recipe.messages import JsonPath
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import PretrainedModel
+from kdcli.safe_files import exists
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """A model's facts, or why they could not be had. `partial`: only overrides are known."""
+    """A model's facts, or why they could not be had. `partial`: only overrides are known;
+    `reported`: an error of its own already says why (a missing or damaged GGUF file)."""
 
     facts: ModelFacts | None
     reason: str = ""
     partial: bool = False
+    reported: bool = False
 
 
 class Resolver:
@@ -36,11 +48,28 @@ class Resolver:
         self._visiting: set[Path] = set()
         self._labels: dict[tuple, LabelScan] = {}
 
-    def model(self, ref: str, revision: str | None = None) -> Resolved:
-        key = ("model", ref, revision)
+    def model(self, ref: str, revision: str | None = None, gguf_file: str | None = None) -> Resolved:
+        key = ("model", ref, revision, gguf_file)
         if key not in self._cache:
-            self._cache[key] = self._model(ref, revision)
+            self._cache[key] = self._gguf(ref, revision, gguf_file) if gguf_file else self._model(ref, revision)
         return self._cache[key]
+
+    def _gguf(self, ref: str, revision: str | None, gguf_file: str) -> Resolved:
+        """Facts from the header of a GGUF file in a local folder or the Hugging Face cache."""
+        if os.path.isabs(ref):
+            path = Path(ref) / gguf_file
+            if not exists(path):
+                return Resolved(None, f"{gguf_file} is not in {ref}", reported=True)
+        else:
+            path = cached_hub_file(ref, gguf_file, revision)
+            if path is None:
+                return Resolved(
+                    None, f"{gguf_file} is not in the Hugging Face cache (GGUF headers are read locally only)"
+                )
+        try:
+            return Resolved(gguf_facts(path))
+        except GGUFUnreadable as exc:
+            return Resolved(None, exc.reason, reported=True)
 
     def _model(self, ref: str, revision: str | None) -> Resolved:
         if os.path.isabs(ref):
@@ -76,7 +105,7 @@ class Resolver:
             student = self.student(recipe)
             if student.facts is None:
                 return Resolved(None, f"the student of {name}, which produces it: {student.reason}")
-            labels = self.labels(recipe.data).labels
+            labels = self.labels(recipe.data).labels if recipe.task != "causal-lm" else None
             facts = replace(
                 student.facts,
                 source=f"produced by {name}",
@@ -91,8 +120,12 @@ class Resolver:
         """The student's facts: its model's, or its base config's with the overrides applied."""
         student = recipe.student
         if isinstance(student, PretrainedModel):
-            return self.model(student.model, student.revision)
-        base = self.model(student.config, student.revision) if student.config else Resolved(None, "no config given")
+            return self.model(student.model, student.revision, student.gguf_file)
+        base = (
+            self.model(student.config, student.revision, student.gguf_file)
+            if student.config
+            else Resolved(None, "no config given")
+        )
         if base.facts is None:
             partial = with_overrides(ModelFacts(source="student.overrides"), student.overrides)
             return Resolved(partial, base.reason, partial=True)
@@ -109,6 +142,13 @@ class Resolver:
 
 def teacher_path(recipe: Recipe, i: int) -> JsonPath:
     return ("teacher", i) if isinstance(recipe.teacher, list) else ("teacher",)
+
+
+def gguf_file_at(recipe: Recipe, path: JsonPath) -> str | None:
+    """The `gguf_file` of the model referenced at `path` (a `Models.refs` path), if any."""
+    if path[0] == "teacher":
+        return recipe.teachers[path[1] if isinstance(path[1], int) else 0].gguf_file
+    return getattr(recipe.student, "gguf_file", None)
 
 
 def student_ref_path(recipe: Recipe, loaded: LoadedRecipe) -> JsonPath:
@@ -133,7 +173,11 @@ class Models:
 
 def resolve_models(recipe: Recipe, loaded: LoadedRecipe, resolver: Resolver) -> Models:
     has_student = "student" in loaded.sections
-    teachers = [resolver.model(t.model, t.revision) for t in recipe.teachers] if "teacher" in loaded.sections else []
+    teachers = (
+        [resolver.model(t.model, t.revision, t.gguf_file) for t in recipe.teachers]
+        if "teacher" in loaded.sections
+        else []
+    )
     student = resolver.student(recipe) if has_student else Resolved(None, "the student section is invalid")
     refs = [
         (teacher_path(recipe, i) + ("model",), "teacher", t.model, r)
@@ -143,7 +187,7 @@ def resolve_models(recipe: Recipe, loaded: LoadedRecipe, resolver: Resolver) -> 
     if has_student and isinstance(recipe.student, PretrainedModel):
         refs.append((("student", "model"), "student", recipe.student.model, student))
     elif has_student and recipe.student.config:
-        base = resolver.model(recipe.student.config, recipe.student.revision)
+        base = resolver.model(recipe.student.config, recipe.student.revision, recipe.student.gguf_file)
         refs.append((student_ref_path(recipe, loaded), "student config", recipe.student.config, base))
     init_source = None
     if has_student and recipe.init_source is not None:
