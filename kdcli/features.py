@@ -61,10 +61,15 @@ class Features:
     (1 = token, 0 = padding), the `mask` every intermediate loss receives.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     hidden: dict[int, Tensor] = field(default_factory=dict)
     scores: dict[int, Tensor] = field(default_factory=dict)
     mask: Tensor | None = None
+    #: causal LMs: the final hidden states (B, L, D) after the final norm, and the output head
+    #: (weight (V, D), bias (V,) or None) that maps them to logits; `logits` is then None (the
+    #: chunked KD loss computes logits a chunk of tokens at a time, never all at once)
+    final_hidden: Tensor | None = None
+    head: tuple[Tensor, Tensor | None] | None = None
 
     def detached(self) -> Features:
         """Copies made outside inference mode, usable in autograd (e.g. kd_ce_loss multiplies
@@ -72,10 +77,12 @@ class Features:
         captured: logits, the matched layers and the mask."""
         with torch.inference_mode(False):
             return Features(
-                logits=self.logits.detach().clone(),
+                logits=None if self.logits is None else self.logits.detach().clone(),
                 hidden={i: t.detach().clone() for i, t in self.hidden.items()},
                 scores={i: t.detach().clone() for i, t in self.scores.items()},
                 mask=None if self.mask is None else self.mask.detach().clone(),
+                final_hidden=None if self.final_hidden is None else self.final_hidden.detach().clone(),
+                head=self.head,  # the model's own parameters (frozen for a teacher): not copied
             )
 
 
@@ -147,7 +154,9 @@ class FeatureCapture:
     hidden_layers: hidden_states indices 0..N (0 = embeddings output); attention_layers:
     blocks 1..N. Hooks record only inside `run`, so other forwards of the same model (eval)
     are unaffected. Use as a context manager, or call `close()` to remove the hooks.
-    `role` ("teacher", "student") names the model in error messages.
+    `role` ("teacher", "student") names the model in error messages. `final_hidden=True` (causal
+    LMs): the forward runs the base model only, and `Features` carries its final hidden states
+    and the output head instead of logits (`kdcli.tasks.causal_lm.output_head`).
     """
 
     def __init__(
@@ -157,9 +166,11 @@ class FeatureCapture:
         attention_layers: Iterable[int] = (),
         *,
         role: str = "model",
+        final_hidden: bool = False,
     ) -> None:
         self.model = model
         self.role = role
+        self.final_hidden = final_hidden
         self.hidden_layers = tuple(sorted({int(i) for i in hidden_layers}))
         self.attention_layers = tuple(sorted({int(i) for i in attention_layers}))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -236,11 +247,16 @@ class FeatureCapture:
         DistributedDataParallel wrapper (the hooks sit on the wrapped module).
         Runs under whatever grad/inference/autocast mode the caller set.
         """
-        inputs = model_inputs(self.model, batch)
+        target = self.model
+        if self.final_hidden and forward is None:
+            from kdcli.tasks.causal_lm import base_model
+
+            target = base_model(self.model)
+        inputs = model_inputs(target, batch)
         self._hidden, self._qk = {}, {}
         self._active = True
         try:
-            output = (forward or self.model)(**inputs)
+            output = (forward or target)(**inputs)
         finally:
             self._active = False
         hidden, qk = self._hidden, self._qk
@@ -252,8 +268,15 @@ class FeatureCapture:
         missing += [i for i in self.attention_layers if (i, "q") not in qk or (i, "k") not in qk]
         if missing:
             raise FeatureError(f"{self.role}: the forward pass did not reach layer(s) {missing}")
+        head = None
+        if self.final_hidden:
+            from kdcli.tasks.causal_lm import output_head
+
+            head = output_head(self.model)
         return Features(
-            logits=output.logits,
+            logits=None if self.final_hidden else output.logits,
+            final_hidden=output.last_hidden_state if self.final_hidden else None,
+            head=head,
             hidden={i: hidden[i] for i in self.hidden_layers},
             scores={
                 i: attention_scores(qk[(i, "q")], qk[(i, "k")], mask, self._heads[i]) for i in self.attention_layers

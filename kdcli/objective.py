@@ -135,6 +135,10 @@ class Objective(nn.Module):
         self.config = distillation
         # the task's choice of the logits the KD and hard-label terms compare (kdcli.tasks)
         self._kd_logits = task.kd_logits if task is not None else select_labelled
+        # causal LMs: terms summed over the step's target tokens, from hidden states and heads
+        self.token_level = bool(getattr(task, "token_level", False))
+        self.kd_per_token: Callable[..., Tensor] | None = None
+        self.kd_options: dict = {}
         self.projections = nn.ModuleDict()
         self.matches: list[MatchPlan] = []
         self.kd_fn: Callable[..., Tensor] | None = None
@@ -147,6 +151,12 @@ class Objective(nn.Module):
         from kdcli.schedules import build_temperature_scheduler, build_weight_scheduler
 
         self.kd_fn = registry.get_loss(distillation.kd_loss_type).fn()
+        self.kd_options = dict(distillation.kd_loss_options)
+        if self.token_level:
+            from kdcli.losses.divergences import DIVERGENCES
+
+            self.kd_per_token = DIVERGENCES[distillation.kd_loss_type]
+            self.kd_options = distillation.kd_options
         self.temperature_scheduler = build_temperature_scheduler(distillation.temperature_scheduler)
         self.kd_weight_scheduler = build_weight_scheduler(distillation.kd_loss_weight_scheduler)
         self.hl_weight_scheduler = build_weight_scheduler(distillation.hard_label_weight_scheduler)
@@ -229,7 +239,77 @@ class Objective(nn.Module):
 
     # -- the loss ----------------------------------------------------------------------------
 
-    def forward(self, step_fraction: float, feats_S, feats_T: Sequence, labels: Tensor | None):
+    def forward(
+        self,
+        step_fraction: float,
+        feats_S,
+        feats_T: Sequence,
+        labels: Tensor | None,
+        *,
+        micro_batches: int = 1,
+        normaliser: float | None = None,
+    ):
+        """This micro-batch's share of the step's loss: `(total, terms)` such that summing over
+        the step's `micro_batches` gives the step's value. Encoders: each term is its batch mean
+        divided by `micro_batches`. Causal LMs: the KD and hard-label terms are sums over the
+        batch's target tokens divided by `normaliser`, the step's target tokens (over every
+        micro-batch and process, divided by the process count as DDP averages), default this
+        batch's; the intermediate matches are batch means divided by `micro_batches`."""
+        if feats_S.final_hidden is not None:
+            return self._token_level(step_fraction, feats_S, feats_T, labels, micro_batches, normaliser)
+        total, terms = self._mean_terms(step_fraction, feats_S, feats_T, labels)
+        if micro_batches == 1:
+            return total, terms
+        return total / micro_batches, {k: v / micro_batches for k, v in terms.items()}
+
+    def _token_level(self, step_fraction, feats_S, feats_T, labels, micro_batches: int, normaliser):
+        from kdcli.losses.chunked import chunked_kd_loss
+        from kdcli.tasks.causal_lm import target_rows
+
+        if labels is None:
+            raise RunError("causal-lm training needs the rows' labels (the target tokens), but the batch has none")
+        hidden_S, targets = target_rows(feats_S, labels)
+        weight_S, bias_S = feats_S.head
+        distil = self.config is not None
+        if distil and not feats_T:
+            raise ValueError("distillation needs at least one teacher's features")
+        teachers = [(target_rows(f, labels)[0], *f.head) for f in feats_T] if distil else []
+        total, parts = chunked_kd_loss(
+            hidden_S,
+            weight_S,
+            [h for h, _, _ in teachers],
+            [w for _, w, _ in teachers],
+            bias_S=bias_S,
+            bias_T=[b for _, _, b in teachers],
+            divergence=self.kd_per_token or "forward_kl",
+            divergence_options=self.kd_options,
+            chunk_size=self.config.chunk_size if distil else 256,
+            temperature=float(self.config.temperature) if distil else 1.0,
+            kd_weight=self._kd_weight(step_fraction) if distil else 0.0,
+            hard_label_weight=self._hl_weight(step_fraction) if distil else 1.0,
+            labels=targets,
+            normaliser=normaliser if normaliser is not None else max(int(targets.numel()), 1),
+            return_parts=True,
+        )
+        terms = {"kd": parts["kd"]} if distil else {}
+        for m in self.matches:
+            value = self._match_value(m, feats_S, feats_T[0]) / micro_batches
+            terms[m.name] = value
+            total = total + m.weight * value
+        terms["hard_label"] = parts["hard_label"]
+        return total, terms
+
+    def _match_value(self, m: MatchPlan, feats_S, first) -> Tensor:
+        inter_S = [_feature(feats_S, m.feature, layer, "student") for layer in m.layers_S]
+        inter_T = [_feature(first, m.feature, layer, "teacher") for layer in m.layers_T]
+        if m.has_proj:
+            proj = self.projections[str(m.index)]
+            inter_S = [proj(s) for s in inter_S]
+        if m.is_pair:
+            return m.loss_fn(inter_S, inter_T, mask=feats_S.mask)
+        return m.loss_fn(inter_S[0], inter_T[0], mask=feats_S.mask)
+
+    def _mean_terms(self, step_fraction: float, feats_S, feats_T: Sequence, labels: Tensor | None):
         terms: dict[str, Tensor] = {}
         if self.config is None:
             if labels is None:
@@ -251,25 +331,14 @@ class Objective(nn.Module):
             temperature = self.temperature_scheduler(logits_S, logits_T, self.config.temperature)
         else:
             temperature = self.config.temperature
-        kd = self.kd_fn(logits_S, logits_T, temperature)
+        kd = self.kd_fn(logits_S, logits_T, temperature, **self.kd_options)
         terms["kd"] = kd
         total = self._kd_weight(step_fraction) * kd
 
-        if self.matches:
-            mask = feats_S.mask
-            first = feats_T[0]
-            for m in self.matches:
-                inter_S = [_feature(feats_S, m.feature, layer, "student") for layer in m.layers_S]
-                inter_T = [_feature(first, m.feature, layer, "teacher") for layer in m.layers_T]
-                if m.has_proj:
-                    proj = self.projections[str(m.index)]
-                    inter_S = [proj(s) for s in inter_S]
-                if m.is_pair:
-                    value = m.loss_fn(inter_S, inter_T, mask=mask)
-                else:
-                    value = m.loss_fn(inter_S[0], inter_T[0], mask=mask)
-                terms[m.name] = value
-                total = total + m.weight * value
+        for m in self.matches:
+            value = self._match_value(m, feats_S, feats_T[0])
+            terms[m.name] = value
+            total = total + m.weight * value
 
         hl_weight = self._hl_weight(step_fraction)
         if labels is not None:

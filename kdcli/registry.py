@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 Feature = Literal["logits", "hidden", "attention"]
 
@@ -27,6 +27,55 @@ Feature = Literal["logits", "hidden", "attention"]
 #: `T + (mean(w) - w) * beta` reach zero or go negative, which divides logits by zero or
 #: flips them; kdcli clamps the per-example temperature to at least this value.
 MIN_TEMPERATURE = 1e-2
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a KD loss (`distillation.kd_loss_options`): its type, range and default.
+
+    kind: "unit" (a number in [0, 1]), "count" (an integer >= 1, or null for off), "bool",
+    or "choice" (one of `choices`)."""
+
+    name: str
+    kind: Literal["unit", "count", "bool", "choice"]
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any) -> str | None:
+        """What is wrong with `value` for this option (None when it is fine)."""
+        if self.kind == "unit":
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return None if number and 0 <= value <= 1 else "a number in [0, 1]"
+        if self.kind == "count":
+            whole = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+            return None if whole else "an integer >= 1 (or null: off)"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "true or false"
+        return None if value in self.choices else "one of " + ", ".join(self.choices)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "default": self.default,
+            "doc": self.doc,
+            "choices": list(self.choices),
+        }
+
+
+#: Options every divergence on next-token distributions takes (`kdcli.losses.divergences`).
+DIVERGENCE_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("t_squared", "bool", False, "multiply the loss by T^2 (Hinton et al. 2015)"),
+    OptionSpec("top_k", "count", None, "use only the teacher's k most likely tokens (null: the whole vocabulary)"),
+    OptionSpec(
+        "top_k_mode",
+        "choice",
+        "renormalise",
+        "renormalise: both distributions renormalised over the k ids; tail: the k ids plus one bucket holding the rest of each distribution's mass",
+        ("renormalise", "tail"),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +95,14 @@ class LossSpec:
     #: what must agree between student and teacher: "hidden" (hidden sizes; else a `proj` is
     #: required), "heads" (attention head counts), or None (nothing).
     same_size: Literal["hidden", "heads"] | None = None
+    #: the options `distillation.kd_loss_options` may set for this loss
+    options: tuple[OptionSpec, ...] = ()
+
+    def option(self, name: str) -> OptionSpec | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def option_defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
 
     @property
     def needs_proj_when_sizes_differ(self) -> bool:
@@ -69,6 +126,7 @@ class LossSpec:
             "formula": self.formula,
             "paper": self.paper,
             "function": f"kdcli.losses.{self.function}",
+            "options": [o.to_dict() for o in self.options],
         }
 
 
@@ -119,6 +177,12 @@ _PAPER_TINYBERT = "Jiao et al. 2020, TinyBERT, arXiv:1909.10351"
 _PAPER_MINILM = "Wang et al. 2020, MiniLM, arXiv:2002.10957"
 _PAPER_FSP = "Yim et al. 2017, A Gift from Knowledge Distillation (FSP), CVPR 2017"
 _PAPER_NST = "Huang & Wang 2017, Neuron Selectivity Transfer, arXiv:1707.01219"
+_PAPER_HINTON = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531"
+_PAPER_DISTILLM = "Ko et al. 2024, DistiLLM, arXiv:2402.03898"
+_TOKEN_SHAPES = (
+    "(N, V) next-token logits of the target tokens (causal-lm: from hidden states and heads, chunked), or (B, C)"
+)
+_TOKEN_MASK = "causal-lm: target tokens only; mean over the target tokens of the whole optimizer step"
 
 LOSSES: tuple[LossSpec, ...] = (
     LossSpec(
@@ -129,7 +193,7 @@ LOSSES: tuple[LossSpec, ...] = (
         formula="-mean_i sum_c softmax(z_T/T)_c * log_softmax(z_S/T)_c   (no T^2 factor)",
         shapes="(B, C) or (B, L, C); T a float or a tensor (B,) / (B, L)",
         mask="none (token-level logits are selected by the caller)",
-        paper="Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531",
+        paper=_PAPER_HINTON,
     ),
     LossSpec(
         name="mse",
@@ -140,6 +204,56 @@ LOSSES: tuple[LossSpec, ...] = (
         shapes="(B, C) or (B, L, C); T a float or a tensor (B,) / (B, L)",
         mask="none (token-level logits are selected by the caller)",
         paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?, arXiv:1312.6184",
+    ),
+    *(
+        LossSpec(
+            name=name,
+            kind="kd",
+            feature="logits",
+            function=f"{name}_loss",
+            formula=formula,
+            shapes=_TOKEN_SHAPES,
+            mask=_TOKEN_MASK,
+            paper=paper,
+            options=extra + DIVERGENCE_OPTIONS,
+        )
+        for name, formula, paper, extra in (
+            ("forward_kl", "sum_v p (log p - log q); p = softmax(z_T/T), q = softmax(z_S/T)", _PAPER_HINTON, ()),
+            ("reverse_kl", "sum_v q (log q - log p)", "Gu et al. 2024, MiniLLM, arXiv:2306.08543", ()),
+            (
+                "jsd",
+                "m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m), divided by beta (1-beta) when normalise "
+                "(continuous on [0, 1]: forward KL at beta = 0, reverse KL at beta = 1)",
+                "Agarwal et al. 2024, GKD, arXiv:2306.13649",
+                (
+                    OptionSpec("beta", "unit", 0.5, "the mixture weight of the teacher"),
+                    OptionSpec(
+                        "normalise",
+                        "bool",
+                        True,
+                        "divide by beta (1 - beta): continuous at the ends; false gives TRL's generalized_jsd_loss values",
+                    ),
+                ),
+            ),
+            (
+                "skew_kl",
+                "KL(p || alpha p + (1-alpha) q)",
+                _PAPER_DISTILLM,
+                (OptionSpec("alpha", "unit", 0.1, "the skew: 0 is forward KL, 1 gives 0"),),
+            ),
+            (
+                "skew_reverse_kl",
+                "KL(q || (1-alpha) p + alpha q)",
+                _PAPER_DISTILLM,
+                (OptionSpec("alpha", "unit", 0.1, "the skew: 0 is reverse KL, 1 gives 0"),),
+            ),
+            (
+                "tvd",
+                "1/2 sum_v |p - q|",
+                "Wen et al. 2023, f-Divergence Minimization for Sequence-Level KD, arXiv:2307.15190",
+                (),
+            ),
+        )
     ),
     LossSpec(
         name="attention_mse",

@@ -71,12 +71,20 @@ class StepInfo:
     samples_per_s: float
     eta_s: float
     weights: dict[str, float] = field(default_factory=dict)
+    #: causal-lm: real (non-padding) tokens per second and the peak memory so far
+    tokens_per_s: float | None = None
+    memory_mb: float | None = None
 
     def line(self) -> str:
+        rate = f"{self.samples_per_s:.1f} samples/s"
+        if self.tokens_per_s is not None:
+            rate += f"  {self.tokens_per_s:.0f} tokens/s"
+        if self.memory_mb is not None:
+            rate += f"  mem {self.memory_mb:.0f} MiB"
         return (
             f"step {self.step}/{self.total_steps}  epoch {self.epoch:.2f}  "
             f"{format_terms(self.loss, self.terms)}  lr {self.lr:.3g}  "
-            f"{self.samples_per_s:.1f} samples/s  eta {format_duration(self.eta_s)}"
+            f"{rate}  eta {format_duration(self.eta_s)}"
         )
 
     def record(self) -> dict:
@@ -88,6 +96,8 @@ class StepInfo:
             **{f"weight/{k}": v for k, v in self.weights.items()},
             "lr": self.lr,
             "samples_per_s": round(self.samples_per_s, 3),
+            **({"tokens_per_s": round(self.tokens_per_s, 1)} if self.tokens_per_s is not None else {}),
+            **({"memory_mb": round(self.memory_mb, 1)} if self.memory_mb is not None else {}),
         }
 
 
@@ -245,16 +255,22 @@ class Throughput:
     def __init__(self, step: int = 0):
         self.start = time.perf_counter()
         self._samples = 0
+        self._tokens = 0
         self._step = step
 
-    def add(self, samples: int) -> None:
+    def add(self, samples: int, tokens: int = 0) -> None:
         self._samples += samples
+        self._tokens += tokens
 
     def read(self, step: int, total_steps: int) -> tuple[float, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self._samples / elapsed
         eta = (total_steps - step) * elapsed / max(step - self._step, 1)
         return rate, eta
+
+    def tokens_per_s(self) -> float:
+        """Real (non-padding) tokens per second over this session."""
+        return self._tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
 def classification_metrics(

@@ -148,12 +148,53 @@ def test_registry_is_torch_free(repo_root):
     assert proc.stdout.strip() == "False"
 
 
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+def test_every_kd_loss_has_a_per_token_form_for_causal_lm():
+    """The chunked causal-LM path computes each registered KD loss per token; its mean over rows
+    is the registered function (one definition per loss, two reductions)."""
+    import torch
+
+    from kdcli import losses
+    from kdcli.losses.divergences import DIVERGENCES
+
+    assert sorted(DIVERGENCES) == sorted(registry.loss_names("kd"))
+    g = torch.Generator().manual_seed(0)
+    S, T = torch.randn(5, 11, generator=g, dtype=torch.float64), torch.randn(5, 11, generator=g, dtype=torch.float64)
+    for name in registry.loss_names("kd"):
+        mean = registry.get_loss(name).fn()(S, T, 2.0)
+        assert torch.allclose(mean, DIVERGENCES[name](S, T, temperature=2.0).mean(), rtol=1e-12), name
+    assert getattr(losses, "jsd_loss") is registry.get_loss("jsd").fn()
+
+
+def test_option_specs_check_values():
+    jsd = registry.get_loss("jsd")
+    assert jsd.option_defaults() == {
+        "beta": 0.5,
+        "normalise": True,
+        "t_squared": False,
+        "top_k": None,
+        "top_k_mode": "renormalise",
+    }
+    assert jsd.option("beta").check(0.0) is None and jsd.option("beta").check(1) is None
+    assert jsd.option("beta").check(1.5) == "a number in [0, 1]"
+    assert jsd.option("beta").check(True) is not None
+    assert jsd.option("top_k").check(None) is None and jsd.option("top_k").check(0) is not None
+    assert jsd.option("top_k_mode").check("tail") is None and jsd.option("top_k_mode").check("x") is not None
+    assert registry.get_loss("ce").options == () and registry.get_loss("ce").option("beta") is None
+
+
 def test_agrees_with_textbrewer_presets():
     presets = pytest.importorskip("textbrewer.presets")
     from kdcli import losses
 
     assert sorted(presets.MATCH_LOSS_MAP) == sorted(registry.loss_names("match"))
-    assert sorted(presets.KD_LOSS_MAP) == sorted(registry.loss_names("kd"))
+    # every reference KD loss is here; the divergences beyond it are the ones with options
+    assert sorted(presets.KD_LOSS_MAP) == sorted(
+        n for n in registry.loss_names("kd") if not registry.get_loss(n).options
+    )
+    assert sorted(n for n in registry.loss_names("kd") if registry.get_loss(n).options) == sorted(DIVERGENCE_NAMES)
     for name, fn in {**presets.MATCH_LOSS_MAP, **presets.KD_LOSS_MAP}.items():
         assert registry.get_loss(name).function == fn.__name__
         ours = inspect.signature(getattr(losses, fn.__name__)).parameters

@@ -10,10 +10,12 @@ from kdcli.engine.recipe_facts import Mode
 from kdcli.recipe import PretrainedModel
 
 
-def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], None]):
-    """The teachers (eval mode, frozen) and the student, for the recipe's task and labels."""
+def load_models(recipe, mode: Mode, labels: kdata.Labels | None, warn: Callable[[str], None]):
+    """The teachers (eval mode, frozen) and the student, for the recipe's task and labels
+    (None for causal-lm: the head is the vocabulary's)."""
     task = recipe.task
-    id2label = labels.id2label
+    id2label = labels.id2label if labels is not None else None
+    num_labels = labels.num_labels if labels is not None else None
     teachers = []
     if mode == "distill":
         # a teacher whose logits are used must keep its head, of the data's size
@@ -28,8 +30,9 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
                 role="teacher",
                 resize_head=not uses_logits,
                 warn=warn,
+                gguf_file=ref.gguf_file,
             )
-            if loaded.new_head:
+            if loaded.new_head and labels is not None:
                 warn(
                     f"warning: teacher {ref.model} has no trained {labels.num_labels}-way head (a new "
                     "one was initialised at random), so its logits teach nothing. Fine-tune it first "
@@ -46,6 +49,7 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
             trust_remote_code=student_ref.trust_remote_code,
             role="student",
             warn=warn,
+            gguf_file=student_ref.gguf_file,
         )
         return teachers, loaded.model
     init_from, layers = None, student_ref.init_from_teacher
@@ -61,29 +65,38 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels, warn: Callable[[str], 
                 trust_remote_code=student_ref.trust_remote_code,
                 role="student.config",
                 warn=warn,
+                gguf_file=student_ref.gguf_file,
             ).model
     student = kmodels.build_student(
         student_ref.config,
         student_ref.overrides,
         task,
-        labels.num_labels,
+        num_labels,
         id2label,
         init_from=init_from,
         init_layers=layers,
         revision=student_ref.revision,
         trust_remote_code=student_ref.trust_remote_code,
         warn=warn,
+        gguf_file=student_ref.gguf_file,
     )
+    source = init_from if init_from is not None else (teachers[0] if teachers else None)
+    if source is not None and getattr(source, "generation_config", None) is not None and recipe.task == "causal-lm":
+        # a student built from the teacher's config generates as the teacher does (eos, pad, ...)
+        import copy
+
+        student.generation_config = copy.deepcopy(source.generation_config)
     return teachers, student
 
 
-def tokenizer_ref(recipe) -> tuple[str, str | None, bool]:
-    """(reference, revision, trust_remote_code) of the tokenizer: the recipe's `tokenizer`,
-    else the first teacher's, else the student's model (or config)."""
+def tokenizer_ref(recipe) -> tuple[str, str | None, bool, str | None]:
+    """(reference, revision, trust_remote_code, gguf_file) of the tokenizer: the recipe's
+    `tokenizer`, else the first teacher's, else the student's model (or config); a GGUF
+    model's tokenizer is the one inside its file."""
     if recipe.tokenizer:
-        return recipe.tokenizer, None, False
+        return recipe.tokenizer, None, False, None
     if recipe.teachers:
         t = recipe.teachers[0]
-        return t.model, t.revision, t.trust_remote_code
+        return t.model, t.revision, t.trust_remote_code, t.gguf_file
     s = recipe.student
-    return (getattr(s, "model", None) or s.config), s.revision, s.trust_remote_code
+    return (getattr(s, "model", None) or s.config), s.revision, s.trust_remote_code, s.gguf_file

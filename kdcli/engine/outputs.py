@@ -60,6 +60,8 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Through
         samples_per_s=rate,
         eta_s=eta,
         weights=run.objective.weights(step / total_steps),
+        tokens_per_s=throughput.tokens_per_s() if run.objective.token_level else None,
+        memory_mb=report.peak_memory_mb(run.device.type) if run.objective.token_level else None,
     )
     if run.main:
         run.console.progress.show(info)
@@ -84,10 +86,36 @@ def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) ->
     return run.task.metrics(predictions, gold, run.data.labels)
 
 
+def evaluate_lm_model(model: nn.Module | None, run: RunState) -> dict[str, float]:
+    """Causal-LM eval metrics of `model` on the eval split (`tasks.causal_lm.evaluate_lm`):
+    perplexity of the eval targets and, against the teachers (their mean logits, as in
+    training), KL(teacher || model) per token and top-1 agreement. `model` None: the first
+    teacher alone (its perplexity; against itself KL is 0 and agreement 1)."""
+    from kdcli.features import FeatureCapture
+    from kdcli.tasks.causal_lm import evaluate_lm
+
+    dataset, device = run.eval_set, run.device
+    subject = FeatureCapture(model if model is not None else run.teachers[0], final_hidden=True)
+    teachers = [FeatureCapture(t, final_hidden=True) for t in run.teachers] if model is not None else []
+
+    def batches():
+        for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
+            batch = {k: v.to(device) for k, v in run.collator.batch(dataset, indices).items()}
+            yield subject.run(batch), [t.run(batch) for t in teachers], batch["labels"]
+
+    with torch.inference_mode(), autocast(device, run.precision):
+        return evaluate_lm(batches())
+
+
 def evaluate_teachers(run: RunState) -> None:
     """The teachers' eval metrics, once, before training (rank 0)."""
     if run.main and run.eval_set is not None and run.teachers:
-        run.teacher_eval = evaluate(logits_fn(run.teachers), run)
+        if run.objective.token_level:
+            for t in run.teachers:
+                t.eval()
+            run.teacher_eval = evaluate_lm_model(None, run)
+        else:
+            run.teacher_eval = evaluate(logits_fn(run.teachers), run)
         run.console.say("teacher eval: " + _metrics_line(run.teacher_eval))
 
 
@@ -98,7 +126,10 @@ def evaluate_student(run: RunState) -> None:
         was_training = student.training
         student.eval()
         try:
-            run.last_eval = evaluate(logits_fn([student]), run)
+            if run.objective.token_level:
+                run.last_eval = evaluate_lm_model(student, run)
+            else:
+                run.last_eval = evaluate(logits_fn([student]), run)
         finally:
             student.train(was_training)
         step = run.position.step

@@ -99,6 +99,7 @@ class RunState:
     metrics: report.MetricsLog | None = None
     tb: report.TensorBoard | None = None
     samples_this_session: int = 0
+    tokens_this_session: int = 0
     closers: list = field(default_factory=list)
 
     @property
@@ -137,8 +138,10 @@ def setup(
     precision = resolve_precision(training.precision, device)
 
     # tokenizer and data (rank 0 tokenises first; the others read datasets' cache)
-    ref, revision, trust = tokenizer_ref(recipe)
-    tokenizer = kmodels.load_tokenizer(ref, revision=revision, trust_remote_code=trust, warn=console.warn)
+    ref, revision, trust, gguf = tokenizer_ref(recipe)
+    tokenizer = kmodels.load_tokenizer(
+        ref, revision=revision, trust_remote_code=trust, warn=console.warn, gguf_file=gguf
+    )
     if not main:
         procs.barrier()
     task_data = _quietly(kdata.prepare_from_recipe, recipe, tokenizer)
@@ -163,13 +166,21 @@ def setup(
     teachers = [t.to(device) for t in teachers]
     student.to(device).train()
     objective.to(device)
-    capture_S = FeatureCapture(student, objective.hidden_layers("S"), objective.attention_layers("S"), role="student")
+    token_level = objective.token_level  # causal LMs: final hidden states and heads, never full logits
+    capture_S = FeatureCapture(
+        student,
+        objective.hidden_layers("S"),
+        objective.attention_layers("S"),
+        role="student",
+        final_hidden=token_level,
+    )
     captures_T = [
         FeatureCapture(
             t,
             objective.hidden_layers("T") if i == 0 else (),
             objective.attention_layers("T") if i == 0 else (),
             role=f"teacher {i + 1}" if len(teachers) > 1 else "teacher",
+            final_hidden=token_level,
         )
         for i, t in enumerate(teachers)
     ]

@@ -73,26 +73,48 @@ class StopFlags(NamedTuple):
 
 
 def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> StepResult:
-    """Forward and backward over the step's micro-batches (gradients averaged over them;
-    DDP reduces only on the last). `first_batch`: the chunk's first batch in its epoch."""
-    result, world, fraction = StepResult(), run.procs.world_size, run.position.step / run.total_steps
-    for micro, indices in enumerate(chunk):
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in run.collator.batch(run.train_set, indices).items()}
+    """Forward and backward over the step's micro-batches; each contributes its share of the
+    step's loss (`Objective.forward`: batch means / micro-batches for encoders, sums over the
+    step's target tokens for causal LMs), so the gradient is the step's. DDP reduces only on
+    the last micro-batch. `first_batch`: the chunk's first batch in its epoch."""
+    result, procs, fraction = StepResult(), run.procs, run.position.step / run.total_steps
+    batches = [
+        {k: v.to(run.device, non_blocking=True) for k, v in run.collator.batch(run.train_set, indices).items()}
+        for indices in chunk
+    ]
+    normaliser = step_targets(run, batches) if run.objective.token_level else None
+    for micro, (indices, batch) in enumerate(zip(chunk, batches)):
         last_micro = micro == len(chunk) - 1
-        with nullcontext() if (last_micro or not run.procs.distributed) else run.step_module.no_sync():
+        with nullcontext() if (last_micro or not procs.distributed) else run.step_module.no_sync():
             with autocast(run.device, run.precision):
                 feats_T = (
                     teacher_features(run.captures_T, run.cache, indices, batch, run.device) if run.teachers else []
                 )
-                total, terms = run.step_module(batch, feats_T, fraction)
-            run.scaler.scale(total / len(chunk)).backward()
+                total, terms = run.step_module(
+                    batch, feats_T, fraction, micro_batches=len(chunk), normaliser=normaliser
+                )
+            run.scaler.scale(total).backward()
         if result.non_finite is None and not bool(torch.isfinite(total.detach())):
             result.non_finite = NonFinite(*_first_non_finite(total, terms), first_batch + micro)
         for name, value in (("loss", total), *terms.items()):
-            result.terms[name] = result.terms.get(name, 0.0) + value.detach().float() / len(chunk)
-        run.samples_this_session += len(indices) * world
-        throughput.add(len(indices) * world)
+            result.terms[name] = result.terms.get(name, 0.0) + value.detach().float()
+        tokens = int(batch["attention_mask"].sum()) * procs.world_size if "attention_mask" in batch else 0
+        run.samples_this_session += len(indices) * procs.world_size
+        run.tokens_this_session += tokens
+        throughput.add(len(indices) * procs.world_size, tokens)
     return result
+
+
+def step_targets(run, batches: list[dict[str, Tensor]]) -> float:
+    """The target tokens of the whole optimizer step (every micro-batch, every process), per
+    process: DDP averages the processes' gradients, so each process's sum over its own target
+    tokens is divided by (step targets / world size) to make the gradient the step's mean."""
+    from kdcli.tasks.causal_lm import count_targets
+
+    count = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)), device=run.device)
+    if run.procs.distributed:
+        torch.distributed.all_reduce(count)
+    return max(float(count), 1.0) / run.procs.world_size
 
 
 def optimizer_step(run) -> None:

@@ -22,9 +22,19 @@ class StudentStep(nn.Module):
         self.objective = objective
         self._capture = capture
 
-    def forward(self, batch: dict[str, Tensor], feats_T: list[Features], step_fraction: float):
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        feats_T: list[Features],
+        step_fraction: float,
+        *,
+        micro_batches: int = 1,
+        normaliser: float | None = None,
+    ):
         feats_S = self._capture.run(batch)
-        return self.objective(step_fraction, feats_S, feats_T, batch.get("labels"))
+        return self.objective(
+            step_fraction, feats_S, feats_T, batch.get("labels"), micro_batches=micro_batches, normaliser=normaliser
+        )
 
 
 class TeacherLogitCache:

@@ -36,6 +36,11 @@ bool selects such as `masked_fill`/`where` are an order of magnitude slower than
 multiply), sums as chunked BLAS dots instead of a product temporary. `bench/losses.py`
 times every loss against the reference.
 
+Beyond the reference, the divergences on next-token distributions (`divergences`: forward and
+reverse KL, generalized JSD, skew KL both ways, TVD, with top-k and T^2 options), their
+mean-over-rows forms (`divergence_means`: forward_kl_loss, ...) that the registry names, and
+`chunked` (the causal-LM KD loss from hidden states and output heads, chunk by chunk).
+
 Layout: `logits` (kd_ce_loss, kd_mse_loss), `attention` (att_mse/att_ce and their head-summed
 and head-averaged variants), `hidden` (hid_mse, cos, pkd, and the two-layer Gram losses
 fsp and mmd); `inputs` holds the shared argument checks, masks and dtype rule, `kernels`
@@ -46,6 +51,14 @@ from __future__ import annotations
 
 from .attention import NO_MASK_THRESHOLD as NO_MASK_THRESHOLD
 from .attention import att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss
+from .divergence_means import (
+    forward_kl_loss,
+    jsd_loss,
+    reverse_kl_loss,
+    skew_kl_loss,
+    skew_reverse_kl_loss,
+    tvd_loss,
+)
 from .hidden import cos_loss, fsp_loss, hid_mse_loss, mmd_loss, pkd_loss
 from .inputs import Temperature as Temperature
 from .inputs import compute_dtype as compute_dtype
@@ -58,12 +71,18 @@ __all__ = [
     "att_mse_loss",
     "att_mse_sum_loss",
     "cos_loss",
+    "forward_kl_loss",
     "fsp_loss",
     "hid_mse_loss",
+    "jsd_loss",
     "kd_ce_loss",
     "kd_mse_loss",
     "mmd_loss",
     "pkd_loss",
+    "reverse_kl_loss",
+    "skew_kl_loss",
+    "skew_reverse_kl_loss",
+    "tvd_loss",
 ]
 
 # The losses are defined in submodules (logits, attention, hidden) but belong to this

@@ -11,7 +11,7 @@ constant (detached). `bench/kd_memory.py` measures the peak memory against full 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +29,8 @@ _LOSS = "chunked_kd_loss"
 
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_S, head_S, bias_S, hidden_T, head_T, bias_T, labels, normaliser, settings):
-        fn, options, chunk_size, temperature, hard_weight = settings
+    def forward(ctx, hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers):
+        fn, options, chunk_size, temperature, kd_weight, hard_weight, parts = settings
         needs = ctx.needs_input_grad[:3]
         dtype = compute_dtype(hidden_S, head_S)
         grads: list[Tensor | None] = [None, None, None]
@@ -40,25 +40,37 @@ class _ChunkedKD(torch.autograd.Function):
             grads[1] = torch.zeros_like(head_S, dtype=dtype)
         if needs[2]:
             grads[2] = torch.zeros_like(bias_S, dtype=dtype)
-        total = torch.zeros((), dtype=dtype, device=hidden_S.device)
+        sums = torch.zeros(2, dtype=dtype, device=hidden_S.device)  # KD, hard-label CE
+        triples = [teachers[i : i + 3] for i in range(0, len(teachers), 3)]
         for start in range(0, hidden_S.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden_S[rows]
-            logits_T = F.linear(hidden_T[rows], head_T, bias_T)
+            # several teachers: the mean of their logits (as the reference's MultiTeacherDistiller)
+            logits_T = sum(F.linear(h_T[rows], w_T, b_T) for h_T, w_T, b_T in triples) if triples else None
+            if len(triples) > 1:
+                logits_T = logits_T / len(triples)
             # the graph starts at the logits (autograd is off here): their gradient dz gives the
             # inputs' by hand, accumulated in place (no (V, D) temporary per chunk)
             logits_S = F.linear(h, head_S, bias_S).to(dtype).requires_grad_(any(needs))
             with torch.enable_grad():
-                per_token = fn(logits_S, logits_T, temperature=temperature, **options)
-                if labels is not None:
-                    target = labels[rows]
-                    per_token = torch.where(target != IGNORE_INDEX, per_token, 0.0)
-                part = per_token.sum()
-                if hard_weight:
+                target = labels[rows] if labels is not None else None
+                if logits_T is not None:
+                    per_token = fn(logits_S, logits_T, temperature=temperature, **options)
+                    if target is not None:
+                        per_token = torch.where(target != IGNORE_INDEX, per_token, 0.0)
+                    kd = per_token.sum()
+                else:  # no teacher (kd_weight 0): the hard-label term alone
+                    kd = logits_S.new_zeros(())
+                part = kd_weight * kd
+                ce = None
+                if target is not None and (hard_weight or parts):
                     ce = F.cross_entropy(logits_S, target, ignore_index=IGNORE_INDEX, reduction="sum")
-                    part = part + hard_weight * ce
+                    if hard_weight:
+                        part = part + hard_weight * ce
                 dz = torch.autograd.grad(part, logits_S)[0] if any(needs) else None
-            total += part.detach()
+            sums[0] += kd.detach()
+            if ce is not None:
+                sums[1] += ce.detach()
             if dz is None:
                 continue
             dz_in = dz.to(head_S.dtype)  # the head's matmuls run in the inputs' dtype
@@ -72,14 +84,18 @@ class _ChunkedKD(torch.autograd.Function):
             if needs[2]:
                 grads[2] += dz.sum(0)
         ctx.grads = [g / normaliser if g is not None else None for g in grads]
+        ctx.n_teacher_inputs = len(teachers)
         ctx.dtypes = (hidden_S.dtype, head_S.dtype, bias_S.dtype if bias_S is not None else None)
-        return total / normaliser
+        sums = sums / normaliser
+        ctx.mark_non_differentiable(sums)
+        total = kd_weight * sums[0] + hard_weight * sums[1]
+        return total, sums
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_sums):
         out = [(g * grad_output).to(dt) if g is not None else None for g, dt in zip(ctx.grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, *([None] * ctx.n_teacher_inputs))
 
 
 def _check(name: str, x: object, dims: tuple[int, ...], what: str) -> Tensor:
@@ -91,11 +107,11 @@ def _check(name: str, x: object, dims: tuple[int, ...], what: str) -> Tensor:
 def chunked_kd_loss(
     hidden_S: Tensor,
     head_S: Tensor,
-    hidden_T: Tensor,
-    head_T: Tensor,
+    hidden_T: Tensor | Sequence[Tensor],
+    head_T: Tensor | Sequence[Tensor],
     *,
     bias_S: Tensor | None = None,
-    bias_T: Tensor | None = None,
+    bias_T: Tensor | None | Sequence[Tensor | None] = None,
     divergence: str | Callable[..., Tensor] = "forward_kl",
     divergence_options: Mapping[str, Any] | None = None,
     chunk_size: int = 256,
@@ -103,8 +119,10 @@ def chunked_kd_loss(
     hard_label_weight: float = 0.0,
     labels: Tensor | None = None,
     normaliser: float | Tensor | None = None,
-) -> Tensor:
-    """``(sum_t KD_t + hard_label_weight * sum_t CE_t) / normaliser`` over the target rows t.
+    kd_weight: float = 1.0,
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """``(kd_weight * sum_t KD_t + hard_label_weight * sum_t CE_t) / normaliser`` over the target rows t.
 
     ``KD_t = divergence(hidden_S[t] @ head_S.T + bias_S, hidden_T[t] @ head_T.T + bias_T)``
     (a `kdcli.losses.divergences` function or its name, called with ``temperature`` and
@@ -117,6 +135,8 @@ def chunked_kd_loss(
         hidden_S: (N, D_S), the student's final hidden states (batch and length flattened).
         head_S: (V, D_S), the student's output head (``lm_head.weight``); bias_S: (V,) or None.
         hidden_T, head_T, bias_T: the teacher's, (N, D_T), (V, D_T), (V,) or None; detached.
+            Several teachers: a list of each (equal lengths); the KD target is the mean of their
+            logits, computed per chunk.
         chunk_size: tokens per chunk (>= 1; need not divide N): the most rows of (V,) logits
             alive at once, per model.
         temperature: T > 0 of the divergence (the hard-label term uses T = 1).
@@ -127,38 +147,52 @@ def chunked_kd_loss(
             target rows).
         normaliser: the number of target tokens of the whole optimizer step (for gradient
             accumulation over micro-batches); default: the target rows here (at least 1).
-    Returns: a 0-dim tensor, differentiable w.r.t. hidden_S, head_S and bias_S (not twice).
+        kd_weight: >= 0, the weight of the KD term in the returned total (and its gradient).
+        return_parts: also return ``{"kd": sum KD / normaliser, "hard_label": sum CE /
+            normaliser}`` (detached; the CE is computed whenever labels are given).
+    Returns: a 0-dim tensor, differentiable w.r.t. hidden_S, head_S and bias_S (not twice);
+    with ``return_parts``, ``(total, parts)``.
     Precision: the logits are computed in the inputs' dtype (as the model's head would), the
     loss and the gradient sums in float32 for half inputs (float64 stays float64); the
     gradients are returned in each input's dtype.
     """
+    several = isinstance(hidden_T, (list, tuple))
+    hiddens_T = list(hidden_T) if several else [hidden_T]
+    heads_T = list(head_T) if isinstance(head_T, (list, tuple)) else [head_T]
+    biases_T = list(bias_T) if isinstance(bias_T, (list, tuple)) else [bias_T] * len(hiddens_T)
+    if (not hiddens_T and kd_weight) or len(heads_T) != len(hiddens_T) or len(biases_T) != len(hiddens_T):
+        raise ValueError(
+            f"{_LOSS}: one head_T (and bias_T) per hidden_T: got {len(hiddens_T)} hidden_T, "
+            f"{len(heads_T)} head_T, {len(biases_T)} bias_T"
+        )
     hidden_S = _check("hidden_S", hidden_S, (2,), "(N, D_S)")
-    hidden_T = _check("hidden_T", hidden_T, (2,), "(N, D_T)")
     head_S = _check("head_S", head_S, (2,), "(V, D_S)")
-    head_T = _check("head_T", head_T, (2,), "(V, D_T)")
     n, vocab = hidden_S.shape[0], head_S.shape[0]
-    pairs = [("hidden_T", hidden_T.shape[0], n, "N"), ("head_T", head_T.shape[0], vocab, "V")]
-    pairs += [
-        ("head_S", head_S.shape[1], hidden_S.shape[1], "D_S"),
-        ("head_T", head_T.shape[1], hidden_T.shape[1], "D_T"),
-    ]
-    for name, bias in (("bias_S", bias_S), ("bias_T", bias_T)):
-        if bias is not None:
-            pairs.append((name, _check(name, bias, (1,), "(V,)").shape[0], vocab, "V"))
+    pairs = [("head_S", head_S.shape[1], hidden_S.shape[1], "D_S")]
+    if bias_S is not None:
+        pairs.append(("bias_S", _check("bias_S", bias_S, (1,), "(V,)").shape[0], vocab, "V"))
+    for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):
+        h_T = _check("hidden_T", h_T, (2,), "(N, D_T)")
+        w_T = _check("head_T", w_T, (2,), "(V, D_T)")
+        pairs += [("hidden_T", h_T.shape[0], n, "N"), ("head_T", w_T.shape[0], vocab, "V")]
+        pairs.append(("head_T", w_T.shape[1], h_T.shape[1], "D_T"))
+        if b_T is not None:
+            pairs.append(("bias_T", _check("bias_T", b_T, (1,), "(V,)").shape[0], vocab, "V"))
     for name, got, want, dim in pairs:
         if got != want:
             raise ValueError(
                 f"{_LOSS}: {name} has {dim} = {got} but {want} from the other inputs "
-                f"(hidden_S {_shape(hidden_S)}, head_S {_shape(head_S)}, hidden_T {_shape(hidden_T)}, "
-                f"head_T {_shape(head_T)})"
+                f"(hidden_S {_shape(hidden_S)}, head_S {_shape(head_S)}, hidden_T {_shape(hiddens_T[0])}, "
+                f"head_T {_shape(heads_T[0])})"
             )
     fn = DIVERGENCES.get(divergence) if isinstance(divergence, str) else divergence
     if not callable(fn):
         raise ValueError(f"{_LOSS}: divergence must be one of {sorted(DIVERGENCES)} or a callable, got {divergence!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_LOSS}: chunk_size must be an int >= 1, got {chunk_size!r}")
-    if isinstance(hard_label_weight, bool) or not isinstance(hard_label_weight, (int, float)) or hard_label_weight < 0:
-        raise ValueError(f"{_LOSS}: hard_label_weight must be a number >= 0, got {hard_label_weight!r}")
+    for name, weight in (("hard_label_weight", hard_label_weight), ("kd_weight", kd_weight)):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"{_LOSS}: {name} must be a number >= 0, got {weight!r}")
     if labels is not None:
         _tensor(_LOSS, "labels", labels)
         if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -172,15 +206,19 @@ def chunked_kd_loss(
         normaliser = (labels != IGNORE_INDEX).sum().clamp_min(1) if labels is not None else max(n, 1)
     elif isinstance(normaliser, bool) or not isinstance(normaliser, (int, float, Tensor)) or not normaliser > 0:
         raise ValueError(f"{_LOSS}: normaliser must be > 0 (the step's number of target tokens), got {normaliser!r}")
-    settings = (fn, dict(divergence_options or {}), chunk_size, temperature, float(hard_label_weight))
-    return _ChunkedKD.apply(
-        hidden_S,
-        head_S,
-        bias_S,
-        hidden_T.detach(),
-        head_T.detach(),
-        None if bias_T is None else bias_T.detach(),
-        labels,
-        normaliser,
-        settings,
+    settings = (
+        fn,
+        dict(divergence_options or {}),
+        chunk_size,
+        temperature,
+        float(kd_weight),
+        float(hard_label_weight),
+        return_parts,
     )
+    teachers = []
+    for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):
+        teachers += [h_T.detach(), w_T.detach(), None if b_T is None else b_T.detach()]
+    total, sums = _ChunkedKD.apply(hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers)
+    if return_parts:
+        return total, {"kd": sums[0], "hard_label": sums[1]}
+    return total

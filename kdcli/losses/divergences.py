@@ -314,7 +314,29 @@ def tvd(
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1) * scale
 
 
-#: The divergences by name (what `kdcli.losses.chunked.chunked_kd_loss` accepts as a string).
+def ce_per_token(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """TextBrewer's `ce` per token: ``-sum_v p log q`` (no T**2 factor); its mean over the rows is
+    `kd_ce_loss`. (N, V) -> (N,). Equals forward KL plus the teacher's entropy."""
+    _check_logits("ce", student_logits, teacher_logits)
+    t = _temperature("ce", temperature)
+    S, T = _cast_pair(student_logits, teacher_logits)
+    p = F.softmax(T / t, dim=-1)
+    return -(p * F.log_softmax(S / t, dim=-1)).sum(-1)
+
+
+def mse_per_token(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """TextBrewer's `mse` per token: ``mean_v (z_S/T - z_T/T)**2``; its mean over the rows is
+    `kd_mse_loss`. (N, V) -> (N,)."""
+    _check_logits("mse", student_logits, teacher_logits)
+    t = _temperature("mse", temperature)
+    S, T = _cast_pair(student_logits, teacher_logits)
+    return ((S - T) / t).pow(2).mean(-1)
+
+
+#: The per-token function of every KD loss name (what `kdcli.losses.chunked.chunked_kd_loss`
+#: accepts as a string, and what a causal-LM run computes chunk by chunk).
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    fn.__name__: fn for fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd)
+    **{fn.__name__: fn for fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd)},
+    "ce": ce_per_token,
+    "mse": mse_per_token,
 }

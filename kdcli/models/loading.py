@@ -162,6 +162,7 @@ def load_model(
     role: str = "model",
     resize_head: bool = True,
     warn: Callable[[str], None] | None = None,
+    gguf_file: str | None = None,
 ) -> LoadedModel:
     """Load a pretrained model for `task` from a local folder or a hub id.
 
@@ -173,16 +174,23 @@ def load_model(
     Weights come from safetensors whenever the folder has them, checked before loading;
     `dtype` None means float32. `role` names the model in error messages ("teacher",
     "student"); `warn` gets the trust_remote_code warning before anything is loaded.
+    `gguf_file`: a GGUF file inside the folder (a causal LM), dequantized to `dtype` by
+    transformers (through the gguf package); the loaded config loses its `quantization_config`
+    (the weights are plain tensors now, and a student saved from it must not claim otherwise).
     """
     ref = resolve_model_ref(ref)
     _check_local(ref, role)
     auto = _auto_class(task)
     if trust_remote_code and warn is not None:
         warn(remote_code_notice(ref, role))
-    _check_weight_files(ref, role)
     kwargs: dict[str, Any] = dict(_label_kwargs(num_labels, id2label))
-    if _has_safetensors(ref):
-        kwargs["use_safetensors"] = True
+    if gguf_file is not None:
+        _check_gguf_file(ref, gguf_file, role)
+        kwargs["gguf_file"] = gguf_file
+    else:
+        _check_weight_files(ref, role)
+        if _has_safetensors(ref):
+            kwargs["use_safetensors"] = True
     try:
         with _quiet_transformers():
             model, info = auto.from_pretrained(
@@ -201,6 +209,8 @@ def load_model(
             raise
         raise _load_failure(exc, ref, role, task) from exc
     _check_loading_info(model, info, ref, role, resize_head=resize_head)
+    if gguf_file is not None:
+        drop_quantization_config(model.config)
     return LoadedModel(
         model=model,
         ref=ref,
@@ -210,6 +220,24 @@ def load_model(
     )
 
 
+def _check_gguf_file(ref: str, gguf_file: str, role: str) -> None:
+    """A local folder must hold the named GGUF file (a hub id is left to transformers)."""
+    folder = Path(ref).expanduser()
+    if folder.is_dir() and not (folder / gguf_file).is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"use one of {', '.join(found)}" if found else "put the .gguf file in that folder"
+        raise ModelError(f"{role} {ref!r}: no GGUF file {gguf_file!r} in the folder. Fix: {hint}")
+
+
+def drop_quantization_config(config) -> None:
+    """Forget a GGUF checkpoint's `quantization_config` (transformers dequantized it on load)."""
+    if getattr(config, "quantization_config", None) is not None:
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None
+
+
 def load_tokenizer(
     ref: str,
     *,
@@ -217,9 +245,11 @@ def load_tokenizer(
     trust_remote_code: bool = False,
     role: str = "tokenizer",
     warn: Callable[[str], None] | None = None,
+    gguf_file: str | None = None,
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in a model folder or hub repo (`AutoTokenizer.from_pretrained`);
-    `warn` gets the trust_remote_code warning before anything is loaded."""
+    """The tokenizer saved in a model folder or hub repo (`AutoTokenizer.from_pretrained`), or
+    inside a GGUF file (`gguf_file`); `warn` gets the trust_remote_code warning before anything
+    is loaded."""
     from transformers import AutoTokenizer
 
     ref = resolve_model_ref(ref)
@@ -227,6 +257,16 @@ def load_tokenizer(
     if trust_remote_code and warn is not None:
         warn(remote_code_notice(ref, role))
     folder = Path(ref).expanduser()
+    if gguf_file is not None:
+        _check_gguf_file(ref, gguf_file, role)
+        try:
+            with _quiet_transformers():
+                return AutoTokenizer.from_pretrained(ref, revision=revision, gguf_file=gguf_file)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            raise ModelError(
+                f"{role} {ref!r}: cannot read the tokenizer inside {gguf_file} ({first_line(exc)}). Fix: "
+                "set `tokenizer` in the recipe to a folder or hub id with tokenizer files"
+            ) from exc
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
         # transformers 5 would build an empty tokenizer from config.json alone: refuse it.
         raise ModelError(

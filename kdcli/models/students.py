@@ -13,6 +13,7 @@ from kdcli.models.common import (
     _auto_class,
     _check_local,
     _label_kwargs,
+    _quiet_transformers,
     _torch_dtype,
     remote_code_notice,
     resolve_model_ref,
@@ -30,15 +31,24 @@ def load_config(
     revision: str | None = None,
     trust_remote_code: bool = False,
     warn: Callable[[str], None] | None = None,
+    gguf_file: str | None = None,
 ):
-    """A transformers config from a folder, a config.json path or a hub id."""
+    """A transformers config from a folder, a config.json path, a hub id, or a GGUF file's
+    header (`gguf_file`, inside the folder; its quantization_config is dropped)."""
     from transformers import AutoConfig
+
+    from kdcli.models.loading import drop_quantization_config
 
     ref = resolve_model_ref(config_ref)
     _check_local(ref, "student config")
     if trust_remote_code and warn is not None:
         warn(remote_code_notice(ref, "student config"))
     try:
+        if gguf_file is not None:
+            with _quiet_transformers():
+                config = AutoConfig.from_pretrained(ref, revision=revision, gguf_file=gguf_file)
+            drop_quantization_config(config)
+            return config
         return AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
@@ -80,6 +90,7 @@ def build_student(
     trust_remote_code: bool = False,
     dtype: torch.dtype | str | None = None,
     warn: Callable[[str], None] | None = None,
+    gguf_file: str | None = None,
 ) -> PreTrainedModel:
     """A student built from a config (+ overrides) with random weights, for `task`.
 
@@ -88,8 +99,12 @@ def build_student(
     `len(init_layers)` must equal the student's layer count and every shape must agree.
     Uses the global torch RNG (seed it first for reproducible initialisation).
     """
-    config = load_config(config_ref, revision=revision, trust_remote_code=trust_remote_code, warn=warn)
+    config = load_config(
+        config_ref, revision=revision, trust_remote_code=trust_remote_code, warn=warn, gguf_file=gguf_file
+    )
+    source_types = getattr(config, "layer_types", None)
     apply_overrides(config, dict(overrides or {}))
+    _fit_layer_types(config, source_types, init_layers)
     for key, value in _label_kwargs(num_labels, id2label).items():
         setattr(config, key, value)
     auto = _auto_class(task)
@@ -115,6 +130,19 @@ def build_student(
             raise ModelError("student.init_from_teacher: no teacher model to copy from")
         init_from_teacher(model, init_from, init_layers)
     return model
+
+
+def _fit_layer_types(config, source_types, init_layers: Sequence[int] | None) -> None:
+    """Configs that list a type per layer (`layer_types`, e.g. Qwen2's sliding/full attention)
+    keep one entry per layer after `num_hidden_layers` changed: the copied blocks' own types
+    when the student starts from teacher blocks, else the first N (the last one repeated)."""
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(source_types, list) or not source_types or not isinstance(count, int):
+        return
+    if init_layers is not None and len(init_layers) == count and all(1 <= i <= len(source_types) for i in init_layers):
+        config.layer_types = [source_types[i - 1] for i in init_layers]
+    elif len(source_types) != count:
+        config.layer_types = (source_types + [source_types[-1]] * count)[:count]
 
 
 def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, layers: Sequence[int]) -> None:

@@ -133,12 +133,85 @@ def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[F
                 "set is_caching_logits to false, or remove intermediate_matches",
             )
         )
+    out.extend(_kd_option_findings(config, at + ("kd_loss_options",)))
     if n_teachers > 1 and config.intermediate_matches:
         out.append(
             Finding(
                 at + ("intermediate_matches",),
                 f"{n_teachers} teachers are given; multi-teacher distillation averages the teachers' logits and has no intermediate matches (as in the reference)",
                 "use one teacher, or remove intermediate_matches",
+            )
+        )
+    return out
+
+
+def _kd_option_findings(config: DistillationConfig, at: JsonPath) -> list[Finding]:
+    """Each `kd_loss_options` entry is an option of `kd_loss_type` with a value in its range."""
+    spec = registry.get_loss(config.kd_loss_type)
+    out: list[Finding] = []
+    for name, value in config.kd_loss_options.items():
+        option = spec.option(name)
+        if option is None:
+            known = [o.name for o in spec.options]
+            fix = (
+                f"{spec.name} takes: {', '.join(known)}"
+                if known
+                else f"remove kd_loss_options ({spec.name} has none; the divergences forward_kl, jsd, ... do)"
+            )
+            out.append(Finding(at + (name,), f"{show(name)} is not an option of {spec.name}", fix, at_key=True))
+            continue
+        wanted = option.check(value)
+        if wanted is not None:
+            out.append(
+                Finding(
+                    at + (name,),
+                    f"{spec.name}'s option {name} must be {wanted}, got {show(value)}",
+                    f'write e.g. "{name}": {show(option.default) if option.default is not None else 64}',
+                )
+            )
+    return out
+
+
+def causal_lm_findings(raw: dict, view: Recipe, sections: frozenset[str]) -> list[Finding]:
+    """What a causal-lm recipe cannot ask for: per-example temperatures, probability_shift and
+    the in-memory logit cache (all need full-vocabulary logits, which the chunked loss never
+    holds), sentence pairs and label columns (next-token targets come from the text)."""
+    if raw.get("task") != "causal-lm":
+        return []
+    out: list[Finding] = []
+    config = view.distillation if "distillation" in sections else None
+    at: JsonPath = ("distillation",)
+    if config is not None:
+        if config.temperature_scheduler != "none":
+            out.append(
+                Finding(
+                    at + ("temperature_scheduler",),
+                    "causal-lm distillation takes one temperature: a per-token temperature scheduler needs every token's full-vocabulary logits at once, which the chunked KD loss never holds",
+                    'remove temperature_scheduler (set "temperature")',
+                )
+            )
+        if config.probability_shift:
+            out.append(
+                Finding(
+                    at + ("probability_shift",),
+                    "probability_shift is for classification labels; causal-lm targets are next tokens",
+                    "remove probability_shift",
+                )
+            )
+        if config.is_caching_logits:
+            out.append(
+                Finding(
+                    at + ("is_caching_logits",),
+                    "is_caching_logits would keep full-vocabulary logits of every training token in memory",
+                    "remove is_caching_logits",
+                )
+            )
+    if "data" in sections and view.data.text_pair_column is not None:
+        out.append(
+            Finding(
+                ("data", "text_pair_column"),
+                "causal-lm rows are text, prompt + completion, or messages; there are no sentence pairs",
+                'remove text_pair_column; for prompts and answers use "row_format": "prompt-completion"',
             )
         )
     return out
@@ -257,4 +330,5 @@ def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mo
             out.extend(_raw_match_findings(raw["distillation"].get("intermediate_matches")))
     if "data" in sections:
         out.extend(task_findings(raw, view.data))
+    out.extend(causal_lm_findings(raw, view, sections))
     return out

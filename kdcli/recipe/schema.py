@@ -223,6 +223,13 @@ class DistillationConfig(Section):
     hard_label_weight: float = Field(0, ge=0, allow_inf_nan=False)
     hard_label_weight_scheduler: WeightScheduler = "none"
     kd_loss_type: str = Field("ce", json_schema_extra={"enum": registry.loss_names("kd")})
+    kd_loss_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the KD loss (kdcli list-losses): beta (jsd), alpha (skew_kl), t_squared, top_k, top_k_mode, normalise.",
+    )
+    chunk_size: int = Field(
+        256, ge=1, description="causal-lm: tokens per chunk of the KD loss (full-vocabulary logits never exist)."
+    )
     kd_loss_weight: float = Field(1, ge=0, allow_inf_nan=False)
     kd_loss_weight_scheduler: WeightScheduler = "none"
     probability_shift: bool = False
@@ -259,6 +266,11 @@ class DistillationConfig(Section):
     @property
     def uses_hard_labels(self) -> bool:
         return self.hard_label_weight > 0 or self.hard_label_weight_scheduler != "none"
+
+    @property
+    def kd_options(self) -> dict[str, Any]:
+        """The KD loss's options: the registry's defaults, then what the recipe sets."""
+        return {**registry.get_loss(self.kd_loss_type).option_defaults(), **self.kd_loss_options}
 
 
 class Recipe(Section):
