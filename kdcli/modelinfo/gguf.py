@@ -211,7 +211,7 @@ def _value(r: _Reader, vtype: int, key: str, build: bool, depth: int = 0) -> Any
         return values
     if etype == _STRING:
         if length * 8 > r.size - r.offset:  # each string has at least its 8-byte length
-            raise r.fail(f"array {key!r} claims {length} strings, more than the file can hold")
+            raise r.fail(f"array {key!r} claims {length} strings, more than the rest of the file holds (truncated?)")
         strings = _strings(r, length, f"an element of {key!r}", build or length <= SMALL_ARRAY)
         return strings if strings is not None else SkippedArray(etype, length)
     if etype == _ARRAY:
