@@ -341,6 +341,36 @@ train_command = _recipe_command(
 )
 
 
+@app.command("rank-blocks")
+def rank_blocks(
+    recipe: Path = _RECIPE_ARG,
+    keep: int | None = typer.Option(None, "--keep", help="Blocks to keep (default: the recipe's student)."),
+    rows: int | None = typer.Option(None, "--rows", help="Training rows to measure on (default 32)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Rank the teacher's blocks for a shallower student: which `keep` blocks to copy, by angular
+    distance (Gromov et al. 2024), block influence (ShortGPT) and even spacing."""
+    with _boundary(as_json):
+        from kdcli.engine.rank_blocks import rank_recipe_blocks
+        from kdcli.recipe import load_checked
+
+        doc = rank_recipe_blocks(load_checked(recipe), keep, rows, lambda text: err.print(text, markup=False))
+    if as_json:
+        _print_json({"ok": True, **doc})
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(
+        title=f"{escape(doc['model'])}: keep {doc['keep']} of {doc['num_blocks']} blocks ({doc['rows']} rows)"
+    )
+    for column in ("by", "kept", "dropped", "why"):
+        table.add_column(column)
+    for by, ranking in doc["rankings"].items():
+        table.add_row(by, str(ranking["kept"]), str(ranking["dropped"]), escape(ranking["describe"]))
+    out.print(table)
+
+
 def _json_requested(argv: list[str]) -> bool:
     """Whether the command line asks for JSON on stdout (`--json`, or check-recipe's
     `--format json`), read before click parses it: a command line click rejects still gets

@@ -10,9 +10,18 @@ from kdcli.engine.recipe_facts import Mode
 from kdcli.recipe import PretrainedModel
 
 
-def load_models(recipe, mode: Mode, labels: kdata.Labels | None, warn: Callable[[str], None]):
-    """The teachers (eval mode, frozen) and the student, for the recipe's task and labels
-    (None for causal-lm: the head is the vocabulary's)."""
+def load_models(
+    recipe,
+    mode: Mode,
+    labels: kdata.Labels | None,
+    warn: Callable[[str], None],
+    sample_batches: Callable | None = None,
+    say: Callable[[str], None] | None = None,
+):
+    """The teachers (eval mode, frozen), the student, for the recipe's task and labels (None
+    for causal-lm: the head is the vocabulary's), and the `BlockRanking` that chose the
+    student's blocks when `init_from_teacher` is a measurement (else None), measured on
+    `sample_batches()` and announced with `say`."""
     task = recipe.task
     id2label = labels.id2label if labels is not None else None
     num_labels = labels.num_labels if labels is not None else None
@@ -51,9 +60,10 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels | None, warn: Callable[
             warn=warn,
             gguf_file=student_ref.gguf_file,
         )
-        return teachers, loaded.model
-    init_from, layers = None, student_ref.init_from_teacher
-    if layers is not None:
+        return teachers, loaded.model, None
+    init_from, layers, ranking = None, student_ref.init_blocks, None
+    measure = student_ref.init_measure
+    if layers is not None or measure is not None:
         if teachers:
             init_from = teachers[0]
         else:  # train mode: copy from the model the student's config comes from
@@ -67,6 +77,13 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels | None, warn: Callable[
                 warn=warn,
                 gguf_file=student_ref.gguf_file,
             ).model
+    if measure is not None:
+        from kdcli.engine.blocks import choose_blocks
+
+        ranking = choose_blocks(init_from, sample_batches, measure.keep, measure.by)
+        layers = list(ranking.kept)
+        if say is not None:
+            say(f"student.init_from_teacher: {ranking.describe()}")
     student = kmodels.build_student(
         student_ref.config,
         student_ref.overrides,
@@ -86,7 +103,7 @@ def load_models(recipe, mode: Mode, labels: kdata.Labels | None, warn: Callable[
         import copy
 
         student.generation_config = copy.deepcopy(source.generation_config)
-    return teachers, student
+    return teachers, student, ranking
 
 
 def tokenizer_ref(recipe) -> tuple[str, str | None, bool, str | None]:

@@ -222,12 +222,17 @@ def write_summary(run: RunState, *, start_step: int, train_time: float, wall_sta
         "total_steps": run.total_steps,
         "epochs": round(position.samples_seen / max(1, len(train_set)), 4),
         "train_examples": len(train_set),
+        "dropped_rows": dict(run.data.dropped) or None,
+        "train_tokens_per_s": round(run.tokens_this_session / train_time, 1)
+        if run.objective.token_level and train_time > 0 and position.step > start_step
+        else None,
         "resumed_from_step": start_step if run.resume_from is not None else None,
         "final_loss": last_log["loss"] if last_log else None,
         "final_terms": {k[len("loss/") :]: v for k, v in (last_log or {}).items() if k.startswith("loss/")},
         "eval": run.last_eval,
         "teacher_eval": run.teacher_eval,
         "student_parameters": sum(p.numel() for p in run.student.parameters()),
+        "student_blocks": run.block_ranking.to_dict() if run.block_ranking is not None else None,
         "train_time_s": round(train_time, 3),
         "wall_time_s": round(time.perf_counter() - wall_start, 3),
         "samples_per_s": round(run.samples_this_session / train_time, 3)

@@ -16,6 +16,7 @@ from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import models as kmodels
 from kdcli import outdir, report
+from kdcli.engine.blocks import sample_batches
 from kdcli.engine.devices import (
     Processes,
     resolve_device,
@@ -100,6 +101,8 @@ class RunState:
     tb: report.TensorBoard | None = None
     samples_this_session: int = 0
     tokens_this_session: int = 0
+    #: how `student.init_from_teacher` chose the blocks, when it measured them
+    block_ranking: object = None
     closers: list = field(default_factory=list)
 
     @property
@@ -147,10 +150,24 @@ def setup(
     task_data = _quietly(kdata.prepare_from_recipe, recipe, tokenizer)
     if main:
         procs.barrier()
+    for split, count in task_data.dropped.items():
+        if count:
+            console.warn(
+                f"warning: dropped {count} {split} row{'s' * (count != 1)} with no target token left "
+                f"(empty, or cut away by data.max_length {recipe.data.max_length})"
+            )
 
     # models, objective, captures
     task = task_for(recipe.task)
-    teachers, student = load_models(recipe, mode, task_data.labels, console.warn)
+    measure = getattr(recipe.student, "init_measure", None)
+    teachers, student, ranking = load_models(
+        recipe,
+        mode,
+        task_data.labels,
+        console.warn,
+        sample_batches(task_data, tokenizer, measure.rows) if measure is not None else None,
+        console.say,
+    )
     kmodels.check_vocabularies(  # every model reads the tokenizer's ids as its own tokens
         tokenizer,
         ref,
@@ -232,6 +249,7 @@ def setup(
         resume_from=folder.latest,
         last_saved=folder.latest,
         closers=[capture_S, *captures_T],
+        block_ranking=ranking,
     )
     if run.resume_from is not None:
         resume(run)

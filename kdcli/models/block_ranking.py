@@ -53,6 +53,7 @@ BY = ("angular_distance", "block_influence")
 _CITED = {
     "angular_distance": "angular distance, Gromov et al. 2024",
     "block_influence": "block influence, ShortGPT (Men et al. 2024)",
+    "evenly_spaced": "even spacing (no measurement)",
 }
 
 #: A statistic of two (T, D) float64 batches of unit vectors, one value per token: (T,).
@@ -95,6 +96,8 @@ class BlockRanking:
         head = f"keeping teacher blocks {_spans(self.kept)} of {self.num_blocks} by {_CITED[self.by]}"
         if not self.dropped:
             return f"{head}: all blocks kept ({self.tokens} tokens measured)"
+        if not self.scores:
+            return head
         if self.by == "angular_distance":
             run = _run_key(self.dropped[0], self.dropped[-1])
             others = [v for k, v in self.scores.items() if k != run]

@@ -135,9 +135,26 @@ def init_findings(
     if not isinstance(cs, ConfigStudent) or cs.init_from_teacher is None:
         return out
     at: JsonPath = ("student", "init_from_teacher")
-    blocks = cs.init_from_teacher
     who = "teacher" if recipe.teachers else "config model"
-    if student is not None and student.num_hidden_layers is not None and len(blocks) != student.num_hidden_layers:
+    measure = cs.init_measure
+    if measure is not None:  # the blocks are chosen at run time; only the count can be checked now
+        blocks = []
+        if source is not None and source.num_hidden_layers is not None and measure.keep > source.num_hidden_layers:
+            out.append(
+                Finding(
+                    at + ("keep",),
+                    f"keep {measure.keep} blocks, but the {who} has {source.num_hidden_layers}",
+                    f"keep at most {source.num_hidden_layers}",
+                )
+            )
+    else:
+        blocks = cs.init_from_teacher
+    if (
+        measure is None
+        and student is not None
+        and student.num_hidden_layers is not None
+        and len(blocks) != student.num_hidden_layers
+    ):
         out.append(
             Finding(
                 at,

@@ -134,6 +134,14 @@ def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[F
             )
         )
     out.extend(_kd_option_findings(config, at + ("kd_loss_options",)))
+    if config.temperature_scheduler != "none" and registry.get_loss(config.kd_loss_type).options:
+        out.append(
+            Finding(
+                at + ("temperature_scheduler",),
+                f"a temperature scheduler gives each example its own temperature; {config.kd_loss_type} takes one temperature (the schedulers apply to ce and mse, as in the reference)",
+                'remove temperature_scheduler, or use "kd_loss_type": "ce"',
+            )
+        )
     if n_teachers > 1 and config.intermediate_matches:
         out.append(
             Finding(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -63,6 +63,33 @@ class PretrainedModel(Section):
         return os.path.isabs(self.model)
 
 
+#: how `student.init_from_teacher` may choose the blocks by measurement (`kdcli.models.block_ranking`)
+INIT_MEASURES = ("angular_distance", "block_influence", "evenly_spaced")
+
+
+class InitByMeasure(Section):
+    """`init_from_teacher` chosen by measurement on the recipe's first training rows."""
+
+    keep: int = Field(ge=1, description="Teacher blocks to keep (the student's layer count).")
+    by: Literal[INIT_MEASURES] = Field(  # type: ignore[valid-type]
+        "angular_distance",
+        description="angular_distance (Gromov et al. 2024: drop the contiguous run that changes the hidden state "
+        "least), block_influence (ShortGPT: drop the blocks whose output is closest to their input), or "
+        "evenly_spaced.",
+    )
+    rows: int = Field(32, ge=1, le=10_000, description="Training rows measured (the first N).")
+
+
+def _init_form(value: Any) -> str:
+    return "<measure>" if isinstance(value, (dict, InitByMeasure)) else "<blocks>"
+
+
+InitFromTeacher = Annotated[
+    Annotated[list[int], Tag("<blocks>")] | Annotated[InitByMeasure, Tag("<measure>")],
+    Discriminator(_init_form),
+]
+
+
 class ConfigStudent(Section):
     """A student built from a config (plus overrides), optionally initialised from teacher blocks."""
 
@@ -75,10 +102,11 @@ class ConfigStudent(Section):
         default_factory=dict,
         description='Hugging Face config fields to change, e.g. {"num_hidden_layers": 3}.',
     )
-    init_from_teacher: list[int] | None = Field(
+    init_from_teacher: InitFromTeacher | None = Field(
         None,
         description="Teacher blocks (1..L) copied into the student's blocks in order; one per "
-        "student block. In a train recipe, blocks of the model named by `config`.",
+        "student block. In a train recipe, blocks of the model named by `config`. Or "
+        '{"keep": K, "by": "angular_distance"}: the K blocks chosen by measurement on the training rows.',
     )
     revision: str | None = None
     trust_remote_code: bool = False
@@ -112,10 +140,35 @@ class ConfigStudent(Section):
             )
         return value
 
+    @model_validator(mode="after")
+    def _measured_layers(self) -> ConfigStudent:
+        measure = self.init_measure
+        if measure is None:
+            return self
+        layers = self.overrides.get("num_hidden_layers")
+        if layers is None:
+            self.overrides["num_hidden_layers"] = measure.keep
+        elif layers != measure.keep:
+            raise recipe_error(
+                f"init_from_teacher keeps {measure.keep} blocks but overrides.num_hidden_layers is {show(layers)}",
+                f"remove overrides.num_hidden_layers (keep sets it), or make it {measure.keep}",
+            )
+        return self
+
+    @property
+    def init_measure(self) -> InitByMeasure | None:
+        """The measurement that chooses the blocks, when `init_from_teacher` is one."""
+        return self.init_from_teacher if isinstance(self.init_from_teacher, InitByMeasure) else None
+
+    @property
+    def init_blocks(self) -> list[int] | None:
+        """The blocks `init_from_teacher` lists (None when unset or chosen by measurement)."""
+        return self.init_from_teacher if isinstance(self.init_from_teacher, list) else None
+
     @field_validator("init_from_teacher")
     @classmethod
-    def _check_init(cls, value: list[int] | None) -> list[int] | None:
-        if value is None:
+    def _check_init(cls, value):
+        if value is None or isinstance(value, InitByMeasure):
             return value
         if not value:
             raise recipe_error(
