@@ -688,6 +688,7 @@ def test_a_run_says_how_many_rows_it_dropped(world, tmp_path, capsys):
     )
     summary = _run(path, world / "out-dropped")
     assert summary["train_examples"] == 6
+    assert summary["dropped_rows"] == {"train": 3, "eval": 2}
     stderr = capsys.readouterr().err
     dropped = [line for line in stderr.splitlines() if "dropped" in line]
     assert any(re.search(r"\b3\b", line) and "train" in line for line in dropped), stderr
