@@ -346,7 +346,10 @@ class DataSection(Section):
 
     train: SourceField = Field(description="Training data: a path / hub id, or an object.")
     eval: SourceField | None = Field(None, description="Evaluation data (optional).")
-    text_column: str = Field("sentence", description="Column of texts (token-classification: lists of words).")
+    text_column: str = Field(
+        "sentence",
+        description='Column of texts (token-classification: lists of words; causal-lm text rows: default "text").',
+    )
     text_pair_column: str | None = Field(None, description="Second text column for sentence pairs.")
     label_column: str = Field("label", description="Column of labels (token-classification: lists of tags).")
     max_length: int = Field(128, ge=1, le=1_000_000, description="Tokens per example after truncation.")
