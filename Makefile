@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP     := $(VENV)/.kdcli-installed
 PIP       := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: setup test test-slow lint demo demo-lm bench clean
+.PHONY: setup test test-slow lint demo demo-lm bench bench-lm clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/losses.py
 	$(BIN)/python bench/check_recipe.py
 	$(BIN)/python bench/distill.py
+
+# The causal-LM KD loss (kdcli chunked vs full logits vs Liger's fused linear JSD): peak memory,
+# time and agreement (docs/benchmarks-lm.md). Liger-Kernel is installed without its
+# dependencies (triton is not needed: the benchmark runs it with compiled=False).
+bench-lm: $(STAMP)
+	$(BIN)/python -c "import liger_kernel" 2>/dev/null || $(PIP) install --no-deps liger-kernel==0.8.5
+	$(BIN)/python bench/lm_loss.py $(BENCH_LM_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
