@@ -6,7 +6,7 @@ divergence (`kdcli.losses.divergences`) and the student's gradients, then drops 
 The gradients w.r.t. the student's hidden states, head weight and head bias are accumulated
 during the forward pass and scaled by the incoming gradient in backward (so a backward costs
 nothing more, and a forward that needs no gradient computes none). The teacher side is a
-constant (detached). `bench/kd_memory.py` measures the peak memory against full logits.
+constant (detached). `bench/lm_loss.py` measures the peak memory against full logits.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class _ChunkedKD(torch.autograd.Function):
                     grads[1] += dz_in.T @ h
             if needs[2]:
                 grads[2] += dz.sum(0)
-        ctx.grads = [g / normaliser if g is not None else None for g in grads]
+        ctx.grads = [g.div_(normaliser) if g is not None else None for g in grads]  # in place: no second copy
         ctx.n_teacher_inputs = len(teachers)
         ctx.dtypes = (hidden_S.dtype, head_S.dtype, bias_S.dtype if bias_S is not None else None)
         sums = sums / normaliser
@@ -94,7 +94,9 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, _grad_sums):
-        out = [(g * grad_output).to(dt) if g is not None else None for g, dt in zip(ctx.grads, ctx.dtypes)]
+        one = bool(grad_output == 1)  # the usual case: hand the buffers over without another copy
+        out = [None if g is None else (g if one else g * grad_output).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
         return (*out, None, None, None, *([None] * ctx.n_teacher_inputs))
 
 
