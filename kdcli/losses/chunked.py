@@ -96,7 +96,6 @@ class _ChunkedKD(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_sums):
         one = bool(grad_output == 1)  # the usual case: hand the buffers over without another copy
         out = [None if g is None else (g if one else g * grad_output).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
-        ctx.grads = None
         return (*out, None, None, None, *([None] * ctx.n_teacher_inputs))
 
 
