@@ -371,6 +371,34 @@ def rank_blocks(
     out.print(table)
 
 
+# --- plan --------------------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan(
+    recipe: Path = _RECIPE_ARG,
+    world_size: int = typer.Option(1, "--world-size", help="Processes (devices) the run uses."),
+    parallel: str = typer.Option("ddp", "--parallel", metavar="[ddp|fsdp]", help="ddp (replicated) or fsdp."),
+    device_memory: str | None = typer.Option(
+        None, "--device-memory", help="Memory of one device, e.g. 80GiB, 40GB or 512MiB: says whether the run fits."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Preflight from config files alone: parameters, memory per device (ddp vs fsdp), FLOPs per
+    step, and whether the run fits (see docs/plan.md). Loads no weights and no torch."""
+    with _boundary(as_json):
+        from kdcli.plan import parse_size, plan_recipe
+
+        limit = parse_size(device_memory) if device_memory is not None else None
+        doc = plan_recipe(recipe, world_size=world_size, parallel=parallel, device_memory=limit)
+    if as_json:
+        _print_json(doc)
+        return
+    from kdcli.plan.render import render_plan
+
+    render_plan(doc, out)
+
+
 def _json_requested(argv: list[str]) -> bool:
     """Whether the command line asks for JSON on stdout (`--json`, or check-recipe's
     `--format json`), read before click parses it: a command line click rejects still gets
