@@ -254,3 +254,21 @@ def test_plan_of_the_lm_demo_recipe():
     assert teacher["parameters"] == 134_515_008 and student["layers"] == 25
     assert student["parameters"] == 134_515_008 - 5 * teacher["block_parameters"]
     assert doc["kd_logits"]["chunked"] < doc["kd_logits"]["full"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "distilbert"])
+def test_generic_override_names_win_over_the_config_spelling(arch):
+    """A student's overrides use the generic names (num_hidden_layers, hidden_size, ...), which
+    transformers maps onto GPT-2's n_layer and DistilBERT's n_layers: they must win."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if arch == "gpt2":
+        config, task, auto = tiny_lm_config("gpt2", vocab=97, layers=4), "causal-lm", AutoModelForCausalLM
+    else:
+        config, task = tiny_config("distilbert", layers=4), "sequence-classification"
+        auto = AutoModelForSequenceClassification
+    overrides = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2}
+    merged = {**json.loads(config.to_json_string()), **overrides}
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    assert shape_of(merged, task).parameters == _count(auto.from_config(config))

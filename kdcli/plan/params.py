@@ -89,9 +89,10 @@ def _int(config: dict, *names: str, default: int | None = None, where: str = "")
 
 def _encoder(config: dict, mt: str, task: str, labels: int, where: str) -> ModelShape:
     distil = mt == "distilbert"
-    d = _int(config, "dim" if distil else "hidden_size", "hidden_size", where=where)
-    layers = _int(config, "n_layers" if distil else "num_hidden_layers", "num_hidden_layers", where=where)
-    heads = _int(config, "n_heads" if distil else "num_attention_heads", "num_attention_heads", where=where)
+    # the generic names first: in a config.json they appear only as overrides (attribute_map aliases)
+    d = _int(config, "hidden_size", "dim", where=where)
+    layers = _int(config, "num_hidden_layers", "n_layers", where=where)
+    heads = _int(config, "num_attention_heads", "n_heads", where=where)
     ff = _int(config, "hidden_dim" if distil else "intermediate_size", "intermediate_size", where=where)
     vocab = _int(config, "vocab_size", where=where)
     positions = _int(config, "max_position_embeddings", default=512)
@@ -135,12 +136,12 @@ def _decoder(config: dict, mt: str, task: str, labels: int, where: str) -> Model
 
 
 def _gpt2(config: dict, task: str, labels: int, where: str) -> ModelShape:
-    d = _int(config, "n_embd", "hidden_size", where=where)
-    layers = _int(config, "n_layer", "num_hidden_layers", where=where)
-    heads = _int(config, "n_head", "num_attention_heads", where=where)
+    d = _int(config, "hidden_size", "n_embd", where=where)
+    layers = _int(config, "num_hidden_layers", "n_layer", where=where)
+    heads = _int(config, "num_attention_heads", "n_head", where=where)
     ff = _int(config, "n_inner", "intermediate_size", default=4 * d)
     vocab = _int(config, "vocab_size", where=where)
-    positions = _int(config, "n_positions", "max_position_embeddings", default=1024)
+    positions = _int(config, "max_position_embeddings", "n_positions", default=1024)
     tied = bool(config.get("tie_word_embeddings", True))
     block = 2 * 2 * d + 3 * d * d + 3 * d + d * d + d + d * ff + ff + ff * d + d
     embeddings = (vocab + positions) * d
