@@ -70,6 +70,9 @@ class Features:
     #: chunked KD loss computes logits a chunk of tokens at a time, never all at once)
     final_hidden: Tensor | None = None
     head: tuple[Tensor, Tensor | None] | None = None
+    #: causal LMs read from `distillation.teacher_cache`: the teacher's top-k distribution per
+    #: target token (a `kdcli.losses.divergences.CachedTopK`) instead of hidden states and head
+    top_k: object = None
 
     def detached(self) -> Features:
         """Copies made outside inference mode, usable in autograd (e.g. kd_ce_loss multiplies
@@ -83,6 +86,7 @@ class Features:
                 mask=None if self.mask is None else self.mask.detach().clone(),
                 final_hidden=None if self.final_hidden is None else self.final_hidden.detach().clone(),
                 head=self.head,  # the model's own parameters (frozen for a teacher): not copied
+                top_k=self.top_k,
             )
 
 

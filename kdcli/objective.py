@@ -273,7 +273,8 @@ class Objective(nn.Module):
         distil = self.config is not None
         if distil and not feats_T:
             raise ValueError("distillation needs at least one teacher's features")
-        teachers = [(target_rows(f, labels)[0], *f.head) for f in feats_T] if distil else []
+        cached = feats_T[0].top_k if distil else None  # the teacher cache's top-k, for the target rows
+        teachers = [(target_rows(f, labels)[0], *f.head) for f in feats_T] if distil and cached is None else []
         total, parts = chunked_kd_loss(
             hidden_S,
             weight_S,
@@ -290,6 +291,7 @@ class Objective(nn.Module):
             labels=targets,
             normaliser=normaliser if normaliser is not None else max(int(targets.numel()), 1),
             return_parts=True,
+            cached_T=cached,
         )
         terms = {"kd": parts["kd"]} if distil else {}
         for m in self.matches:

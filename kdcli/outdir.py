@@ -43,8 +43,11 @@ except ImportError:  # pragma: no cover - Windows
 
 MARKER = ".kdcli-run.json"
 LOCK_FILE = ".kdcli.lock"
+#: the default folder of `distillation.teacher_cache` (kdcli.engine.teacher_cache.DEFAULT_DIR):
+#: keyed by its inputs, so it is kept for the next run (and may be filled by `kdcli cache-teacher`)
+TEACHER_CACHE_DIR = "teacher-cache"
 #: kdcli's bookkeeping files: they do not make a folder "not empty" and survive clearing.
-OWN_FILES = frozenset({MARKER, LOCK_FILE})
+OWN_FILES = frozenset({MARKER, LOCK_FILE, TEACHER_CACHE_DIR})
 _PROBE_PREFIX = ".kdcli-probe-"
 _NAME_MAX = 255
 _TEMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile.mkstemp / mkdtemp's random part

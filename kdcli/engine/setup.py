@@ -8,6 +8,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from kdcli.engine.optim import (
 )
 from kdcli.engine.recipe_facts import Mode, resume_command
 from kdcli.engine.teachers import StudentStep, TeacherLogitCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdcli.engine.teacher_cache import TeacherDiskCache
 from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
@@ -83,7 +87,7 @@ class RunState:
     objective: Objective
     capture_S: FeatureCapture
     captures_T: list[FeatureCapture]
-    cache: TeacherLogitCache | None
+    cache: TeacherLogitCache | TeacherDiskCache | None  # is_caching_logits, or teacher_cache on disk
     step_module: nn.Module
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -202,6 +206,8 @@ def setup(
         for i, t in enumerate(teachers)
     ]
     cache = _logit_cache(recipe, mode, objective, task, console)
+    if mode == "distill" and recipe.distillation.teacher_cache is not None:
+        cache = _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console)
     step_module: nn.Module = StudentStep(student, objective, capture_S)
     if procs.distributed:
         step_module = nn.parallel.DistributedDataParallel(
@@ -248,7 +254,7 @@ def setup(
         position=ckpt.Position(step=0, epoch=0, batch_in_epoch=0, samples_seen=0),
         resume_from=folder.latest,
         last_saved=folder.latest,
-        closers=[capture_S, *captures_T],
+        closers=[capture_S, *captures_T, *([cache] if hasattr(cache, "close") else [])],
         block_ranking=ranking,
     )
     if run.resume_from is not None:
@@ -269,6 +275,15 @@ def _logit_cache(recipe, mode: Mode, objective: Objective, task, console: Consol
         )
         return None
     return TeacherLogitCache(task)
+
+
+def _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console):
+    """`distillation.teacher_cache`: the teachers' outputs on disk (kdcli.engine.teacher_cache)."""
+    from kdcli.engine.cache_fill import open_for_run
+
+    return open_for_run(
+        recipe, objective, task_data.train, teachers, ref, precision, device, procs.rank, folder.path, console.say
+    )
 
 
 def resume(run: RunState) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, CachedTopK
 from .inputs import _ndim, _shape, _tensor, compute_dtype
 
 #: labels with this value mark rows that are no target (prompt, padding): they contribute nothing
@@ -30,7 +30,7 @@ _LOSS = "chunked_kd_loss"
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers):
-        fn, options, chunk_size, temperature, kd_weight, hard_weight, parts = settings
+        fn, options, chunk_size, temperature, kd_weight, hard_weight, parts, cached_T = settings
         needs = ctx.needs_input_grad[:3]
         dtype = compute_dtype(hidden_S, head_S)
         grads: list[Tensor | None] = [None, None, None]
@@ -49,6 +49,8 @@ class _ChunkedKD(torch.autograd.Function):
             logits_T = sum(F.linear(h_T[rows], w_T, b_T) for h_T, w_T, b_T in triples) if triples else None
             if len(triples) > 1:
                 logits_T = logits_T / len(triples)
+            if cached_T is not None:  # the teacher cache's top-k distribution of these rows
+                logits_T = cached_T.rows(rows)
             # the graph starts at the logits (autograd is off here): their gradient dz gives the
             # inputs' by hand, accumulated in place (no (V, D) temporary per chunk)
             logits_S = F.linear(h, head_S, bias_S).to(dtype).requires_grad_(any(needs))
@@ -122,6 +124,7 @@ def chunked_kd_loss(
     normaliser: float | Tensor | None = None,
     kd_weight: float = 1.0,
     return_parts: bool = False,
+    cached_T: CachedTopK | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``(kd_weight * sum_t KD_t + hard_label_weight * sum_t CE_t) / normaliser`` over the target rows t.
 
@@ -151,6 +154,9 @@ def chunked_kd_loss(
         kd_weight: >= 0, the weight of the KD term in the returned total (and its gradient).
         return_parts: also return ``{"kd": sum KD / normaliser, "hard_label": sum CE /
             normaliser}`` (detached; the CE is computed whenever labels are given).
+        cached_T: instead of teachers (``hidden_T`` and ``head_T`` empty lists): the teacher's
+            top-k distribution of each of the N rows (`distillation.teacher_cache`), for a
+            divergence with ``top_k`` in ``divergence_options``.
     Returns: a 0-dim tensor, differentiable w.r.t. hidden_S, head_S and bias_S (not twice);
     with ``return_parts``, ``(total, parts)``.
     Precision: the logits are computed in the inputs' dtype (as the model's head would), the
@@ -161,7 +167,13 @@ def chunked_kd_loss(
     hiddens_T = list(hidden_T) if several else [hidden_T]
     heads_T = list(head_T) if isinstance(head_T, (list, tuple)) else [head_T]
     biases_T = list(bias_T) if isinstance(bias_T, (list, tuple)) else [bias_T] * len(hiddens_T)
-    if (not hiddens_T and kd_weight) or len(heads_T) != len(hiddens_T) or len(biases_T) != len(hiddens_T):
+    if cached_T is not None and (hiddens_T or cached_T.ids.shape[0] != hidden_S.shape[0]):
+        raise ValueError(f"{_LOSS}: cached_T replaces the teachers and has one row per row of hidden_S")
+    if (
+        (not hiddens_T and cached_T is None and kd_weight)
+        or len(heads_T) != len(hiddens_T)
+        or len(biases_T) != len(hiddens_T)
+    ):
         raise ValueError(
             f"{_LOSS}: one head_T (and bias_T) per hidden_T: got {len(hiddens_T)} hidden_T, "
             f"{len(heads_T)} head_T, {len(biases_T)} bias_T"
@@ -215,6 +227,7 @@ def chunked_kd_loss(
         float(kd_weight),
         float(hard_label_weight),
         return_parts,
+        cached_T,
     )
     teachers = []
     for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inputs import _cast_pair, _ndim, _same_shape, _shape, _tensor
+from .inputs import _cast_pair, _ndim, _same_shape, _shape, _tensor, compute_dtype
 
 #: how `top_k_log_probs` reduces the vocabulary: renormalise over the k ids, or add a tail bucket
 TOP_K_MODES = ("renormalise", "tail")
@@ -119,6 +120,53 @@ def top_k_log_probs(
     return out[0], out[1]
 
 
+class CachedTopK(NamedTuple):
+    """A teacher's top-k next-token distribution per token, as `distillation.teacher_cache`
+    keeps it: what `top_k_log_probs` takes from the teacher's logits, computed once.
+
+    ids: (N, k) the teacher's k most likely token ids (of logits / T); log_p: (N, k) their
+    log-probabilities at temperature T under the full softmax; tail: (N,) the log of the mass
+    of every other id. Passed as ``teacher_logits`` to a divergence with the same ``top_k``
+    and ``temperature``, it gives the loss of the full teacher logits (to rounding)."""
+
+    ids: Tensor
+    log_p: Tensor
+    tail: Tensor
+
+    def rows(self, index) -> CachedTopK:
+        return CachedTopK(self.ids[index], self.log_p[index], self.tail[index])
+
+
+def cached_top_k_log_probs(
+    student_logits: Tensor, teacher: CachedTopK, k: int | None, mode: str, *, temperature: float, loss: str
+) -> tuple[Tensor, Tensor]:
+    """`top_k_log_probs` with the teacher's side read from a `CachedTopK`."""
+    _tensor(loss, "student_logits", student_logits)
+    _ndim(loss, "student_logits", student_logits, (2,), "(N, V): one row of vocabulary logits per token")
+    t = _temperature(loss, temperature)
+    vocab, cached = student_logits.shape[-1], teacher.ids.shape[-1]
+    if k is None or min(k, vocab) != cached:
+        raise ValueError(
+            f"{loss}: the teacher cache holds the top {cached} token ids per target token, but top_k is {k!r}. "
+            f"Fix: set kd_loss_options.top_k to the teacher_cache's top_k ({cached})"
+        )
+    if mode not in TOP_K_MODES:
+        raise ValueError(f"{loss}: top_k_mode must be one of {TOP_K_MODES}, got {mode!r}")
+    if teacher.ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"{loss}: the teacher cache has {teacher.ids.shape[0]} target tokens, the student {student_logits.shape[0]}"
+        )
+    S = student_logits.to(compute_dtype(student_logits, student_logits)) / t
+    idx = teacher.ids.long()
+    log_p = teacher.log_p.to(S.dtype)
+    if mode == "renormalise" or cached == vocab:
+        return F.log_softmax(S.gather(-1, idx), dim=-1), F.log_softmax(log_p, dim=-1)
+    log_q = F.log_softmax(S, dim=-1)
+    tail_q = log_q.scatter(-1, idx, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    tail_p = teacher.tail.to(S.dtype)[:, None]
+    return torch.cat([log_q.gather(-1, idx), tail_q], dim=-1), torch.cat([log_p, tail_p], dim=-1)
+
+
 def _log_probs(
     loss: str,
     student_logits: Tensor,
@@ -131,7 +179,11 @@ def _log_probs(
     """``(log_q, log_p, scale)``: validated, reduced log-distributions and the T**2 factor (or 1)."""
     if not isinstance(t_squared, bool):
         raise ValueError(f"{loss}: t_squared must be a bool, got {type(t_squared).__name__}")
-    if top_k is not None:
+    if isinstance(teacher_logits, CachedTopK):
+        log_q, log_p = cached_top_k_log_probs(
+            student_logits, teacher_logits, top_k, top_k_mode, temperature=temperature, loss=loss
+        )
+    elif top_k is not None:
         log_q, log_p = top_k_log_probs(
             student_logits, teacher_logits, top_k, top_k_mode, temperature=temperature, loss=loss
         )

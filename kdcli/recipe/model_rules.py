@@ -18,6 +18,7 @@ from kdcli.modelinfo import (
     weight_disagreements,
     weight_shapes,
 )
+from kdcli.recipe.cache_rules import cache_findings
 from kdcli.recipe.data_rules import values_shown
 from kdcli.recipe.lm_rules import lm_findings
 from kdcli.recipe.loaded import LoadedRecipe
@@ -342,6 +343,7 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolve
     out += _max_length_findings(recipe, loaded, models)
     out += _teacher_head_findings(recipe, loaded, models, resolver)
     out += lm_findings(recipe, loaded, models)
+    out += cache_findings(recipe, loaded, models)
     return out
 
 

@@ -130,7 +130,15 @@ def distillation_findings(config: DistillationConfig, n_teachers: int) -> list[F
             Finding(
                 at + ("is_caching_logits",),
                 "is_caching_logits skips the teacher's forward pass, but intermediate_matches need the teacher's features every step",
-                "set is_caching_logits to false, or remove intermediate_matches",
+                'replace it with "teacher_cache": {} (on disk, with the matched features), or remove intermediate_matches',
+            )
+        )
+    if config.is_caching_logits and config.teacher_cache is not None:
+        out.append(
+            Finding(
+                at + ("is_caching_logits",),
+                "is_caching_logits (in memory) and teacher_cache (on disk) both cache the teacher's outputs",
+                "keep one: remove is_caching_logits (teacher_cache also keeps matched features), or remove teacher_cache",
             )
         )
     out.extend(_kd_option_findings(config, at + ("kd_loss_options",)))
@@ -211,7 +219,7 @@ def causal_lm_findings(raw: dict, view: Recipe, sections: frozenset[str]) -> lis
                 Finding(
                     at + ("is_caching_logits",),
                     "is_caching_logits would keep full-vocabulary logits of every training token in memory",
-                    "remove is_caching_logits",
+                    'remove is_caching_logits; "teacher_cache": {} keeps the teacher\'s top-k tokens on disk instead',
                 )
             )
     if "data" in sections and view.data.text_pair_column is not None:

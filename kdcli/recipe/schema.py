@@ -215,6 +215,38 @@ def _weight_scheduler(value: str) -> str:
 WeightScheduler = Annotated[str, Field(json_schema_extra={"enum": ["none", *registry.scheduler_names("weight")]})]
 
 
+class TeacherCache(Section):
+    """`distillation.teacher_cache`: the teachers' outputs per training row, kept on disk."""
+
+    dir: str | None = Field(
+        None,
+        description="The cache's folder, relative to the recipe's folder; default <output_dir>/teacher-cache. "
+        "Each set of inputs (teacher weights, tokenizer, rows, max_length, matches, dtype, ...) gets its own "
+        "subfolder named by their sha256.",
+    )
+    dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16", description="How logits, hidden states and scores are stored."
+    )
+    top_k: int = Field(
+        64,
+        ge=1,
+        description="causal-lm: the teacher's top-k tokens kept per target token (kd_loss_options.top_k must equal it).",
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _check_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise recipe_error(
+                "teacher_cache.dir is empty", "write a folder path, or remove dir for <output_dir>/teacher-cache"
+            )
+        local = local_path(value, context_of(info).base)
+        check_path_text(value, local)
+        return local
+
+
 class DistillationConfig(Section):
     """TextBrewer 0.2.1's `DistillationConfig`: same names, same defaults."""
 
@@ -235,6 +267,12 @@ class DistillationConfig(Section):
     probability_shift: bool = False
     intermediate_matches: list[Match] = Field(default_factory=list)
     is_caching_logits: bool = False
+    teacher_cache: TeacherCache | None = Field(
+        None,
+        description="Keep the teachers' outputs (logits, matched hidden states and attention scores; causal-lm: "
+        "top-k log-probabilities) on disk per training row; later epochs and runs skip the teacher. Not with "
+        "is_caching_logits.",
+    )
 
     _check_schedulers = field_validator("hard_label_weight_scheduler", "kd_loss_weight_scheduler")(_weight_scheduler)
 

@@ -1,0 +1,186 @@
+"""Opening a run's `distillation.teacher_cache` (its key from the run's inputs) and filling it
+ahead of training (`kdcli cache-teacher`).
+
+The cache folder is `teacher_cache.dir` (default `<output folder>/teacher-cache`, which the
+output-folder rules treat as kdcli's own: it neither makes the folder "not empty" nor is it
+cleared by --overwrite) plus the first 16 hex digits of the key.
+
+`cache-teacher` loads the tokenizer, the data and the teachers only (no student), runs the
+teachers over every training row not yet cached (rows in length order, `training.batch_size`
+at a time; under torchrun each rank takes every world_size-th batch) and stores them: a later
+`kdcli distill` of the same recipe skips the teacher's forward from its first step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kdcli.engine.cache_key import files_digest, model_folder, rows_digest, state_digest
+from kdcli.engine.teacher_cache import DEFAULT_DIR, TeacherDiskCache, open_cache
+
+#: tokenizer files hashed into the key (those a folder has)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def cache_root(recipe, out: str | Path) -> Path:
+    config = recipe.distillation.teacher_cache
+    return Path(config.dir) if config.dir else Path(out) / DEFAULT_DIR
+
+
+def key_parts(recipe, objective, train_set, teachers, tokenizer_ref: str, precision: str, device) -> dict:
+    """What the cached outputs depend on (see `kdcli.engine.cache_key`)."""
+    config = recipe.distillation.teacher_cache
+    causal = recipe.task == "causal-lm"
+    weights = []
+    for ref, model in zip(recipe.teachers, teachers):
+        folder = model_folder(ref.model, ref.revision)
+        if folder is not None:
+            weights.append(files_digest(folder, [ref.gguf_file] if ref.gguf_file else None))
+        else:
+            weights.append({"state": state_digest(model)})
+    folder = model_folder(tokenizer_ref)
+    tokenizer = files_digest(folder, TOKENIZER_FILES) if folder is not None else tokenizer_ref
+    columns = ["input_ids", "token_type_ids", "attention_mask"] + (["labels"] if causal else [])
+    parts = {
+        "task": recipe.task,
+        "teachers": weights,
+        "tokenizer": tokenizer,
+        "rows": rows_digest(train_set, columns),
+        "max_length": recipe.data.max_length,
+        "hidden_layers": objective.hidden_layers("T"),
+        "attention_layers": objective.attention_layers("T"),
+        "dtype": config.dtype,
+        "precision": precision,
+        "device": torch.device(device).type,
+    }
+    if causal:
+        parts.update(temperature=float(recipe.distillation.temperature), top_k=config.top_k)
+    return parts
+
+
+def open_for_run(
+    recipe, objective, train_set, teachers, tokenizer_ref, precision, device, rank: int, out, say: Callable
+) -> TeacherDiskCache:
+    config = recipe.distillation.teacher_cache
+    parts = key_parts(recipe, objective, train_set, teachers, tokenizer_ref, precision, device)
+    return open_cache(
+        cache_root(recipe, out),
+        parts,
+        rank,
+        say,
+        dtype=config.dtype,
+        causal=recipe.task == "causal-lm",
+        top_k=config.top_k,
+        temperature=float(recipe.distillation.temperature),
+        chunk_size=recipe.distillation.chunk_size,
+    )
+
+
+def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callable[[str], None] = print) -> dict:
+    """`kdcli cache-teacher`: every training row's teacher outputs into the recipe's cache."""
+    from kdcli import data as kdata
+    from kdcli import models as kmodels
+    from kdcli.engine.devices import Processes, autocast, resolve_device, resolve_precision, seed_everything
+    from kdcli.engine.loading import tokenizer_ref
+    from kdcli.errors import UsageError
+    from kdcli.features import FeatureCapture
+    from kdcli.objective import Objective
+    from kdcli.tasks import task_for
+
+    if recipe.distillation is None or recipe.distillation.teacher_cache is None or not recipe.teachers:
+        raise UsageError(
+            "`kdcli cache-teacher` needs a distill recipe with distillation.teacher_cache. "
+            'Fix: add "teacher_cache": {} to the recipe\'s distillation section'
+        )
+    start = time.perf_counter()
+    procs = Processes.from_env()
+    started = False
+    if procs.distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo")
+        started = True
+    try:
+        training = recipe.training
+        seed_everything(training.seed)
+        device = resolve_device(device_name or training.device, procs)
+        precision = resolve_precision(training.precision, device)
+        ref, revision, trust, gguf = tokenizer_ref(recipe)
+        tokenizer = kmodels.load_tokenizer(ref, revision=revision, trust_remote_code=trust, gguf_file=gguf)
+        task_data = kdata.prepare_from_recipe(recipe, tokenizer)
+        task = task_for(recipe.task)
+        labels = task_data.labels
+        teachers = []
+        for t in recipe.teachers:
+            loaded = kmodels.load_model(
+                t.model,
+                recipe.task,
+                id2label=labels.id2label if labels is not None else None,
+                revision=t.revision,
+                trust_remote_code=t.trust_remote_code,
+                role="teacher",
+                resize_head=not recipe.distillation.uses_teacher_logits,
+                gguf_file=t.gguf_file,
+            )
+            teachers.append(loaded.model.eval().requires_grad_(False).to(device))
+        objective = Objective(recipe.distillation, task=task)
+        token_level = objective.token_level
+        captures = [
+            FeatureCapture(
+                m,
+                objective.hidden_layers("T") if i == 0 else (),
+                objective.attention_layers("T") if i == 0 else (),
+                role="teacher",
+                final_hidden=token_level,
+            )
+            for i, m in enumerate(teachers)
+        ]
+        out = output_dir or training.output_dir
+        cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs.rank, out, say)
+        collator = kdata.Collator.for_tokenizer(tokenizer)
+        lengths = task_data.train_lengths
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches = [order[i : i + training.batch_size] for i in range(0, len(order), training.batch_size)]
+        before, filled = len(cache), 0
+        try:
+            for n, indices in enumerate(batches):
+                if n % procs.world_size != procs.rank or all(i in cache.rows for i in indices):
+                    continue
+                batch = {k: v.to(device) for k, v in collator.batch(task_data.train, indices).items()}
+                with autocast(device, precision):
+                    feats = [c.run_teacher(batch) for c in captures]
+                cache.store(indices, feats, batch)
+                filled += len(indices)
+            procs.barrier()
+            cache.rows.refresh()
+            rows = len(cache)
+        finally:
+            cache.close()
+            for c in captures:
+                c.close()
+        size = sum(p.stat().st_size for p in cache.folder.glob("rank*.data"))
+        return {
+            "cache": str(cache.folder),
+            "rows": rows,
+            "train_rows": len(task_data.train),
+            "already_cached": before,
+            "filled": filled,
+            "bytes": size,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
