@@ -255,15 +255,18 @@ class Checkpoint:
     scaler: dict | None
     rng: dict
     path: Path | None = None
+    #: FSDP2: the model and optimizer state are in the folder's `shards/` (torch.distributed.checkpoint)
+    sharded: bool = False
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step}"
 
 
-def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2) -> Path:
+def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2, shards: Path | None = None) -> Path:
     """Write `checkpoints/step-N/` atomically (temp folder + rename) and keep the newest
-    `keep_last` checkpoints. Returns the folder."""
+    `keep_last` checkpoints. Returns the folder. `shards`: a folder of sharded state every rank
+    wrote (FSDP2), moved in as `shards/` before the rename."""
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, ckpt.position.step)
@@ -276,12 +279,15 @@ def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2) -
         "scheduler": ckpt.scheduler,
         "scaler": ckpt.scaler,
         "rng": ckpt.rng,
+        "sharded": shards is not None,
     }
     with disk_full_as_error(f"checkpoint {final.name}", root, nbytes(payload)):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             # through a Python file, so that a write error keeps its errno (torch's own file
             # writer reports a full disk as "unexpected pos")
+            if shards is not None:
+                os.replace(shards, tmp / "shards")
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(payload, f)
             (tmp / META_FILE).write_text(json.dumps(asdict(ckpt.position), indent=2) + "\n")
@@ -308,4 +314,5 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         scaler=payload["scaler"],
         rng=payload["rng"],
         path=path,
+        sharded=bool(payload.get("sharded", False)),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,16 +54,21 @@ def _boundary(as_json: bool = False) -> Iterator[None]:
     try:
         yield
     except KdcliError as exc:
-        if as_json:
+        if as_json and _rank0():  # under torchrun every rank fails alike; one document
             _print_json(_error_document(exc, exc.exit_code))
         text = "\n".join(escape(printable(line)) for line in str(exc).splitlines())
         err.print(f"[bold red]error:[/] {text}", markup=True, highlight=False, emoji=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
-        if as_json:
+        if as_json and _rank0():
             _print_json(_error_document(exc, EXIT_INTERRUPTED))
         err.print("[bold red]interrupted[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _rank0() -> bool:
+    """Not a torchrun worker other than rank 0 (those print no results)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _print_json(doc) -> None:
@@ -397,6 +403,20 @@ def plan(
     from kdcli.plan.render import render_plan
 
     render_plan(doc, out)
+
+
+# --- cache-teacher -----------------------------------------------------------------------
+
+
+@app.command("cache-teacher")
+def cache_teacher(recipe: Path = _RECIPE_ARG, output_dir: Path | None = _OUTPUT_DIR, as_json: bool = _JSON) -> None:
+    """Fill the recipe's distillation.teacher_cache ahead of `kdcli distill` (every training row not yet cached)."""
+    with _boundary(as_json):
+        from kdcli.engine.cache_fill import run_command
+
+        doc = run_command(recipe, output_dir, lambda text: err.print(text, markup=False))
+    if doc is not None:
+        _print_json({"ok": True, **doc}) if as_json else out.print(doc["line"], markup=False, highlight=False)
 
 
 def _json_requested(argv: list[str]) -> bool:

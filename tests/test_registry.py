@@ -165,7 +165,7 @@ def test_every_kd_loss_has_a_per_token_form_for_causal_lm():
     for name in registry.loss_names("kd"):
         mean = registry.get_loss(name).fn()(S, T, 2.0)
         assert torch.allclose(mean, DIVERGENCES[name](S, T, temperature=2.0).mean(), rtol=1e-12), name
-    assert getattr(losses, "jsd_loss") is registry.get_loss("jsd").fn()
+    assert losses.jsd_loss is registry.get_loss("jsd").fn()
 
 
 def test_option_specs_check_values():

@@ -95,22 +95,40 @@ def evaluate_lm_model(model: nn.Module | None, run: RunState) -> dict[str, float
     from kdcli.tasks.causal_lm import evaluate_lm
 
     dataset, device = run.eval_set, run.device
-    subject = FeatureCapture(model if model is not None else run.teachers[0], final_hidden=True)
-    teachers = [FeatureCapture(t, final_hidden=True) for t in run.teachers] if model is not None else []
+    if run.sharded:  # through the FSDP roots, on every rank
+        from kdcli.engine.fsdp import reshard_teachers
+
+        if model is not None:
+            subject = lambda batch: run.step_module(batch, [], 0.0, features_only=True)  # noqa: E731
+            teachers = run.captures_T
+        else:
+            subject, teachers = run.captures_T[0].run_teacher, []
+    else:
+        subject = FeatureCapture(model if model is not None else run.teachers[0], final_hidden=True).run
+        teachers = [FeatureCapture(t, final_hidden=True) for t in run.teachers] if model is not None else []
 
     def batches():
         for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
             batch = {k: v.to(device) for k, v in run.collator.batch(dataset, indices).items()}
-            yield subject.run(batch), [t.run(batch) for t in teachers], batch["labels"]
+            yield (
+                subject(batch),
+                [t.run_teacher(batch) if run.sharded else t.run(batch) for t in teachers],
+                batch["labels"],
+            )
+            if run.sharded:
+                reshard_teachers(run.captures_T)
 
-    with torch.inference_mode(), autocast(device, run.precision):
+    with torch.no_grad() if run.sharded else torch.inference_mode(), autocast(device, run.autocast_precision):
         return evaluate_lm(batches())
 
 
 def evaluate_teachers(run: RunState) -> None:
-    """The teachers' eval metrics, once, before training (rank 0)."""
-    if run.main and run.eval_set is not None and run.teachers:
-        if run.objective.token_level:
+    """The teachers' eval metrics, once, before training (rank 0; every rank under FSDP2)."""
+    if (run.main or run.sharded) and run.eval_set is not None and run.teachers:
+        if run.sharded:
+            _sharded_token_level(run)
+            run.teacher_eval = evaluate_lm_model(None, run)
+        elif run.objective.token_level:
             for t in run.teachers:
                 t.eval()
             run.teacher_eval = evaluate_lm_model(None, run)
@@ -119,19 +137,30 @@ def evaluate_teachers(run: RunState) -> None:
         run.console.say("teacher eval: " + _metrics_line(run.teacher_eval))
 
 
+def _sharded_token_level(run: RunState) -> None:
+    if not run.objective.token_level:
+        raise RunError(
+            'training.parallel "fsdp" evaluates causal-lm runs only. Fix: use "ddp" for this task, or drop data.eval'
+        )
+
+
 def evaluate_student(run: RunState) -> None:
-    """The student's eval metrics on rank 0, logged (train mode restored); every rank waits."""
-    if run.main:
+    """The student's eval metrics on rank 0 (every rank computes them under FSDP2), logged
+    (train mode restored); every rank waits."""
+    if run.main or run.sharded:
         student = run.student
         was_training = student.training
         student.eval()
         try:
+            if run.sharded:
+                _sharded_token_level(run)
             if run.objective.token_level:
                 run.last_eval = evaluate_lm_model(student, run)
             else:
                 run.last_eval = evaluate(logits_fn([student]), run)
         finally:
             student.train(was_training)
+    if run.main:
         step = run.position.step
         record = {"step": step, **{f"eval/{k}": v for k, v in run.last_eval.items()}}
         run.metrics.write(record)
@@ -149,6 +178,13 @@ def save_checkpoint(run: RunState) -> None:
             "training.learning_rate or use fp32/bf16"
         )
     rng = ckpt.capture_rng()
+    shards = None
+    if run.sharded:  # every rank writes its shards first (DCP); rank 0 then moves them in
+        from kdcli.engine import fsdp
+
+        shards = run.out / ckpt.CHECKPOINTS / f".step-{pos.step}.shards"
+        with disk_full_keeps(run):
+            fsdp.save_shards(run.step_module, run.optimizer, shards, run.main)
     if run.procs.distributed:
         rng_all: list = [None] * run.procs.world_size
         torch.distributed.all_gather_object(rng_all, to_cpu(rng))
@@ -161,13 +197,14 @@ def save_checkpoint(run: RunState) -> None:
                 run.out,
                 ckpt.Checkpoint(
                     position=pos,
-                    student=run.student.state_dict(),
-                    objective=run.objective.state_dict(),
-                    optimizer=run.optimizer.state_dict(),
+                    student={} if run.sharded else run.student.state_dict(),
+                    objective={} if run.sharded else run.objective.state_dict(),
+                    optimizer={} if run.sharded else run.optimizer.state_dict(),
                     scheduler=run.scheduler.state_dict(),
                     scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
                     rng={"ranks": rng_all},
                 ),
+                shards=shards,
             )
     run.procs.barrier()
     run.last_saved = path
@@ -197,11 +234,16 @@ def save_final(run: RunState) -> None:
     if run.eval_set is not None:
         evaluate_student(run)
     save_checkpoint(run)
+    student = run.student
+    if run.sharded:  # every rank joins the gather; rank 0 gets the whole student on its CPU
+        from kdcli.engine import fsdp
+
+        student = fsdp.full_student(run.step_module, run.student, run.main)
     if run.main:
         out, objective = run.out, run.objective
         with disk_full_keeps(run):
-            with ckpt.disk_full_as_error("the student model", out, ckpt.nbytes(run.student.state_dict())):
-                ckpt.atomic_save_pretrained_files(run.student, run.tokenizer, out)
+            with ckpt.disk_full_as_error("the student model", out, ckpt.nbytes(student.state_dict())):
+                ckpt.atomic_save_pretrained_files(student, run.tokenizer, out)
             if len(objective.projections):
                 with ckpt.disk_full_as_error(PROJECTIONS_FILE, out, ckpt.nbytes(objective.state_dict())):
                     ckpt.atomic_save_safetensors(objective.state_dict(), out / PROJECTIONS_FILE)
@@ -263,7 +305,8 @@ def close_all(run: RunState | None, *, progress: bool = True) -> None:
 
 
 def _all_finite(module: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    """Every parameter finite (a sharded one: this rank's shard)."""
+    return all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in module.parameters())
 
 
 def _metrics_line(metrics: dict) -> str:

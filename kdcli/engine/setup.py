@@ -107,6 +107,14 @@ class RunState:
     tokens_this_session: int = 0
     #: how `student.init_from_teacher` chose the blocks, when it measured them
     block_ranking: object = None
+    #: FSDP2 (training.parallel "fsdp" under torchrun): sharded models, DCP checkpoints
+    sharded: bool = False
+
+    @property
+    def autocast_precision(self) -> str:
+        """The autocast the forward runs under: none under FSDP2 (its policy casts parameters)."""
+        return "fp32" if self.sharded else self.precision
+
     closers: list = field(default_factory=list)
 
     @property
@@ -209,7 +217,13 @@ def setup(
     if mode == "distill" and recipe.distillation.teacher_cache is not None:
         cache = _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console)
     step_module: nn.Module = StudentStep(student, objective, capture_S)
-    if procs.distributed:
+    sharded = procs.distributed and training.parallel == "fsdp"
+    if sharded:  # FSDP2: student and teachers sharded per block (kdcli.engine.fsdp)
+        from kdcli.engine import fsdp
+
+        step_module = fsdp.ShardedStudentStep(step_module)
+        captures_T = fsdp.shard(step_module, student, captures_T, device, procs.world_size, precision)
+    elif procs.distributed:
         step_module = nn.parallel.DistributedDataParallel(
             step_module,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -256,6 +270,7 @@ def setup(
         last_saved=folder.latest,
         closers=[capture_S, *captures_T, *([cache] if hasattr(cache, "close") else [])],
         block_ranking=ranking,
+        sharded=sharded,
     )
     if run.resume_from is not None:
         resume(run)
@@ -299,9 +314,20 @@ def resume(run: RunState) -> None:
             "Fix: delete that folder to resume from the one before, or start again with --overwrite"
         ) from None
     try:
-        run.student.load_state_dict(state.student)
-        run.objective.load_state_dict(state.objective)
-        run.optimizer.load_state_dict(state.optimizer)
+        if state.sharded:
+            if not run.sharded:
+                raise ValueError(
+                    "it holds sharded (fsdp) state; resume under torchrun with the same parallel and world size"
+                )
+            from kdcli.engine import fsdp
+
+            fsdp.load_shards(run.step_module, run.optimizer, resume_from)
+        else:
+            if run.sharded:
+                raise ValueError("it holds unsharded (ddp) state; resume with training.parallel ddp")
+            run.student.load_state_dict(state.student)
+            run.objective.load_state_dict(state.objective)
+            run.optimizer.load_state_dict(state.optimizer)
         run.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             run.scaler.load_state_dict(state.scaler)

@@ -85,8 +85,11 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
     normaliser = step_targets(run, batches) if run.objective.token_level else None
     for micro, (indices, batch) in enumerate(zip(chunk, batches)):
         last_micro = micro == len(chunk) - 1
-        with nullcontext() if (last_micro or not procs.distributed) else run.step_module.no_sync():
-            with autocast(run.device, run.precision):
+        if run.sharded:  # FSDP2: reduce-scatter on the last micro-batch only (as DDP's no_sync)
+            run.step_module.set_requires_gradient_sync(last_micro)
+        plain = last_micro or not procs.distributed or run.sharded
+        with nullcontext() if plain else run.step_module.no_sync():
+            with autocast(run.device, run.autocast_precision):
                 feats_T = (
                     teacher_features(run.captures_T, run.cache, indices, batch, run.device) if run.teachers else []
                 )
@@ -94,6 +97,10 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
                     batch, feats_T, fraction, micro_batches=len(chunk), normaliser=normaliser
                 )
             run.scaler.scale(total).backward()
+        if run.sharded:
+            from kdcli.engine.fsdp import reshard_teachers
+
+            reshard_teachers(run.captures_T)
         if result.non_finite is None and not bool(torch.isfinite(total.detach())):
             result.non_finite = NonFinite(*_first_non_finite(total, terms), first_batch + micro)
         for name, value in (("loss", total), *terms.items()):

@@ -188,6 +188,19 @@ def _kd_option_findings(config: DistillationConfig, at: JsonPath) -> list[Findin
     return out
 
 
+def parallel_findings(view: Recipe, sections: frozenset[str]) -> list[Finding]:
+    """FSDP2 runs in fp32 or bf16 (fp16 would need a sharded gradient scaler)."""
+    if "training" not in sections or view.training.parallel != "fsdp" or view.training.precision != "fp16":
+        return []
+    return [
+        Finding(
+            ("training", "precision"),
+            'training.parallel "fsdp" runs in fp32 or bf16; fp16 needs a gradient scaler over sharded gradients',
+            'use "precision": "bf16" (or "fp32")',
+        )
+    ]
+
+
 def causal_lm_findings(raw: dict, view: Recipe, sections: frozenset[str]) -> list[Finding]:
     """What a causal-lm recipe cannot ask for: per-example temperatures, probability_shift and
     the in-memory logit cache (all need full-vocabulary logits, which the chunked loss never
@@ -347,4 +360,5 @@ def section_findings(raw: dict, view: Recipe, sections: frozenset[str], mode: Mo
     if "data" in sections:
         out.extend(task_findings(raw, view.data))
     out.extend(causal_lm_findings(raw, view, sections))
+    out.extend(parallel_findings(view, sections))
     return out

@@ -58,6 +58,10 @@ class TrainingSection(Section):
     seed: int = Field(42, ge=SEED_RANGE.start, lt=SEED_RANGE.stop)
     device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:N" or "mps".')
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp (replicated student) or fsdp (FSDP2: student and teachers sharded per block).",
+    )
     log_every: int = Field(10, ge=1, description="Log every N optimizer steps.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end only).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")
