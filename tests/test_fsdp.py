@@ -139,3 +139,21 @@ def test_fsdp_refuses_fp16_and_a_ddp_checkpoint(ws):
     done = torchrun_kdcli(["distill", str(ws / "ddp2.json"), "-o", str(ddp), "--json", "--quiet", "--resume"], ws)
     assert done.returncode == 1
     assert "unsharded (ddp) state" in json.loads(done.stdout)["error"]["message"]
+
+
+def test_bf16_is_fsdp2s_mixed_precision_policy():
+    from kdcli.engine.fsdp import mixed_precision
+
+    policy = mixed_precision("bf16")
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert mixed_precision("fp32") is None
+
+
+@pytest.mark.slow
+def test_a_bf16_sharded_run_learns_as_the_fp32_one(ws):
+    _recipe(ws, "bf16", 2, parallel="fsdp", precision="bf16")
+    _recipe(ws, "fsdp", 2, parallel="fsdp")
+    bf16 = _fsdp(ws, "bf16", ws / "out-bf16")
+    fp32 = _fsdp(ws, "fsdp", ws / "out-fp32")
+    assert bf16["precision"] == "bf16"
+    assert bf16["final_loss"] == pytest.approx(fp32["final_loss"], rel=2e-2)
