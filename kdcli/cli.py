@@ -364,17 +364,9 @@ def rank_blocks(
     if as_json:
         _print_json({"ok": True, **doc})
         return
-    from rich.markup import escape
-    from rich.table import Table
+    from kdcli.engine.rank_blocks import rankings_table
 
-    table = Table(
-        title=f"{escape(doc['model'])}: keep {doc['keep']} of {doc['num_blocks']} blocks ({doc['rows']} rows)"
-    )
-    for column in ("by", "kept", "dropped", "why"):
-        table.add_column(column)
-    for by, ranking in doc["rankings"].items():
-        table.add_row(by, str(ranking["kept"]), str(ranking["dropped"]), escape(ranking["describe"]))
-    out.print(table)
+    out.print(rankings_table(doc))
 
 
 # --- plan --------------------------------------------------------------------------------

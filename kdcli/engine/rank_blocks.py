@@ -62,3 +62,18 @@ def rank_recipe_blocks(recipe, keep: int | None, rows: int | None, warn: Callabl
         "rows": min(rows, len(task_data.train)),
         "rankings": {by: {**r.to_dict(), "describe": r.describe()} for by, r in rankings.items()},
     }
+
+
+def rankings_table(doc: dict):
+    """`rank_recipe_blocks`'s document as a rich table (what `kdcli rank-blocks` prints)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(
+        title=f"{escape(doc['model'])}: keep {doc['keep']} of {doc['num_blocks']} blocks ({doc['rows']} rows)"
+    )
+    for column in ("by", "kept", "dropped", "why"):
+        table.add_column(column)
+    for by, ranking in doc["rankings"].items():
+        table.add_row(by, str(ranking["kept"]), str(ranking["dropped"]), escape(ranking["describe"]))
+    return table
