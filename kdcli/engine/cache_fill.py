@@ -91,7 +91,28 @@ def open_for_run(
     )
 
 
-def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callable[[str], None] = print) -> dict:
+def run_command(recipe_path, output_dir, say: Callable[[str], None], device: str | None = None) -> dict | None:
+    """`kdcli cache-teacher`: the recipe checked, the cache filled; the summary (None off rank 0)."""
+    from kdcli.engine.devices import is_main_process
+    from kdcli.errors import UsageError
+    from kdcli.recipe import is_device, load_checked
+
+    if device is not None and not is_device(device):
+        raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
+    main = is_main_process()
+    doc = fill(
+        load_checked(recipe_path, mode="distill"), output_dir=output_dir, device_name=device, say=say if main else None
+    )
+    if not main:
+        return None
+    doc["line"] = (
+        f"teacher cache {doc['cache']}: {doc['rows']} of {doc['train_rows']} rows cached "
+        f"({doc['filled']} computed now, {doc['bytes']:,} bytes on disk, {doc['seconds']:.1f} s)"
+    )
+    return doc
+
+
+def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callable[[str], None] | None = None) -> dict:
     """`kdcli cache-teacher`: every training row's teacher outputs into the recipe's cache."""
     from kdcli import data as kdata
     from kdcli import models as kmodels
@@ -108,6 +129,7 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
             'Fix: add "teacher_cache": {} to the recipe\'s distillation section'
         )
     start = time.perf_counter()
+    say = say or (lambda text: None)
     procs = Processes.from_env()
     started = False
     if procs.distributed and not torch.distributed.is_initialized():
