@@ -139,6 +139,7 @@ def plan_recipe(
         precision=_precision(training),
         world_size=world_size,
         parallel=parallel,
+        device="cpu" if training.device == "cpu" else "cuda",
         classes=labels or 2,
         teacher_hidden_layers=hidden_layers,
         attention_matches=attention,
@@ -159,7 +160,10 @@ def plan_recipe(
             "chunk_size": setup.chunk_size if recipe.task == "causal-lm" else None,
             "precision": setup.precision,
             "activation_bytes": setup.act_bytes,
-            "attention": "sdpa (no L x L matrix kept; kdcli builds models with SDPA)",
+            "device": setup.device,
+            "attention": "sdpa, math kernel with dropout (L x L kept)"
+            if setup.device == "cpu"
+            else "sdpa, fused kernels (no L x L kept)",
         },
         "models": [{"role": role, "ref": ref, **s.to_dict()} for role, ref, s in teachers]
         + [{"role": "student", "ref": student_ref, **student.to_dict()}],

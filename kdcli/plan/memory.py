@@ -38,6 +38,7 @@ class Setup:
     precision: str  # "fp32", "bf16" or "fp16"
     world_size: int
     parallel: str  # "ddp" or "fsdp"
+    device: str = "cuda"  # "cuda" or "cpu" (SDPA falls back to its math kernel on CPU with dropout)
     classes: int = 2  # encoders: the classification head's size
     teacher_hidden_layers: int = 0  # teacher hidden states kept for intermediate matches
     attention_matches: int = 0  # (B, H, L, L) score tensors kept, per side
@@ -55,27 +56,35 @@ class Setup:
         return self.batch_size * self.max_length
 
 
-def block_activation_bytes(shape: ModelShape, act: int) -> int:
-    """Bytes one block saves for the backward pass, per token (SDPA attention: no L^2 term).
+def block_activation_bytes(shape: ModelShape, act: int, math_attention: bool = False, length: int = 0) -> int:
+    """Bytes one block saves for the backward pass, per token, fitted to what transformers 5
+    saves (tests/test_plan.py counts it with saved-tensor hooks; docs/plan.md).
 
-    BERT family and GPT-2 (GELU MLP, dropout): act (8d + 2ff) + 2d, Korthikanti et al. 2022's
-    34 d at act = 2 and ff = 4d, less its 5 a L attention-matrix term (SDPA keeps none);
-    GPT-2's tanh GELU is composed of elementwise ops: act (8d + 4ff) + 2d. Llama family
-    (SwiGLU, no dropout): act (6d + 2 kv hd + 4ff): the two norms' inputs and outputs, rotated
-    q, k and v, the attention output, gate, up, silu(gate) and their product.
+    BERT family (GELU MLP, dropout): act (8d + 2ff) + 2d (1-byte dropout masks), Korthikanti
+    et al. 2022's 34 d at act = 2 and ff = 4d less its 5 a L attention-matrix term: SDPA's
+    fused kernels keep no L x L matrix. GPT-2: its tanh GELU is composed of elementwise ops
+    that keep ~5 ff: act (8d + 5ff) + 2d. Llama family (SwiGLU, no dropout): act (10d + 2 kv hd
+    + 4ff): norms' inputs and outputs, q/k/v before and after the rotation, the GQA-repeated
+    k and v, the attention output, gate, up, silu(gate) and their product. `math_attention`
+    (SDPA's math fallback: CPU with attention dropout) adds the probabilities, the dropout
+    mask and output and the scaled q, k: act (3 a L + 2d).
     """
     d, ff = shape.hidden, shape.intermediate
     if shape.family == "decoder":
-        return act * (6 * d + 2 * shape.kv_heads * shape.head_dim + 4 * ff)
-    ffc = 4 if shape.family == "gpt2" else 2
-    return act * (8 * d + ffc * ff) + 2 * d
+        per_token = act * (10 * d + 2 * shape.kv_heads * shape.head_dim + 4 * ff)
+    else:
+        per_token = act * (8 * d + (5 if shape.family == "gpt2" else 2) * ff) + 2 * d
+    if math_attention and shape.attention_dropout:
+        per_token += act * (3 * shape.heads * length + 2 * d)
+    return per_token
 
 
 def student_activation_bytes(setup: Setup) -> int:
     """The student's saved activations: every block, the embeddings' and final outputs, and one
     block more for the gradients being formed during the backward pass."""
     s, act = setup.student, setup.act_bytes
-    per_token = (s.layers + 1) * block_activation_bytes(s, act) + 2 * act * s.hidden
+    block = block_activation_bytes(s, act, setup.device == "cpu", setup.max_length)
+    per_token = (s.layers + 1) * block + 2 * act * s.hidden
     scores = setup.attention_matches * setup.batch_size * s.heads * setup.max_length**2 * act
     return setup.tokens * per_token + scores
 

@@ -49,6 +49,7 @@ class ModelShape:
     embedding_parameters: int  # token (and position) embeddings: looked up, no matmul
     block_parameters: int  # one block
     head_parameters: int  # an untied LM head (V d) or the classification head
+    attention_dropout: bool = False  # dropout on the attention probabilities in training
 
     @property
     def body_parameters(self) -> int:
@@ -71,6 +72,7 @@ class ModelShape:
             "embedding_parameters": self.embedding_parameters,
             "block_parameters": self.block_parameters,
             "head_parameters": self.head_parameters,
+            "attention_dropout": self.attention_dropout,
         }
 
 
@@ -108,8 +110,9 @@ def _encoder(config: dict, mt: str, task: str, labels: int, where: str) -> Model
     else:  # RoBERTa/ELECTRA classification head, DistilBERT pre-classifier: a dense layer first
         head = d * d + d + classifier
     total = embeddings + layers * block + head
+    drop = _dropout(config, "attention_dropout" if distil else "attention_probs_dropout_prob", 0.1)
     return ModelShape(
-        mt, "encoder", layers, d, heads, heads, d // heads, ff, vocab, False, total, embeddings, block, head
+        mt, "encoder", layers, d, heads, heads, d // heads, ff, vocab, False, total, embeddings, block, head, drop
     )
 
 
@@ -132,7 +135,8 @@ def _decoder(config: dict, mt: str, task: str, labels: int, where: str) -> Model
     embeddings = vocab * d
     head = (0 if tied else vocab * d) if task == "causal-lm" else d * labels  # *ForSequenceClassification: score
     total = embeddings + layers * block + d + head
-    return ModelShape(mt, "decoder", layers, d, heads, kv, hd, ff, vocab, tied, total, embeddings, block, head)
+    drop = _dropout(config, "attention_dropout", 0.0)
+    return ModelShape(mt, "decoder", layers, d, heads, kv, hd, ff, vocab, tied, total, embeddings, block, head, drop)
 
 
 def _gpt2(config: dict, task: str, labels: int, where: str) -> ModelShape:
@@ -147,8 +151,9 @@ def _gpt2(config: dict, task: str, labels: int, where: str) -> ModelShape:
     embeddings = (vocab + positions) * d
     head = (0 if tied else vocab * d) if task == "causal-lm" else d * labels
     total = embeddings + layers * block + 2 * d + head
+    drop = _dropout(config, "attn_pdrop", 0.1)
     return ModelShape(
-        "gpt2", "gpt2", layers, d, heads, heads, d // heads, ff, vocab, tied, total, embeddings, block, head
+        "gpt2", "gpt2", layers, d, heads, heads, d // heads, ff, vocab, tied, total, embeddings, block, head, drop
     )
 
 
@@ -175,3 +180,8 @@ def _config_labels(config: dict) -> int:
             return len(config[key])
     value = config.get("num_labels")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 2
+
+
+def _dropout(config: dict, name: str, default: float) -> bool:
+    value = config.get(name, default)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
