@@ -119,8 +119,8 @@ def test_memory_arithmetic_by_hand():
     assert m["student_weights"] == m["student_gradients"] == 4000 and m["optimizer_states"] == 8000
     assert m["teacher_weights"] == 8000 and m["autocast_weight_copies"] == 0 and m["fsdp_gathered_block"] == 0
     # a decoder block keeps act (10d + 2 kv hd + 4ff) per token: 4 (80 + 8 + 64) = 608 bytes;
-    # 10 tokens x (3 blocks (2 + one in backward) x 608 + 2 x 4 x 8 (embeddings, final norm))
-    assert m["student_activations"] == 10 * (3 * 608 + 64)
+    # 10 tokens x (2 blocks x 608 + 2 x 4 x 8 (embeddings, final norm))
+    assert m["student_activations"] == 10 * (2 * 608 + 64)
     # teacher: one block's working set 4 (4d + 3ff) = 320, its final hidden state 4d = 32
     assert m["teacher_activations"] == 10 * (320 + 32)
     # chunked KD: 4 rows x V 100 x 4 bytes x (5 + 1 teacher) + the fp32 accumulators 4 d (V + rows)

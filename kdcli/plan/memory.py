@@ -80,11 +80,11 @@ def block_activation_bytes(shape: ModelShape, act: int, math_attention: bool = F
 
 
 def student_activation_bytes(setup: Setup) -> int:
-    """The student's saved activations: every block, the embeddings' and final outputs, and one
-    block more for the gradients being formed during the backward pass."""
+    """The student's saved activations: every block, the embeddings' and final outputs. The
+    gradients formed during the backward pass take about what it frees (measured: docs/plan.md)."""
     s, act = setup.student, setup.act_bytes
     block = block_activation_bytes(s, act, setup.device == "cpu", setup.max_length)
-    per_token = (s.layers + 1) * block + 2 * act * s.hidden
+    per_token = s.layers * block + 2 * act * s.hidden
     scores = setup.attention_matches * setup.batch_size * s.heads * setup.max_length**2 * act
     return setup.tokens * per_token + scores
 
