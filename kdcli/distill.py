@@ -31,7 +31,8 @@ the cache works with shuffling, length grouping, `num_steps` and resuming (the r
 refuses `num_steps` and fixes its batches). Intermediate matches need the teacher's hidden
 states or attention scores on every step, so a recipe file asking for both is refused by
 `load_recipe`; a Recipe built in code that asks for both runs without the cache, with a
-warning.
+warning. `distillation.teacher_cache` keeps the teacher's outputs on disk instead, the
+matched features included (kdcli.engine.teacher_cache; `kdcli cache-teacher` fills it ahead).
 """
 
 from __future__ import annotations

@@ -74,20 +74,22 @@ def key_parts(recipe, objective, train_set, teachers, tokenizer_ref: str, precis
 
 
 def open_for_run(
-    recipe, objective, train_set, teachers, tokenizer_ref, precision, device, rank: int, out, say: Callable
+    recipe, objective, train_set, teachers, tokenizer_ref, precision, device, procs, out, say: Callable
 ) -> TeacherDiskCache:
+    """The run's cache; under FSDP2 (sharded teachers) the ranks agree on each batch's lookup."""
     config = recipe.distillation.teacher_cache
     parts = key_parts(recipe, objective, train_set, teachers, tokenizer_ref, precision, device)
     return open_cache(
         cache_root(recipe, out),
         parts,
-        rank,
+        procs.rank,
         say,
         dtype=config.dtype,
         causal=recipe.task == "causal-lm",
         top_k=config.top_k,
         temperature=float(recipe.distillation.temperature),
         chunk_size=recipe.distillation.chunk_size,
+        collective=procs.distributed and getattr(recipe.training, "parallel", "ddp") == "fsdp",
     )
 
 
@@ -171,7 +173,7 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
             for i, m in enumerate(teachers)
         ]
         out = output_dir or training.output_dir
-        cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs.rank, out, say)
+        cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs, out, say)
         collator = kdata.Collator.for_tokenizer(tokenizer)
         lengths = task_data.train_lengths
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])

@@ -51,7 +51,8 @@ class TeacherDiskCache:
     """The teacher's outputs per training row, in `folder` (one key's folder), this `rank`'s writes.
 
     `lookup(indices, batch, device)` gives every teacher's `Features` when all the batch's rows
-    are cached (else None); `store(indices, feats_T, batch)` keeps the rows not yet cached.
+    are cached (else None; `collective`: when they are on every rank, for sharded teachers);
+    `store(indices, feats_T, batch)` keeps the rows not yet cached.
     causal-lm: `top_k`, `temperature` and `chunk_size` say what is kept per target token."""
 
     def __init__(
@@ -65,6 +66,7 @@ class TeacherDiskCache:
         temperature: float = 1.0,
         chunk_size: int = 256,
         sync: bool = True,
+        collective: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.store_dtype = DTYPES[dtype]
@@ -72,6 +74,7 @@ class TeacherDiskCache:
         self.rows = RowStore(self.folder, rank, sync=sync)
         self.layout: list[tuple[str, str, list]] | None = None
         self.hits = self.misses = 0
+        self.collective = collective
         self.layout = _read_layout(self.folder)
 
     def __len__(self) -> int:
@@ -83,13 +86,19 @@ class TeacherDiskCache:
     # -- reading ---------------------------------------------------------------------------
 
     def lookup(self, indices: Sequence[int], batch: dict[str, Tensor], device) -> list[Features] | None:
+        hit = True
         if any(i not in self.rows for i in indices):
             self.rows.refresh()  # rows another rank (or an earlier run) wrote since the last look
             if self.layout is None:
                 self.layout = _read_layout(self.folder)
-            if self.layout is None or any(i not in self.rows for i in indices):
-                self.misses += 1
-                return None
+            hit = self.layout is not None and all(i in self.rows for i in indices)
+        if self.collective:  # sharded teachers (FSDP2): every rank runs them, or none does
+            flag = torch.tensor([float(hit)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            hit = bool(flag.item() > 0)
+        if not hit:
+            self.misses += 1
+            return None
         self.hits += 1
         width = batch["input_ids"].size(1)
         tensors = self._decode(indices, width)

@@ -68,13 +68,16 @@ class TeacherLogitCache:
 
 def teacher_features(
     captures: Sequence[FeatureCapture],
-    cache: TeacherLogitCache | None,
+    cache,
     indices: list[int],
     batch: dict[str, Tensor],
     device,
 ) -> list[Features]:
-    """Each teacher's features for a batch: from the logit cache when every row is in it,
-    else a forward pass of each teacher (whose logits the cache then keeps)."""
+    """Each teacher's features for a batch: from the cache when every row is in it, else a
+    forward pass of each teacher (whose outputs the cache then keeps). `cache`: None, the
+    in-memory `TeacherLogitCache` (is_caching_logits) or the on-disk
+    `kdcli.engine.teacher_cache.TeacherDiskCache` (distillation.teacher_cache); both have
+    `lookup(indices, batch, device)` and `store(indices, feats, batch)`."""
     if cache is not None:
         found = cache.lookup(indices, batch, device)
         if found is not None:

@@ -9,7 +9,7 @@ import os
 from kdcli import registry
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show
-from kdcli.recipe.resolve import Models
+from kdcli.recipe.resolve import Models, teacher_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 
@@ -101,13 +101,17 @@ def cache_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list
     if config is None or "distillation" not in loaded.sections:
         return []
     out: list[Finding] = []
+    # nothing is read from (nor shown of) a model or data file outside the recipe's repository
     teacher = models.teachers[0].facts if models.teachers else None
+    if teacher is not None and loaded.outside(teacher_path(recipe, 0) + ("model",), recipe.teachers[0].model):
+        teacher = None
+    inside = "data" in loaded.sections and not loaded.outside(loaded.data_path("train"), recipe.data.train.path)
+    rows = count_rows(recipe) if inside else None
     if recipe.task == "causal-lm":
-        out.extend(_top_k_findings(recipe, teacher, count_rows(recipe)))
+        out.extend(_top_k_findings(recipe, teacher, rows))
     if "data" not in loaded.sections:
         return out
     per_row, how = row_bytes(recipe, teacher, len(recipe.teachers))
-    rows = count_rows(recipe)
     if per_row is None:
         note = f"{_where()}: size not estimated ({how})"
     elif rows is None:

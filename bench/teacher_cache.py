@@ -1,0 +1,253 @@
+"""The teacher cache's speed: the SST-2 demo's 2-epoch distillation without and with
+`distillation.teacher_cache`, and the reference (TextBrewer 0.2.1, dynamic padding) on the same work.
+
+    python bench/teacher_cache.py                 # the three sides (about 20 min on 2 quiet cores)
+    python bench/teacher_cache.py --rows 2048     # a quicker look on the first 2,048 rows
+    python bench/teacher_cache.py --sides kdcli kdcli-cache
+
+The work: recipes/sst2-distill.json as the demo runs it (teacher runs/sst2-teacher, the
+fine-tuned MiniLM from `make demo`; student of 3 blocks from teacher blocks 2, 4, 6; KD ce at
+T = 2 + hard labels + hidden_mse on (0,0), (2,1), (4,2), (6,3); batch 32, max length 64, lr 2e-4
+with 10% warm-up then linear decay, AdamW with weight decay 0.01, clipping at 1.0, seed 42),
+2 epochs of the 10,000 training rows, without the eval split (speed only).
+
+Sides, each in its own subprocess, one after the other:
+* `kdcli`: the recipe as it is;
+* `kdcli-cache`: the same with `"teacher_cache": {}` (fp16, a fresh cache folder, so epoch 1
+  runs the teacher and fills the cache, epoch 2 reads it);
+* `reference`: TextBrewer 0.2.1's GeneralDistiller on the same objective, schedule and student
+  initialisation, its batches padded to their longest row (dynamic padding), the adaptor
+  returning logits, hidden states (output_hidden_states=True), the mask and the model's loss.
+
+samples/s: 2 epochs of rows over the time from the first optimizer step's end to the last
+one's (a global optimizer-step hook, as bench/distill.py), so model loading, tokenising and
+saving are outside. The loss effect of fp16 storage: max |loss_cache - loss_no_cache| over
+the logged steps (every 10th; same seed, same dropout draws: the teacher runs in eval mode and
+draws nothing, so the two runs differ only by the cached values from epoch 2 on).
+Results go to runs/bench/teacher_cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+RECIPE = ROOT / "recipes" / "sst2-distill.json"
+TEACHER = ROOT / "runs" / "sst2-teacher"
+OUT = ROOT / "runs" / "bench" / "teacher-cache"
+SIDES = ("kdcli", "kdcli-cache", "reference")
+
+
+def recipe_doc(rows_file: Path, output_dir: Path, cache: Path | None) -> dict:
+    doc = json.loads(RECIPE.read_text(encoding="utf-8"))
+    doc.pop("$schema", None)
+    doc["teacher"] = {"model": str(TEACHER)}
+    doc["student"]["config"] = str(TEACHER)
+    doc["data"]["train"] = {"path": str(rows_file), "format": "tsv"}
+    doc["data"].pop("eval", None)
+    doc["training"].update(num_epochs=2, output_dir=str(output_dir), log_every=10, device="cpu", precision="fp32")
+    if cache is not None:
+        doc["distillation"]["teacher_cache"] = {"dir": str(cache)}
+    return doc
+
+
+def run_kdcli(rows_file: Path, cached: bool) -> dict:
+    from distill import StepClock
+    from kdcli import distill
+    from kdcli.recipe import load_recipe
+
+    name = "cached" if cached else "plain"
+    out = OUT / name
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json"
+        cache = Path(tmp) / "cache" if cached else None
+        path.write_text(json.dumps(recipe_doc(rows_file, out, cache)))
+        start = time.perf_counter()
+        with StepClock() as clock:
+            summary = distill.run(load_recipe(path, mode="distill"), overwrite=True, quiet=True)
+        wall = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in cache.rglob("rank*.data")) if cache else 0
+    losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "steps": len(clock.stamps),
+        "samples_per_s": (len(clock.stamps) - 1) * 32 / (clock.stamps[-1] - clock.stamps[0]),
+        "wall_s": wall,
+        "losses": {r["step"]: r["loss"] for r in losses if "loss" in r},
+        "cache_rows": summary["teacher_cache_rows"],
+        "cache_bytes": size,
+        "final_loss": summary["final_loss"],
+    }
+
+
+def run_reference(rows_file: Path) -> dict:
+    """TextBrewer 0.2.1 on the same objective, batches padded to their longest row."""
+    import torch
+    from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    from distill import StepClock, read_sst2
+
+    doc = recipe_doc(rows_file, OUT / "reference", None)
+    training, distillation = doc["training"], doc["distillation"]
+    torch.manual_seed(training.get("seed", 42))
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
+    teacher = AutoModelForSequenceClassification.from_pretrained(TEACHER)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = 3
+    student = AutoModelForSequenceClassification.from_config(config)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if ".encoder.layer." in key:
+            prefix, rest = key.split(".encoder.layer.", 1)
+            block, tail = rest.split(".", 1)
+            if int(block) + 1 in (2, 4, 6):
+                state[f"{prefix}.encoder.layer.{(int(block) + 1) // 2 - 1}.{tail}"] = value
+        else:
+            state[key] = value
+    student.load_state_dict(state, strict=True)
+    rows = read_sst2(rows_file)
+    encoded = tokenizer([s for _, s in rows], truncation=True, max_length=doc["data"]["max_length"])
+    items = list(zip(encoded["input_ids"], encoded["token_type_ids"], [int(label) for label, _ in rows]))
+
+    def collate(batch):
+        width = max(len(ids) for ids, _, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, (seq, typ, _) in enumerate(batch):
+            ids[i, : len(seq)], types[i, : len(typ)], mask[i, : len(seq)] = torch.tensor(seq), torch.tensor(typ), 1
+        labels = torch.tensor([label for _, _, label in batch])
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+
+    batch_size, epochs = training["batch_size"], training["num_epochs"]
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True, collate_fn=collate)
+
+    def adaptor(batch, outputs):
+        return {
+            "logits": outputs.logits,
+            "hidden": outputs.hidden_states,
+            "inputs_mask": batch["attention_mask"],
+            "losses": outputs.loss,  # the hard-label term (the model's cross-entropy on the labels)
+        }
+
+    matches = [
+        {"layer_T": m["layer_T"], "layer_S": m["layer_S"], "feature": "hidden", "loss": "hidden_mse", "weight": 1}
+        for m in distillation["intermediate_matches"]
+    ]
+    steps = epochs * len(loader)
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {
+            "params": [p for n, p in student.named_parameters() if not any(x in n for x in no_decay)],
+            "weight_decay": 0.01,
+        },
+        {"params": [p for n, p in student.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=training["learning_rate"])
+    import logging
+
+    logging.getLogger("Distillation").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as out:
+        distiller = GeneralDistiller(
+            train_config=TrainingConfig(device="cpu", output_dir=out, log_dir=None),
+            distill_config=DistillationConfig(
+                temperature=distillation["temperature"],
+                kd_loss_type="ce",
+                kd_loss_weight=1,
+                hard_label_weight=1,
+                intermediate_matches=matches,
+            ),
+            model_T=teacher,
+            model_S=student,
+            adaptor_T=adaptor,
+            adaptor_S=adaptor,
+        )
+        start = time.perf_counter()
+        with StepClock() as clock:
+            distiller.train(
+                optimizer,
+                loader,
+                num_epochs=epochs,
+                scheduler_class=get_linear_schedule_with_warmup,
+                scheduler_args={"num_warmup_steps": int(0.1 * steps), "num_training_steps": steps},
+                max_grad_norm=1.0,
+                output_hidden_states=True,
+            )
+        wall = time.perf_counter() - start
+    return {
+        "steps": len(clock.stamps),
+        "samples_per_s": (len(clock.stamps) - 1) * batch_size / (clock.stamps[-1] - clock.stamps[0]),
+        "wall_s": wall,
+    }
+
+
+def rows_file(rows: int | None) -> Path:
+    source = ROOT / "recipes" / "data" / "sst2" / "train.tsv"
+    if rows is None:
+        return source
+    OUT.mkdir(parents=True, exist_ok=True)
+    target = OUT / f"train-{rows}.tsv"
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    target.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=None, help="Only the first N training rows (default: all 10,000).")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    data = rows_file(args.rows)
+    if args.child:
+        result = run_reference(data) if args.child == "reference" else run_kdcli(data, args.child == "kdcli-cache")
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    if not (TEACHER / "model.safetensors").exists():
+        sys.exit(f"{TEACHER} holds no model: run `make demo` (or kdcli train recipes/sst2-teacher.json) first")
+    load = os.getloadavg()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load, "rows": args.rows or 10000, "sides": {}}
+    for side in args.sides:
+        cmd = [sys.executable, __file__, "--child", side] + (["--rows", str(args.rows)] if args.rows else [])
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        if proc.returncode:
+            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+        results["sides"][side] = json.loads(proc.stdout.splitlines()[-1])
+        print(f"{side}: {results['sides'][side]['samples_per_s']:.1f} samples/s", flush=True)
+    results["load_after"] = os.getloadavg()
+    sides = results["sides"]
+    if "reference" in sides:
+        base = sides["reference"]["samples_per_s"]
+        for side in sides.values():
+            side["ratio_to_reference"] = side["samples_per_s"] / base
+    if "kdcli" in sides and "kdcli-cache" in sides:
+        plain, cached = sides["kdcli"]["losses"], sides["kdcli-cache"]["losses"]
+        common = sorted(set(plain) & set(cached), key=int)
+        results["max_abs_loss_diff_fp16"] = max(abs(plain[s] - cached[s]) for s in common)
+        results["max_abs_loss_diff_epoch1"] = max(
+            (abs(plain[s] - cached[s]) for s in common if int(s) <= sides["kdcli"]["steps"] // 2), default=None
+        )
+    OUT.mkdir(parents=True, exist_ok=True)
+    (ROOT / "runs" / "bench" / "teacher_cache.json").write_text(json.dumps(results, indent=1))
+    print("| side | samples/s | ratio to reference | wall s |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, side in sides.items():
+        ratio = side.get("ratio_to_reference")
+        print(f"| {name} | {side['samples_per_s']:.1f} | {f'{ratio:.2f}x' if ratio else '-'} | {side['wall_s']:.0f} |")
+    for key in ("max_abs_loss_diff_fp16", "max_abs_loss_diff_epoch1"):
+        if results.get(key) is not None:
+            print(f"{key}: {results[key]:.3g}")
+    print(f"load average before {load[0]:.2f}, after {results['load_after'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
