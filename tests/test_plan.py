@@ -216,6 +216,7 @@ def test_cli_json_is_one_document_also_on_error(bert_recipe, tmp_path):
         ([str(tmp_path / "missing.json")], 2),
         ([str(bert_recipe), "--device-memory", "lots"], 2),
         ([str(bert_recipe), "--parallel", "zero"], 2),
+        ([str(bert_recipe), "--world-size", "0"], 2),
     ):
         bad = runner.invoke(app, ["plan", *args, "--json"])
         assert bad.exit_code == code
@@ -227,11 +228,22 @@ def test_cli_json_is_one_document_also_on_error(bert_recipe, tmp_path):
     assert doc["ok"] is False and doc["error"]["problems"]
 
 
-def test_import_is_torch_free():
-    code = "import sys, kdcli.plan, kdcli.plan.render; print('torch' in sys.modules)"
+def test_plan_is_torch_free(bert_recipe):
+    """`import kdcli.plan` and a whole `kdcli plan` (tables and --json) never import torch."""
+    code = (
+        "import sys, kdcli.plan, kdcli.plan.render\n"
+        "from kdcli.cli import app\n"
+        "for extra in ([], ['--json']):\n"
+        "    try:\n"
+        f"        app(['plan', {str(bert_recipe)!r}, '--device-memory', '1MiB', *extra], standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
+    assert proc.stderr.strip().splitlines()[-1] == "False"
+    assert "does not fit" in proc.stdout
 
 
 def test_plan_of_the_sst2_demo_recipe():

@@ -75,5 +75,5 @@ def render_plan(doc: dict, console: Console) -> None:
     verdict = "[green]fits[/]" if doc["fits"] else "[red]does not fit[/]"
     console.print(f"Fits? {verdict}: {human_bytes(total)} of {human_bytes(doc['device_memory'])} per device")
     for i, sug in enumerate(doc["suggestions"], 1):
-        console.print(f"  {i}. {sug['text']}" + ("" if sug["fits"] else " (not enough alone)"))
+        console.print(f"  {i}. {sug['text']}")
     console.print("Teacher cache on disk: not estimated (teacher_cache_bytes: null)")
