@@ -105,8 +105,12 @@ class Figures:
 
 @dataclass
 class Answers:
+    max_new_tokens: int = MAX_NEW_TOKENS
     questions: list[str] = field(default_factory=list)
     by_model: dict[str, list[str]] = field(default_factory=dict)
+    #: the untrained student and the teacher on the rows of the runs' evals (the curves' start)
+    step0: dict[str, float] = field(default_factory=dict)
+    teacher_curve: dict[str, float] = field(default_factory=dict)
 
 
 # --- stages -----------------------------------------------------------------------------
@@ -145,9 +149,12 @@ class Bench:
     batches: list[dict]
     teacher_features: list[Any]
     questions: list[str]
+    #: the rows the runs' own evals score (the first data.max_eval_samples), for the step-0 point
+    curve_batches: list[dict] = field(default_factory=list)
+    curve_features: list[Any] = field(default_factory=list)
 
 
-def load_bench(recipe_path: Path, console: Console) -> Bench:
+def load_bench(recipe_path: Path, console: Console, questions: int = QUESTIONS) -> Bench:
     """The distillation recipe's teacher and every eval row (max_eval_samples ignored: the
     recipes cap the in-training evals only), with the teacher's features computed once."""
     import torch
@@ -173,7 +180,14 @@ def load_bench(recipe_path: Path, console: Console) -> Bench:
     with torch.inference_mode():
         capture = FeatureCapture(teacher, final_hidden=True)
         features = [capture.run(b) for b in batches]
-    return Bench(recipe, teacher, tokenizer, batches, features, eval_questions(recipe, QUESTIONS))
+        bench = Bench(recipe, teacher, tokenizer, batches, features, eval_questions(recipe, questions))
+        cap = recipe.data.max_eval_samples
+        if cap is not None and cap < len(data.eval):
+            bench.curve_batches = [collator.batch(data.eval, ix) for ix in eval_batches(cap, cap)]
+            bench.curve_features = [capture.run(b) for b in bench.curve_batches]
+        else:
+            bench.curve_batches, bench.curve_features = bench.batches, bench.teacher_features
+    return bench
 
 
 def _teacher(recipe):
@@ -194,19 +208,23 @@ def eval_questions(recipe, n: int) -> list[str]:
     return out
 
 
-def score(model: nn.Module | None, bench: Bench) -> dict[str, float]:
-    """evaluate_lm of `model` against the teacher on the eval rows (None: the teacher alone)."""
+def score(model: nn.Module | None, bench: Bench, *, curve_rows: bool = False) -> dict[str, float]:
+    """evaluate_lm of `model` against the teacher on the eval rows (None: the teacher alone);
+    `curve_rows`: on the rows the runs' own evals use instead."""
     import torch
 
     from kdcli.features import FeatureCapture
     from kdcli.tasks.causal_lm import evaluate_lm
 
+    batches, teacher = (
+        (bench.curve_batches, bench.curve_features) if curve_rows else (bench.batches, bench.teacher_features)
+    )
     if model is None:
-        return evaluate_lm((f, None, b["labels"]) for f, b in zip(bench.teacher_features, bench.batches))
+        return evaluate_lm((f, None, b["labels"]) for f, b in zip(teacher, batches))
     model.eval()
     capture = FeatureCapture(model, final_hidden=True)
     with torch.inference_mode():
-        return evaluate_lm((capture.run(b), [f], b["labels"]) for f, b in zip(bench.teacher_features, bench.batches))
+        return evaluate_lm((capture.run(b), [f], b["labels"]) for f, b in zip(teacher, batches))
 
 
 def untrained_student(bench: Bench) -> nn.Module:
@@ -271,11 +289,13 @@ def parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def measure(bench: Bench, runs: dict[str, StageRun], console: Console) -> tuple[dict[str, Figures], Answers]:
+def measure(
+    bench: Bench, runs: dict[str, StageRun], console: Console, max_new_tokens: int = MAX_NEW_TOKENS
+) -> tuple[dict[str, Figures], Answers]:
     """Score the teacher, each run's saved model and the untrained student; greedy answers of
     the teacher, the distilled student and the first control."""
     figures: dict[str, Figures] = {}
-    answers = Answers(questions=list(bench.questions))
+    answers = Answers(max_new_tokens, list(bench.questions))
     teacher_ref = _teacher(bench.recipe)
     gguf = None
     if teacher_ref.gguf_file:
@@ -285,7 +305,7 @@ def measure(bench: Bench, runs: dict[str, StageRun], console: Console) -> tuple[
     console.print("scoring the teacher")
     figures["teacher"] = _figures("teacher", "teacher (GGUF, fp32)", score(None, bench), bench.teacher, file_mb(gguf))
     answers.by_model["teacher"], figures["teacher"].tokens_per_s = generate(
-        bench.teacher, bench.tokenizer, bench.questions, MAX_NEW_TOKENS
+        bench.teacher, bench.tokenizer, bench.questions, max_new_tokens
     )
     for stage in STAGES:
         run = runs[stage.key]
@@ -297,13 +317,16 @@ def measure(bench: Bench, runs: dict[str, StageRun], console: Console) -> tuple[
         fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, _rel(run.output_dir)
         if stage.key in ("student", "control"):
             answers.by_model[stage.key], fig.tokens_per_s = generate(
-                model, bench.tokenizer, bench.questions, MAX_NEW_TOKENS
+                model, bench.tokenizer, bench.questions, max_new_tokens
             )
         figures[stage.key] = fig
         del model
     console.print("scoring the untrained student")
     model = untrained_student(bench)
     figures["untrained"] = _figures("untrained", "student, untrained", score(model, bench), model, None)
+    # the curves' step 0 (every run starts from this student) and teacher line, on the runs' eval rows
+    answers.step0 = score(model, bench, curve_rows=True)
+    answers.teacher_curve = score(None, bench, curve_rows=True)
     return figures, answers
 
 
@@ -342,12 +365,12 @@ def targets(figures: dict[str, Figures]) -> dict[str, dict]:
     return out
 
 
-def table(figures: dict[str, Figures], rows: int) -> Table:
+def table(figures: dict[str, Figures], rows: int, max_new_tokens: int = MAX_NEW_TOKENS) -> Table:
     out = Table(
         title=f"GSM8K eval rows ({rows} conversations, {figures['teacher'].tokens} answer tokens): teacher vs students",
         caption="KL: mean per-token KL(teacher || model) on the reference answers; top-1: share of answer tokens "
         "where the model's most likely next token is the teacher's; ppl: perplexity of the reference answers; "
-        f"tok/s: CPU greedy generation, batch 1, {MAX_NEW_TOKENS} new tokens",
+        f"tok/s: CPU greedy generation, batch 1, at most {max_new_tokens} new tokens",
     )
     for name, justify in (
         ("model", "left"),
@@ -375,7 +398,9 @@ def table(figures: dict[str, Figures], rows: int) -> Table:
 
 
 def answers_table(answers: Answers, titles: dict[str, str]) -> Table:
-    out = Table(title=f"Greedy answers to {len(answers.questions)} eval questions (at most {MAX_NEW_TOKENS} tokens)")
+    out = Table(
+        title=f"Greedy answers to {len(answers.questions)} eval questions (at most {answers.max_new_tokens} tokens)"
+    )
     out.add_column("question", ratio=2)
     for key in answers.by_model:
         out.add_column(titles[key], ratio=3)
@@ -420,6 +445,13 @@ _GLYPHS = {
     ")": "010001001001010",
     "|": "010010010010010",
     "A": "010101111101101",
+    "B": "110101110101110",
+    "F": "111100110100100",
+    "H": "101101111101101",
+    "M": "101111111101101",
+    "W": "101101111111101",
+    "X": "101101010101101",
+    "Y": "101101010010010",
     "C": "111100100100111",
     "D": "110101101101110",
     "E": "111100111100111",
@@ -556,6 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--recipes", type=Path, default=RECIPES, help="folder holding lm-distill.json and lm-control.json"
     )
+    parser.add_argument("--questions", type=int, default=QUESTIONS, help="eval questions answered side by side")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per greedy answer (and for tokens/s)"
+    )
     parser.add_argument("--summary", type=Path, default=SUMMARY, help="where to write the figures (JSON)")
     parser.add_argument("--plot", type=Path, default=PLOT, help="where to write the eval curves (PNG)")
     args = parser.parse_args(argv)
@@ -567,20 +603,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.rule(f"[bold]{number}/4 {stage.title}[/] · kdcli {stage.mode} recipes/{stage.recipe}")
             runs[stage.key] = run_stage(stage, args.recipes, reuse=args.reuse, console=console)
         console.rule("[bold]4/4 measuring[/] · KL, top-1, perplexity, size, tokens/s, answers")
-        bench = load_bench(args.recipes / STAGES[0].recipe, console)
-        figures, answers = measure(bench, runs, console)
+        bench = load_bench(args.recipes / STAGES[0].recipe, console, args.questions)
+        figures, answers = measure(bench, runs, console, args.max_new_tokens)
     except KdcliError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return getattr(exc, "exit_code", 1)
     curves = {k: eval_curves(run.output_dir / "metrics.jsonl") for k, run in runs.items()}
-    plot_curves(curves, args.plot, figures["teacher"].perplexity)
+    for curve in curves.values():  # every run starts from the untrained student: its step 0
+        for name, points in curve.items():
+            if points and points[0][0] != 0 and name in answers.step0:
+                points.insert(0, (0, answers.step0[name]))
+    plot_curves(curves, args.plot, answers.teacher_curve.get("perplexity"))
     verdict = targets(figures)
     wall = time.perf_counter() - started
     out = Console()
     if not out.is_terminal:  # a pipe or log file has no width: keep the table's columns whole
         out = Console(width=140)
     rows = sum(int(b["input_ids"].shape[0]) for b in bench.batches)
-    out.print(table(figures, rows))
+    out.print(table(figures, rows, args.max_new_tokens))
     for name, result in verdict.items():
         mark = "[green]met[/]" if result["met"] else "[bold red]missed[/]"
         out.print(

@@ -183,7 +183,7 @@ def test_demo_program_on_a_tiny_llama(tmp_path: Path, capsys) -> None:
 
     recipes = _tiny_recipes(tmp_path)
     summary, plot = tmp_path / "summary.json", tmp_path / "curves.png"
-    argv = ["--recipes", str(recipes), "--summary", str(summary), "--plot", str(plot)]
+    argv = ["--recipes", str(recipes), "--summary", str(summary), "--plot", str(plot), "--max-new-tokens", "8"]
     assert demo_lm.main(argv) == 0
     out = capsys.readouterr().out
     assert "student, distilled" in out and "Greedy answers" in out
@@ -194,8 +194,11 @@ def test_demo_program_on_a_tiny_llama(tmp_path: Path, capsys) -> None:
     assert models["student"]["parameters"] == models["untrained"]["parameters"] < models["teacher"]["parameters"]
     assert figures["eval_rows"] == 8  # every eval row, not the recipes' max_eval_samples
     assert set(figures["answers"]["by_model"]) == {"teacher", "student", "control"}
-    assert [s for s, _ in figures["curves"]["student"]["kl"]] == [1, 2]
-    assert figures["curves"]["control"]["kl"] == [] and len(figures["curves"]["control2"]["perplexity"]) == 2
+    # the curves start at the untrained student, scored on the runs' own eval rows (the first 4)
+    step0 = figures["answers"]["step0"]
+    assert figures["curves"]["student"]["kl"][0] == [0, step0["kl"]] and step0["tokens"] < models["student"]["tokens"]
+    assert [s for s, _ in figures["curves"]["student"]["kl"]] == [0, 1, 2]
+    assert figures["curves"]["control"]["kl"] == [] and len(figures["curves"]["control2"]["perplexity"]) == 3
     assert (tmp_path / "runs" / "lm-control-seed1" / "model.safetensors").is_file()
     _png_size(plot.read_bytes())
     # re-runnable: the second run overwrites the demo's own folders; --reuse only re-measures
