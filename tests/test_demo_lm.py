@@ -208,7 +208,7 @@ def test_demo_program_on_a_tiny_llama(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_full_demo_lm(tmp_path: Path) -> None:
-    """`make demo-lm` as shipped (about 15 minutes on 2 CPU cores), its runs in a temporary copy."""
+    """`make demo-lm` as shipped (36 minutes on the 2 shared CPU cores), its runs in a temporary folder."""
     _need_teacher_package()
     recipes = tmp_path / "recipes"
     (recipes / "data").mkdir(parents=True)
