@@ -337,3 +337,27 @@ def test_block_activation_formula_against_saved_tensors(arch):
     two, config, task = _model_saved_bytes(arch, 2, B, L)
     estimate = B * L * block_activation_bytes(shape_of(config, task), 4, math_attention=True, length=L)
     assert estimate == pytest.approx(two - one, rel=0.10)
+
+
+def test_teacher_cache_bytes_is_check_recipes_size(tmp_path):
+    import json
+
+    from kdcli.plan import plan_recipe
+    from tiny import make_tiny_lm, write_lm_rows
+
+    make_tiny_lm(tmp_path / "teacher", "llama", layers=2, hidden=32)
+    write_lm_rows(tmp_path / "train.jsonl", "text", 10)
+    doc = {
+        "task": "causal-lm",
+        "teacher": {"model": "./teacher"},
+        "student": {"config": "./teacher", "overrides": {"num_hidden_layers": 1}},
+        "data": {"train": "train.jsonl", "max_length": 32},
+        "training": {"device": "cpu"},
+        "distillation": {"kd_loss_type": "forward_kl", "kd_loss_options": {"top_k": 8}, "teacher_cache": {"top_k": 8}},
+    }
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    # 10 rows x 32 targets x (8 x (4-byte id + 2-byte fp16 value) + 4-byte tail)
+    assert plan_recipe(tmp_path / "r.json")["teacher_cache_bytes"] == 10 * 32 * (8 * 6 + 4)
+    del doc["distillation"]["teacher_cache"]
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    assert plan_recipe(tmp_path / "r.json")["teacher_cache_bytes"] is None

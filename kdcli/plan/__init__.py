@@ -175,5 +175,22 @@ def plan_recipe(
         "device_memory": device_memory,
         "fits": fits,
         "suggestions": suggestions(setup, device_memory) if fits is False else [],
-        "teacher_cache_bytes": None,  # the teacher cache's size on disk: another issue, not built yet
+        "teacher_cache_bytes": _teacher_cache_bytes(recipe, teachers, labels),
     }
+
+
+def _teacher_cache_bytes(recipe, teachers, labels: int | None) -> int | None:
+    """`distillation.teacher_cache`'s size on disk at most (check-recipe's rule: rows x bytes per
+    row, tokens taken as max_length); None without a cache or when the row count is unknown."""
+    from types import SimpleNamespace
+
+    from kdcli.recipe.cache_rules import count_rows, row_bytes
+
+    dist = recipe.distillation
+    if dist is None or dist.teacher_cache is None or not teachers:
+        return None
+    first = teachers[0][2]
+    facts = SimpleNamespace(num_labels=labels or 2, hidden_size=first.hidden, num_attention_heads=first.heads)
+    per_row, _ = row_bytes(recipe, facts, len(teachers))
+    rows = count_rows(recipe)
+    return None if per_row is None or rows is None else per_row * rows

@@ -68,6 +68,8 @@ def render_plan(doc: dict, console: Console) -> None:
         f"{human_count(f['student_forward_backward'])}, heads {human_count(f['heads'])}; "
         f"{f['tokens']:,} tokens)"
     )
+    if doc.get("teacher_cache_bytes") is not None:
+        console.print(f"Teacher cache on disk: at most {human_bytes(doc['teacher_cache_bytes'])}")
     if doc["fits"] is None:
         console.print("Fits? pass --device-memory (e.g. 80GiB) to know.")
         return
@@ -76,4 +78,3 @@ def render_plan(doc: dict, console: Console) -> None:
     console.print(f"Fits? {verdict}: {human_bytes(total)} of {human_bytes(doc['device_memory'])} per device")
     for i, sug in enumerate(doc["suggestions"], 1):
         console.print(f"  {i}. {sug['text']}")
-    console.print("Teacher cache on disk: not estimated (teacher_cache_bytes: null)")
