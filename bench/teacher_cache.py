@@ -21,7 +21,8 @@ Sides, each in its own subprocess, one after the other:
 
 samples/s: 2 epochs of rows over the time from the first optimizer step's end to the last
 one's (a global optimizer-step hook, as bench/distill.py), so model loading, tokenising and
-saving are outside. The loss effect of fp16 storage: max |loss_cache - loss_no_cache| over
+saving are outside; samples per CPU-second: the same steps over the process's CPU time (all
+threads), which other jobs on a shared machine change far less than the wall time. The loss effect of fp16 storage: max |loss_cache - loss_no_cache| over
 the logged steps (every 10th; same seed, same dropout draws: the teacher runs in eval mode and
 draws nothing, so the two runs differ only by the cached values from epoch 2 on).
 Results go to runs/bench/teacher_cache.json.
@@ -46,6 +47,38 @@ OUT = ROOT / "runs" / "bench" / "teacher-cache"
 SIDES = ("kdcli", "kdcli-cache", "reference")
 
 
+def clock():
+    """bench/distill.py's StepClock, also stamping this process's CPU time (all threads) at each
+    step: samples per CPU-second barely move when other jobs share the machine."""
+    from distill import StepClock
+
+    class CpuClock(StepClock):
+        def __enter__(self):
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            self.cpu: list[float] = []
+
+            def stamp(*_):
+                self.stamps.append(time.perf_counter())
+                self.cpu.append(time.process_time())
+
+            self._handle = register_optimizer_step_post_hook(stamp)
+            return self
+
+        def rates(self, batch: int) -> dict:
+            samples = (len(self.stamps) - 1) * batch
+            half = len(self.stamps) // 2  # the last step of epoch 1 (2 epochs of equal steps)
+            return {
+                "steps": len(self.stamps),
+                "samples_per_s": samples / (self.stamps[-1] - self.stamps[0]),
+                "samples_per_cpu_s": samples / (self.cpu[-1] - self.cpu[0]),
+                "epoch1_samples_per_s": (half - 1) * batch / (self.stamps[half - 1] - self.stamps[0]),
+                "epoch2_samples_per_s": (len(self.stamps) - half) * batch / (self.stamps[-1] - self.stamps[half - 1]),
+            }
+
+    return CpuClock()
+
+
 def recipe_doc(rows_file: Path, output_dir: Path, cache: Path | None) -> dict:
     doc = json.loads(RECIPE.read_text(encoding="utf-8"))
     doc.pop("$schema", None)
@@ -60,7 +93,6 @@ def recipe_doc(rows_file: Path, output_dir: Path, cache: Path | None) -> dict:
 
 
 def run_kdcli(rows_file: Path, cached: bool) -> dict:
-    from distill import StepClock
     from kdcli import distill
     from kdcli.recipe import load_recipe
 
@@ -71,14 +103,13 @@ def run_kdcli(rows_file: Path, cached: bool) -> dict:
         cache = Path(tmp) / "cache" if cached else None
         path.write_text(json.dumps(recipe_doc(rows_file, out, cache)))
         start = time.perf_counter()
-        with StepClock() as clock:
+        with clock() as steps:
             summary = distill.run(load_recipe(path, mode="distill"), overwrite=True, quiet=True)
         wall = time.perf_counter() - start
         size = sum(p.stat().st_size for p in cache.rglob("rank*.data")) if cache else 0
     losses = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {
-        "steps": len(clock.stamps),
-        "samples_per_s": (len(clock.stamps) - 1) * 32 / (clock.stamps[-1] - clock.stamps[0]),
+        **steps.rates(32),
         "wall_s": wall,
         "losses": {r["step"]: r["loss"] for r in losses if "loss" in r},
         "cache_rows": summary["teacher_cache_rows"],
@@ -93,7 +124,7 @@ def run_reference(rows_file: Path) -> dict:
     from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from distill import StepClock, read_sst2
+    from distill import read_sst2
 
     doc = recipe_doc(rows_file, OUT / "reference", None)
     training, distillation = doc["training"], doc["distillation"]
@@ -141,7 +172,7 @@ def run_reference(rows_file: Path) -> dict:
         {"layer_T": m["layer_T"], "layer_S": m["layer_S"], "feature": "hidden", "loss": "hidden_mse", "weight": 1}
         for m in distillation["intermediate_matches"]
     ]
-    steps = epochs * len(loader)
+    total = epochs * len(loader)
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
         {
@@ -170,21 +201,61 @@ def run_reference(rows_file: Path) -> dict:
             adaptor_S=adaptor,
         )
         start = time.perf_counter()
-        with StepClock() as clock:
+        with clock() as steps:
             distiller.train(
                 optimizer,
                 loader,
                 num_epochs=epochs,
                 scheduler_class=get_linear_schedule_with_warmup,
-                scheduler_args={"num_warmup_steps": int(0.1 * steps), "num_training_steps": steps},
+                scheduler_args={"num_warmup_steps": int(0.1 * total), "num_training_steps": total},
                 max_grad_norm=1.0,
                 output_hidden_states=True,
             )
         wall = time.perf_counter() - start
+    return {**steps.rates(batch_size), "wall_s": wall}
+
+
+def time_parts(rows_file: Path, batches: int = 24) -> dict:
+    """Per batch of the demo's work, in one process and interleaved: the teacher's forward
+    (hidden layers 0, 2, 4, 6 and logits captured) against reading the same batch from a
+    filled fp16 cache, and one full kdcli train step, in milliseconds (median of `batches`)."""
+    import statistics
+
+    import torch
+
+    from kdcli import data as kdata
+    from kdcli import models as kmodels
+    from kdcli.engine.teacher_cache import TeacherDiskCache
+    from kdcli.features import FeatureCapture
+    from kdcli.recipe import load_recipe
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.json"
+        path.write_text(json.dumps(recipe_doc(rows_file, Path(tmp) / "out", None)))
+        recipe = load_recipe(path, mode="distill")
+        tokenizer = kmodels.load_tokenizer(str(TEACHER))
+        task_data = kdata.prepare_from_recipe(recipe, tokenizer)
+        teacher = kmodels.load_model(str(TEACHER), recipe.task, role="teacher").model.eval()
+        capture = FeatureCapture(teacher, [0, 2, 4, 6], role="teacher")
+        cache = TeacherDiskCache(Path(tmp) / "cache", 0, dtype="fp16")
+        collator = kdata.Collator.for_tokenizer(tokenizer)
+        order = kdata.train_batches(task_data.train_lengths, 32, 42, 0, True)[:batches]
+        forward, read = [], []
+        for indices in order:
+            batch = collator.batch(task_data.train, indices)
+            start = time.perf_counter()
+            feats = [capture.run_teacher(batch)]
+            forward.append(time.perf_counter() - start)
+            cache.store(indices, feats, batch)
+            start = time.perf_counter()
+            assert cache.lookup(indices, batch, "cpu") is not None
+            read.append(time.perf_counter() - start)
+        cache.close()
     return {
-        "steps": len(clock.stamps),
-        "samples_per_s": (len(clock.stamps) - 1) * batch_size / (clock.stamps[-1] - clock.stamps[0]),
-        "wall_s": wall,
+        "batches": len(order),
+        "teacher_forward_ms": 1000 * statistics.median(forward),
+        "cache_read_ms": 1000 * statistics.median(read),
     }
 
 
@@ -203,9 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=None, help="Only the first N training rows (default: all 10,000).")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument(
+        "--parts", action="store_true", help="Time the teacher's forward against a cache read, per batch."
+    )
+    parser.add_argument("--keep", action="store_true", help="Keep the other sides' results of the last run.")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     data = rows_file(args.rows)
+    if args.parts:
+        print(json.dumps(time_parts(data)))
+        return
     if args.child:
         result = run_reference(data) if args.child == "reference" else run_kdcli(data, args.child == "kdcli-cache")
         sys.stdout.write(json.dumps(result) + "\n")
@@ -213,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (TEACHER / "model.safetensors").exists():
         sys.exit(f"{TEACHER} holds no model: run `make demo` (or kdcli train recipes/sst2-teacher.json) first")
     load = os.getloadavg()
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_before": load, "rows": args.rows or 10000, "sides": {}}
+    saved = ROOT / "runs" / "bench" / "teacher_cache.json"
+    results = json.loads(saved.read_text()) if args.keep and saved.exists() else {"sides": {}}
+    results.update(date=time.strftime("%Y-%m-%d %H:%M"), rows=args.rows or 10000)
     for side in args.sides:
         cmd = [sys.executable, __file__, "--child", side] + (["--rows", str(args.rows)] if args.rows else [])
         proc = subprocess.run(
@@ -221,14 +301,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         if proc.returncode:
             sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        results["sides"][side] = json.loads(proc.stdout.splitlines()[-1])
+        results["sides"][side] = {**json.loads(proc.stdout.splitlines()[-1]), "load_before": load}
+        load = os.getloadavg()
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(results, indent=1))
         print(f"{side}: {results['sides'][side]['samples_per_s']:.1f} samples/s", flush=True)
-    results["load_after"] = os.getloadavg()
     sides = results["sides"]
     if "reference" in sides:
-        base = sides["reference"]["samples_per_s"]
+        base, base_cpu = sides["reference"]["samples_per_s"], sides["reference"].get("samples_per_cpu_s")
         for side in sides.values():
             side["ratio_to_reference"] = side["samples_per_s"] / base
+            if base_cpu and side.get("samples_per_cpu_s"):
+                side["cpu_ratio_to_reference"] = side["samples_per_cpu_s"] / base_cpu
     if "kdcli" in sides and "kdcli-cache" in sides:
         plain, cached = sides["kdcli"]["losses"], sides["kdcli-cache"]["losses"]
         common = sorted(set(plain) & set(cached), key=int)
@@ -237,16 +321,24 @@ def main(argv: list[str] | None = None) -> None:
             (abs(plain[s] - cached[s]) for s in common if int(s) <= sides["kdcli"]["steps"] // 2), default=None
         )
     OUT.mkdir(parents=True, exist_ok=True)
-    (ROOT / "runs" / "bench" / "teacher_cache.json").write_text(json.dumps(results, indent=1))
-    print("| side | samples/s | ratio to reference | wall s |")
-    print("| --- | ---: | ---: | ---: |")
+    saved.write_text(json.dumps(results, indent=1))
+    print("| side | samples/s | ratio to reference | samples per CPU-s | CPU ratio | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, side in sides.items():
-        ratio = side.get("ratio_to_reference")
-        print(f"| {name} | {side['samples_per_s']:.1f} | {f'{ratio:.2f}x' if ratio else '-'} | {side['wall_s']:.0f} |")
+        ratio, cpu, cpu_ratio = (
+            side.get("ratio_to_reference"),
+            side.get("samples_per_cpu_s"),
+            side.get("cpu_ratio_to_reference"),
+        )
+        print(
+            f"| {name} | {side['samples_per_s']:.1f} | {f'{ratio:.2f}x' if ratio else '-'} | "
+            f"{f'{cpu:.1f}' if cpu else '-'} | {f'{cpu_ratio:.2f}x' if cpu_ratio else '-'} | {side['wall_s']:.0f} |"
+        )
     for key in ("max_abs_loss_diff_fp16", "max_abs_loss_diff_epoch1"):
         if results.get(key) is not None:
             print(f"{key}: {results[key]:.3g}")
-    print(f"load average before {load[0]:.2f}, after {results['load_after'][0]:.2f}")
+    for name, side in sides.items():
+        print(f"{name}: load average (1, 5, 15 min) before it {side.get('load_before')}")
 
 
 if __name__ == "__main__":
