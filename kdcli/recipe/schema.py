@@ -386,8 +386,9 @@ def recipe_json_schema() -> dict:
 
 
 def apply_defaults(recipe: Recipe, ctx: RecipeContext) -> None:
-    if recipe.task == "causal-lm" and "text_column" not in recipe.data.model_fields_set:
-        recipe.data.text_column = "text"  # causal-lm text rows: the usual column name
+    data = getattr(recipe, "data", None)  # None in check-recipe's best-effort view of a broken recipe
+    if recipe.task == "causal-lm" and data is not None and "text_column" not in data.model_fields_set:
+        data.text_column = "text"  # causal-lm text rows: the usual column name
     if recipe.training.output_dir is None:
         recipe.training.output_dir = default_output_dir(ctx.base, ctx.stem)
     if isinstance(recipe.student, ConfigStudent) and recipe.student.config is None and recipe.teachers:
