@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +38,8 @@ from kdcli.recipe import DistillationConfig, load_recipe
 from kdcli.tasks import IGNORE_INDEX, task_for
 from kdcli.tasks.causal_lm import evaluate_lm
 from kdcli.tasks.lm_rows import next_token_labels
-from tiny import CHATML_TEMPLATE, LM_WORDS, REPO, make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
+from launch import torchrun_kdcli
+from tiny import CHATML_TEMPLATE, LM_WORDS, make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
 
 TEMPERATURE = 2.0
 HARD = 0.5
@@ -421,11 +419,6 @@ def test_micro_batches_with_the_step_normaliser_sum_to_the_step_mean(f64, pc_bat
 # --- 3. reduction invariance: one step's gradient ----------------------------------------------
 
 
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 def _reduction_recipe(world: Path, name: str, batch_size: int, accumulation: int, **extra) -> Path:
     return write_recipe(
         world,
@@ -466,30 +459,9 @@ def test_one_step_gradient_is_the_same_for_batch_accumulation_and_processes(worl
     _run(_reduction_recipe(world, "red-4x2", 4, 2), world / "out-red-4x2")
     # (c) two processes (torchrun, gloo), batch 4 each
     out_c = world / "out-red-2p"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    done = subprocess.run(
-        [
-            *_torchrun(),
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "kdcli",
-            "distill",
-            str(_reduction_recipe(world, "red-2p", 4, 1)),
-            "--output-dir",
-            str(out_c),
-            "--overwrite",
-            "--json",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=world,
-        stdin=subprocess.DEVNULL,
+    recipe = _reduction_recipe(world, "red-2p", 4, 1)
+    done = torchrun_kdcli(
+        ["distill", str(recipe), "--output-dir", str(out_c), "--overwrite", "--json", "--quiet"], world
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["processes"] == 2

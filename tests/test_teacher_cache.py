@@ -7,7 +7,6 @@ epoch, 2 epochs; tiny llamas for the causal-lm top-k cache."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from kdcli import distill
 from kdcli.engine.cache_store import RowStore, read_records
 from kdcli.features import FeatureCapture
 from kdcli.recipe import load_recipe
+from launch import torchrun_kdcli
 from tiny import REPO, make_tiny_bert, make_tiny_lm, write_lm_rows, write_sst2_sample
 
 MATCHES = [
@@ -184,11 +184,6 @@ def test_cache_teacher_fills_ahead_and_changed_inputs_get_another_key(world, cli
     assert json.loads(again.stdout)["filled"] == 0
 
 
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo")
 def test_two_processes_match_one_process(world):
     """Each rank writes its own files and reads every rank's: in epoch 2 a rank meets rows the
@@ -200,17 +195,7 @@ def test_two_processes_match_one_process(world):
     path = write_recipe(
         world, "two", {"dtype": "fp32", "dir": "cache-two"}, training={"batch_size": 4}, distillation=kd_only
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    command = [*_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "kdcli", "distill", str(path)]
-    done = subprocess.run(
-        [*command, "--output-dir", str(world / "out-two"), "--json", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=world,
-    )
+    done = torchrun_kdcli(["distill", str(path), "--output-dir", str(world / "out-two"), "--json", "--quiet"], world)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["teacher_cache_rows"] == 32
     (folder,) = [p for p in (world / "cache-two").iterdir()]
