@@ -286,8 +286,11 @@ def rank_blocks(
     distance (Gromov et al. 2024), block influence (ShortGPT) and even spacing."""
     with _boundary(as_json):
         from kdcli.engine.rank_blocks import rank_recipe_blocks
+        from kdcli.errors import UsageError
         from kdcli.recipe import load_checked
 
+        if rows is not None and rows < 1:  # 0 is not "all rows"
+            raise UsageError(f"--rows {rows} is not a number of rows. Fix: pass 1 or more (default 32)")
         doc = rank_recipe_blocks(load_checked(recipe), keep, rows, lambda text: err.print(text, markup=False))
     if as_json:
         _print_json({"ok": True, **doc})

@@ -139,6 +139,11 @@ def test_rank_blocks_command_json(lm_ws, cli_runner):
     assert all(len(r["kept"]) == 3 for r in doc["rankings"].values())
     bad = cli_runner.invoke(app, ["rank-blocks", str(lm_ws / "rank.json"), "--keep", "7", "--json"])
     assert bad.exit_code != 0 and json.loads(bad.stdout)["error"]["message"].startswith("--keep 7")
+    for rows in ("-5", "0"):  # -5 was a ValueError traceback, 0 silently "all rows"
+        bad = cli_runner.invoke(app, ["rank-blocks", str(lm_ws / "rank.json"), "--keep", "3", "--rows", rows, "--json"])
+        assert bad.exit_code == 2, bad.output
+        error = json.loads(bad.stdout)["error"]
+        assert error["message"].startswith(f"--rows {rows} ") and "Fix: " in error["message"]
 
 
 # -- the chunked loss's forms the objective uses ------------------------------------------------

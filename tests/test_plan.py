@@ -173,7 +173,7 @@ def test_suggestions_name_the_values_that_fit():
 def test_parse_size():
     assert parse_size("80GiB") == 80 * 2**30 and parse_size("80 GB") == 80 * 10**9
     assert parse_size("512MiB") == 512 * 2**20 and parse_size("1.5gib") == int(1.5 * 2**30)
-    for bad in ("", "80XB", "-1GiB", "GiB", "0"):
+    for bad in ("", "80XB", "-1GiB", "GiB", "0", "1e400", "2EiB", "0.5"):
         with pytest.raises(Exception, match="Fix: "):
             parse_size(bad)
 
@@ -215,6 +215,8 @@ def test_cli_json_is_one_document_also_on_error(bert_recipe, tmp_path):
     for args, code in (
         ([str(tmp_path / "missing.json")], 2),
         ([str(bert_recipe), "--device-memory", "lots"], 2),
+        ([str(bert_recipe), "--device-memory", "1e400"], 2),  # inf: was an OverflowError traceback
+        ([str(bert_recipe), "--device-memory", "1e30TiB"], 2),
         ([str(bert_recipe), "--parallel", "zero"], 2),
         ([str(bert_recipe), "--world-size", "0"], 2),
     ):

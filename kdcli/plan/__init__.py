@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 PARALLEL = ("ddp", "fsdp")
+MAX_SIZE = 2**60  # 1 EiB: the largest --device-memory read (1e400 is a typo, not a device)
 _UNITS = {
     "": 1,
     "b": 1,
@@ -54,12 +55,13 @@ def parse_size(text: str) -> int:
     """Bytes of a size such as `80GiB`, `80 GB`, `512MiB` or `1e9` (bytes)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text or "")
     unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+    size = float(match.group(1)) * _UNITS[unit] if match and unit in _UNITS else 0.0
+    if not 1 <= size <= MAX_SIZE:  # 1e400 reads as inf, which has no int
         raise UsageError(
             f"--device-memory {text!r} is not a memory size. Fix: write a positive number with a unit, "
-            "e.g. 80GiB, 40GB or 512MiB"
+            "at most 1 EiB, e.g. 80GiB, 40GB or 512MiB"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    return int(size)
 
 
 def _precision(training) -> str:
