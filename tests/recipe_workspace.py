@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny import teacher_config
+from tiny import teacher_config, write_stub_weights
 
 VALID = {
     "teacher": {"model": "./teacher"},
@@ -41,6 +41,7 @@ VALID_TRAIN = {
 def make_workspace(root: Path) -> Path:
     (root / "teacher").mkdir(parents=True, exist_ok=True)
     (root / "teacher" / "config.json").write_text(json.dumps(teacher_config()))
+    write_stub_weights(root / "teacher")
     (root / "data").mkdir(exist_ok=True)
     rows = "label\tsentence\n1\ta fine film\n0\ta dull one\n"
     (root / "data" / "train.tsv").write_text(rows)

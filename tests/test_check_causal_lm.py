@@ -13,6 +13,7 @@ import pytest
 
 from gguf_files import SMOLLM2_GGUF, smollm2_path, tokens, write_gguf
 from kdcli.recipe import check_file
+from tiny import write_stub_weights
 
 pytest.importorskip("gguf")
 
@@ -39,6 +40,7 @@ def _model(root: Path, name: str, vocab: list[str], **config) -> None:
     (root / name).mkdir()
     (root / name / "config.json").write_text(json.dumps({**LLAMA, **config}))
     _tokenizer_json(root / name, vocab)
+    write_stub_weights(root / name)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

@@ -27,7 +27,7 @@ from kdcli.recipe import (
     render_text,
 )
 from recipe_workspace import set_at as _set
-from tiny import teacher_config
+from tiny import teacher_config, write_stub_weights
 
 STUDENT = {
     "model_type": "bert",
@@ -72,6 +72,7 @@ def ws(tmp_path: Path, monkeypatch) -> Path:
     for name, config in (("teacher", teacher_config()), ("student", STUDENT)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
+        write_stub_weights(tmp_path / name)
     (tmp_path / "data").mkdir()
     rows = "label\tsentence\n1\ta fine film\n0\ta dull \"quoted' one\n"
     (tmp_path / "data" / "train.tsv").write_text(rows)
@@ -341,6 +342,38 @@ def test_load_checked_raises_with_model_rules(ws: Path) -> None:
     assert load_checked(write(ws, base_recipe()), mode="distill").kind == "distill"
 
 
+def test_a_teacher_folder_without_weights_is_an_error_for_check_distill_and_plan(ws: Path) -> None:
+    """A config.json alone passed check-recipe; only distill's from_pretrained refused it."""
+    from kdcli.plan import plan_recipe
+
+    (ws / "teacher" / "model.safetensors").unlink()
+    found = problems(write(ws, base_recipe()))
+    assert "config.json but no weights" in found["teacher.model"] and "model.safetensors" in found["teacher.model"]
+    for run in (lambda p: load_checked(p, mode="distill"), plan_recipe):
+        with pytest.raises(RecipeError, match="no weights"):
+            run(write(ws, base_recipe()))
+    (ws / "teacher" / "pytorch_model.bin").write_bytes(b"")  # a weight file: now it is read (and damaged)
+    assert "no weights" not in problems(write(ws, base_recipe()))["teacher.model"]
+
+
+@pytest.mark.parametrize("layers", [0, -1])
+def test_a_teacher_config_with_no_blocks_is_an_error_for_check_distill_and_plan(ws: Path, layers: int) -> None:
+    from kdcli.plan import plan_recipe
+
+    (ws / "teacher" / "config.json").write_text(json.dumps(teacher_config(num_hidden_layers=layers)))
+    recipe = base_recipe()
+    recipe["distillation"]["intermediate_matches"] = []
+    found = problems(write(ws, recipe))
+    assert f"the teacher has {layers} transformer blocks" in found["teacher.model"]
+    for run in (lambda p: load_checked(p, mode="distill"), plan_recipe):
+        with pytest.raises(RecipeError, match="transformer blocks"):
+            run(write(ws, recipe))
+    recipe["student"] = {"config": "./teacher"}  # a student built from it has none either
+    assert "the student has" in problems(write(ws, recipe))["student.config"]
+    recipe["student"]["overrides"] = {"num_hidden_layers": 1}
+    assert "student.config" not in problems(write(ws, recipe))
+
+
 # --- data helpers --------------------------------------------------------------------------
 
 
@@ -488,6 +521,7 @@ def test_model_folder_files_that_are_system_or_special_files_are_never_read(ws: 
     (ws / "teacher" / "config.json").symlink_to("/proc/self/environ")
     os.mkfifo(ws / "student" / "tokenizer.json")
     (ws / "student" / "vocab.txt").symlink_to("/dev/zero")
+    (ws / "student" / "model.safetensors").unlink()
     (ws / "student" / "model.safetensors").symlink_to("/proc/self/environ")
     with _no_hang():
         report = check_paths([write(ws, base_recipe())])

@@ -220,6 +220,14 @@ def make_tiny_config(directory: str | Path, arch: str = "bert", **sizes) -> Path
     return directory
 
 
+def write_stub_weights(directory: str | Path) -> Path:
+    """An empty but well-formed model.safetensors (no tensors): a config-only model folder that
+    check-recipe's weight rules accept, for recipes that are linted and never run."""
+    path = Path(directory) / "model.safetensors"
+    path.write_bytes((2).to_bytes(8, "little") + b"{}")
+    return path
+
+
 def write_sst2_sample(directory: str | Path, n_train: int = 64, n_eval: int = 32) -> tuple[Path, Path]:
     """The first rows of the shipped SST-2 train/dev files, as train.tsv / dev.tsv in `directory`."""
     directory = Path(directory)

@@ -138,6 +138,19 @@ def weight_shapes(folder: str | Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
+#: the weight files transformers' from_pretrained looks for in a folder
+WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def missing_weights(folder: str | Path) -> str | None:
+    """Why a model folder has nothing for from_pretrained to load (None when it has weights):
+    none of `WEIGHT_FILES`, nor a sharded pytorch_model-*.bin, is in it."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in WEIGHT_FILES) or any(folder.glob("pytorch_model*.bin")):
+        return None
+    return f"no weights: none of {', '.join(WEIGHT_FILES)} is in the folder"
+
+
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|block|blocks))\.(\d+)\.")
 
 

@@ -14,6 +14,7 @@ from kdcli.modelinfo import (
     ModelFacts,
     WeightsUnreadable,
     check_pickles,
+    missing_weights,
     read_config,
     weight_disagreements,
     weight_shapes,
@@ -23,7 +24,7 @@ from kdcli.recipe.data_rules import values_shown
 from kdcli.recipe.lm_rules import lm_findings
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show, suggest
-from kdcli.recipe.resolve import Models, Resolver, gguf_file_at, teacher_path
+from kdcli.recipe.resolve import Models, Resolver, gguf_file_at, student_ref_path, teacher_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Match, Recipe
 from kdcli.recipe.sources import ConfigStudent
@@ -229,6 +230,10 @@ def override_findings(recipe: Recipe, base: ModelFacts | None) -> list[Finding]:
     return out
 
 
+_NO_WEIGHTS_FIX = (
+    "save the model there with "
+    "save_pretrained (config.json with model.safetensors), or point at the folder that holds them"
+)
 _WEIGHTS_CONFIG_FIX = (
     "use the config.json that was saved with these weights (it must describe the tensors in the "
     "file), or save the model again with save_pretrained"
@@ -247,6 +252,10 @@ def weight_findings(recipe: Recipe, models: Models) -> list[Finding]:
         if folder is None or ref in seen or gguf_file_at(recipe, path) or not (folder / "config.json").is_file():
             continue
         seen.add(ref)
+        missing = missing_weights(folder)
+        if missing is not None:  # distill's from_pretrained would refuse it
+            out.append(Finding(path, f"the {role}'s folder has a config.json but {missing}", _NO_WEIGHTS_FIX))
+            continue
         try:
             shapes = weight_shapes(folder)
             check_pickles(folder)
@@ -266,6 +275,27 @@ def weight_findings(recipe: Recipe, models: Models) -> list[Finding]:
                     f"the {role}'s config.json disagrees with its weights: {'; '.join(disagreements[:3])}{more}; "
                     "loading it would start those tensors at random",
                     _WEIGHTS_CONFIG_FIX,
+                )
+            )
+    return out
+
+
+def block_count_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list[Finding]:
+    """Every model the run builds has at least one transformer block (a config with
+    num_hidden_layers 0 has nothing to distil from or into)."""
+    out: list[Finding] = []
+    named = [(teacher_path(recipe, i) + ("model",), "teacher", r.facts) for i, r in enumerate(models.teachers)]
+    if models.student.facts is not None and not models.student.partial:
+        named.append((student_ref_path(recipe, loaded), "student", models.student.facts))
+    for path, role, facts in named:
+        if facts is not None and facts.num_hidden_layers is not None and facts.num_hidden_layers < 1:
+            out.append(
+                Finding(
+                    path,
+                    f"the {role} has {facts.num_hidden_layers} transformer blocks ({facts.source}): "
+                    "there is no model to run",
+                    f"use a {role} with 1 or more blocks"
+                    + (' (or set student.overrides "num_hidden_layers")' if role == "student" else ""),
                 )
             )
     return out
@@ -336,6 +366,7 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolve
         out += init_findings(recipe, loaded, models.init_source.facts if models.init_source else None, s)
         out += override_findings(recipe, models.base.facts if models.base else None)
     out += weight_findings(recipe, models)
+    out += block_count_findings(recipe, loaded, models)
     vocab, tokens_compared = vocab_findings(recipe, loaded, models)
     out += vocab
     if not tokens_compared:
