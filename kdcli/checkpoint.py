@@ -257,6 +257,8 @@ class Checkpoint:
     path: Path | None = None
     #: FSDP2: the model and optimizer state are in the folder's `shards/` (torch.distributed.checkpoint)
     sharded: bool = False
+    #: plain JSON values written into meta.json beside the position (e.g. the run's objective)
+    meta: dict[str, Any] | None = None
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -290,7 +292,8 @@ def save_checkpoint(output_dir: Path, ckpt: Checkpoint, *, keep_last: int = 2, s
                 os.replace(shards, tmp / "shards")
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(payload, f)
-            (tmp / META_FILE).write_text(json.dumps(asdict(ckpt.position), indent=2) + "\n")
+            meta = {**asdict(ckpt.position), **(ckpt.meta or {})}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             _ordinary_mode(tmp, folder=True)
             _swap_into_place(tmp, final)
         except BaseException:

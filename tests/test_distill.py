@@ -398,7 +398,7 @@ def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
     other = write_recipe(
         world, "other", training={"num_steps": 2}, distillation={"intermediate_matches": [HIDDEN_AND_ATTENTION[0]]}
     )
-    with pytest.raises(UsageError, match="does not fit this recipe"):
+    with pytest.raises(UsageError, match="another objective.*intermediate_matches"):  # refused before loading
         distill.run(load_recipe(other, mode="distill"), output_dir=out, resume=True, quiet=True)
 
     class Hostile:
@@ -411,6 +411,32 @@ def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
     with pytest.raises(distill.RunError, match="cannot read the checkpoint.*weights_only|cannot read the checkpoint"):
         distill.run(recipe, output_dir=out, resume=True, quiet=True)
     assert not (world / "pwned").exists()
+
+
+def test_resume_with_a_changed_objective_is_refused_naming_the_values(world):
+    """forward_kl -> reverse_kl (or another top-k, temperature) on --resume continued silently,
+    logging two quantities under one loss/kd; a changed weight still resumes."""
+    out = world / "out-objective"
+    training = {"num_steps": 2}
+    first = write_recipe(world, "obj-a", training=training, distillation={"kd_loss_type": "forward_kl"})
+    distill.run(load_recipe(first, mode="distill"), output_dir=out, quiet=True)
+    meta = json.loads((out / "checkpoints" / "step-2" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["objective"]["distillation.kd_loss_type"] == "forward_kl"
+    changes = (
+        ({"kd_loss_type": "reverse_kl"}, 'distillation.kd_loss_type "forward_kl" -> "reverse_kl"'),
+        ({"kd_loss_type": "forward_kl", "temperature": 2}, "distillation.temperature 4.0 -> 2.0"),
+    )
+    for changed, named in changes:
+        second = write_recipe(world, "obj-b", training=training, distillation=changed)
+        with pytest.raises(UsageError) as info:
+            distill.run(load_recipe(second, mode="distill"), output_dir=out, resume=True, quiet=True)
+        message = str(info.value)
+        assert named in message and "Fix: " in message and "new training.output_dir" in message
+    reweighted = write_recipe(
+        world, "obj-c", training=training, distillation={"kd_loss_type": "forward_kl", "kd_loss_weight": 0.5}
+    )
+    summary = distill.run(load_recipe(reweighted, mode="distill"), output_dir=out, resume=True, quiet=True)
+    assert summary["resumed_from_step"] == 2
 
 
 def test_device_and_precision_resolution():

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import report
+from kdcli.engine import resume_objective
 from kdcli.engine.devices import autocast
 from kdcli.engine.recipe_facts import recipe_sha256
 from kdcli.engine.setup import RunState, to_cpu
@@ -203,6 +204,7 @@ def save_checkpoint(run: RunState) -> None:
                     scheduler=run.scheduler.state_dict(),
                     scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
                     rng={"ranks": rng_all},
+                    meta={resume_objective.META_KEY: resume_objective.objective_values(run.recipe)},
                 ),
                 shards=shards,
             )

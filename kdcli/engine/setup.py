@@ -17,6 +17,7 @@ from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import models as kmodels
 from kdcli import outdir, report
+from kdcli.engine import resume_objective
 from kdcli.engine.blocks import sample_batches
 from kdcli.engine.devices import (
     Processes,
@@ -147,6 +148,7 @@ def setup(
         console.warn(
             f"warning: cannot lock {folder.path} (its file system has no file locks); make sure no other run writes there"
         )
+    resume_objective.check_resume(folder.latest, recipe)  # before anything loads
     run_seed = training.seed if seed is None else seed
     seed_everything(run_seed)
     device = resolve_device(device_name or training.device, procs)
