@@ -49,6 +49,7 @@ from kdcli import models as kmodels  # noqa: F401  (tests patch kdcli.models thr
 from kdcli import outdir, report
 from kdcli.engine.batches import BatchStream
 from kdcli.engine.devices import Processes, is_main_process  # noqa: F401  (cli imports it from here)
+from kdcli.engine.non_finite import non_finite_error
 from kdcli.engine.outputs import (
     RUN_FILES,
     begin_outputs,
@@ -62,8 +63,8 @@ from kdcli.engine.outputs import (
 )
 from kdcli.engine.recipe_facts import Mode, read_paths
 from kdcli.engine.setup import RunState, setup
-from kdcli.engine.step import NonFinite, StopFlags, StopRequest, optimizer_step, train_step
-from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError, first_line
+from kdcli.engine.step import StopFlags, StopRequest, optimizer_step, train_step
+from kdcli.errors import Interrupted, RunError, UsageError, first_line
 
 
 def run(
@@ -192,7 +193,7 @@ def _loop(run: RunState) -> None:
             result = train_step(run, chunk, stream.batch_in_epoch, throughput)
             flags = StopFlags.agree(procs, run.device, result.non_finite is not None, stop.requested)
             if flags.non_finite:
-                raise _non_finite_error(run, result.non_finite, epoch)
+                raise non_finite_error(run, result.non_finite, epoch)
             optimizer_step(run)
             run.position = stream.advance(chunk, run.position.step + 1)
             step = run.position.step
@@ -211,18 +212,3 @@ def _loop(run: RunState) -> None:
                 )
             if training.save_every and step % training.save_every == 0 and step < total:
                 save_checkpoint(run)
-
-
-def _non_finite_error(run: RunState, bad: NonFinite | None, epoch: int) -> NonFiniteLossError:
-    step = run.position.step + 1
-    where = (
-        f"term {bad.term} = {bad.value} at step {step}, batch {bad.batch + 1} of epoch {epoch + 1}"
-        if bad is not None
-        else f"on another process at step {step}"
-    )
-    kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint had been written yet"
-    return NonFiniteLossError(
-        f"the loss became non-finite ({where}); the run stopped and {kept}. Fix: lower "
-        "training.learning_rate, raise max_grad_norm clipping, use fp32/bf16, or check the data"
-        + (f"; then continue with `{run.command}`" if run.last_saved else "")
-    )

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kdcli.engine.devices import autocast
+from kdcli.engine.non_finite import teacher_blame
 from kdcli.engine.teachers import teacher_features
 
 
@@ -23,6 +24,7 @@ class NonFinite:
     term: str
     value: float
     batch: int
+    teacher: str | None = None  # why, when the teachers' outputs were not finite (engine.non_finite)
 
 
 @dataclass
@@ -102,7 +104,8 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
 
             reshard_teachers(run.captures_T)
         if result.non_finite is None and not bool(torch.isfinite(total.detach())):
-            result.non_finite = NonFinite(*_first_non_finite(total, terms), first_batch + micro)
+            blame = teacher_blame(run, feats_T, batch) if run.teachers else None
+            result.non_finite = NonFinite(*_first_non_finite(total, terms), first_batch + micro, blame)
         for name, value in (("loss", total), *terms.items()):
             result.terms[name] = result.terms.get(name, 0.0) + value.detach().float()
         tokens = int(batch["attention_mask"].sum()) * procs.world_size if "attention_mask" in batch else 0
