@@ -138,6 +138,9 @@ class Objective(nn.Module):
         # causal LMs: terms summed over the step's target tokens, from hidden states and heads
         self.token_level = bool(getattr(task, "token_level", False))
         self.kd_per_token: Callable[..., Tensor] | None = None
+        #: causal LMs: the token ids the KD term compares (the smallest output head's rows; None:
+        #: the heads' own sizes), so a padded vocabulary's extra rows are left out
+        self.shared_vocab: int | None = None
         self.kd_options: dict = {}
         self.projections = nn.ModuleDict()
         self.matches: list[MatchPlan] = []
@@ -292,6 +295,7 @@ class Objective(nn.Module):
             normaliser=normaliser if normaliser is not None else max(int(targets.numel()), 1),
             return_parts=True,
             cached_T=cached,
+            vocab=self.shared_vocab,
         )
         terms = {"kd": parts["kd"]} if distil else {}
         for m in self.matches:

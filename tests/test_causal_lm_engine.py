@@ -672,20 +672,63 @@ def test_a_run_says_how_many_rows_it_dropped(world, tmp_path, capsys):
 
 def _direct_metrics(student, teachers, batches) -> dict[str, float]:
     """perplexity = exp(mean NLL of the targets), kl = mean KL(teacher || student) per target
-    token (teachers' mean logits, T = 1), top-1 agreement; from full float64 logits."""
+    token (teachers' mean logits, T = 1), top-1 agreement; from full float64 logits (KL and
+    agreement on the ids every head has, a padded head's extra rows left out)."""
     nll, kl, agree, tokens = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for batch in batches:
             targets = next_token_labels(batch["labels"])
             keep = targets != IGNORE_INDEX
             z_S = _logits(student, batch)[keep]
-            z_T = (sum(_logits(t, batch) for t in teachers) / len(teachers))[keep]
+            shared = min(z_S.shape[-1], *(t.config.vocab_size for t in teachers))
+            z_T = (sum(_logits(t, batch)[..., :shared] for t in teachers) / len(teachers))[keep]
+            nll += float(-F.log_softmax(z_S, -1).gather(-1, targets[keep][:, None]).sum())
+            z_S = z_S[:, :shared]
             log_q, log_p = F.log_softmax(z_S, -1), F.log_softmax(z_T, -1)
-            nll += float(-log_q.gather(-1, targets[keep][:, None]).sum())
             kl += float((log_p.exp() * (log_p - log_q)).sum())
             agree += int((z_S.argmax(-1) == z_T.argmax(-1)).sum())
             tokens += int(keep.sum())
     return {"tokens": tokens, "perplexity": math.exp(nll / tokens), "kl": kl / tokens, "top1_agreement": agree / tokens}
+
+
+@pytest.mark.parametrize(
+    ("v_T", "v_S", "distillation"),
+    [
+        (576, 512, {"kd_loss_type": "forward_kl"}),
+        (512, 576, {"kd_loss_type": "jsd", "kd_loss_options": {"top_k": 8}}),
+        (576, 512, {"kd_loss_options": {"top_k": 8, "top_k_mode": "tail"}, "teacher_cache": {"top_k": 8}}),
+    ],
+    ids=["teacher>student", "student>teacher", "teacher>student-cached"],
+)
+def test_padded_vocabularies_lint_distil_and_evaluate_on_the_shared_ids(world, tmp_path, v_T, v_S, distillation):
+    """One tokenizer (512 ids), heads of 576 and 512 rows: check-recipe said valid, distill
+    crashed at step 1 (head_T has V = 576 but 512). The eval KL and top-1 compare the shared ids."""
+    from kdcli.recipe import check_file
+
+    teacher = make_tiny_lm(tmp_path / "teacher", layers=2, vocab=v_T, seed=3)
+    student = make_tiny_lm(tmp_path / "student", layers=1, vocab=v_S, seed=4)
+    path = write_recipe(
+        world,
+        f"padded-{v_T}-{v_S}",
+        teacher={"model": str(teacher)},
+        student={"model": str(student)},
+        data={"train": "messages-train.jsonl", "eval": "messages-eval.jsonl", "row_format": "messages"},
+        training={"num_steps": 2},
+        distillation=distillation,
+    )
+    report, _ = check_file(path)
+    assert report.valid and not [p for p in report.problems if p.severity == "error"], report.problems
+    out = tmp_path / "out"
+    summary = _run(path, out)
+    assert all(math.isfinite(r) for r in _losses(out))
+    data, collator = _rows(world, "messages-eval.jsonl", "messages")
+    single = [collator.batch(data.train, [i]) for i in range(len(data.train))]
+    want = _direct_metrics(_lm(out), [_lm(teacher)], single)
+    ev = summary["eval"]
+    assert ev["kl"] == pytest.approx(want["kl"], rel=1e-4) and ev["perplexity"] == pytest.approx(
+        want["perplexity"], rel=1e-4
+    )
+    assert ev["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=1.01 / want["tokens"])
 
 
 def test_eval_metrics_equal_a_direct_computation(world, f64):

@@ -355,7 +355,8 @@ def test_chunked_ignored_rows_and_normaliser():
     "change,match",
     [
         ({"hidden_T": torch.zeros(10, 4, dtype=F64)}, "hidden_T has N = 10 but 11"),
-        ({"head_T": torch.zeros(8, 4, dtype=F64)}, "head_T has V = 8 but 9"),
+        ({"bias_T": torch.zeros(8, dtype=F64)}, "bias_T has V_T = 8 but 9"),
+        ({"vocab": 10}, "vocab must be an int from 1 to the smallest head's 9 rows"),
         ({"head_S": torch.zeros(9, 6, dtype=F64)}, "head_S has D_S = 6 but 5"),
         ({"bias_S": torch.zeros(8, dtype=F64)}, "bias_S has V = 8 but 9"),
         ({"hidden_S": torch.zeros(11, dtype=F64)}, r"hidden_S has shape \(11,\); expected \(N, D_S\)"),
@@ -394,3 +395,86 @@ def test_chunked_holds_one_chunk_of_logits_and_takes_a_callable():
     ref.backward()
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(W.grad, W_ref.grad)
+
+
+# ---- padded vocabularies: the KD term compares the ids both heads have -------------------------
+
+
+def _hand_kd(z_S, z_T, name, opts, temperature):
+    """Per-token KD of (N, V) logits on equal ids, written out in float64 (no kdcli function)."""
+    z_S, z_T = z_S.double() / temperature, z_T.double() / temperature
+    k = opts.get("top_k")
+    if k is not None:  # the teacher's top-k ids, renormalised on both sides
+        idx = z_T.topk(k, dim=-1).indices
+        z_S, z_T = z_S.gather(-1, idx), z_T.gather(-1, idx)
+    log_q, log_p = z_S.log_softmax(-1), z_T.log_softmax(-1)
+    p, q = log_p.exp(), log_q.exp()
+    if name == "forward_kl":
+        return (p * (log_p - log_q)).sum(-1)
+    b = opts["beta"]  # jsd
+    log_m = (b * p + (1 - b) * q).log()
+    return b * (p * (log_p - log_m)).sum(-1) + (1 - b) * (q * (log_q - log_m)).sum(-1)
+
+
+PADDED_CASES = [("forward_kl", {}), ("jsd", {"beta": 0.3}), ("forward_kl", {"top_k": 3})]
+
+
+@pytest.mark.parametrize("name,opts", PADDED_CASES, ids=["forward_kl", "jsd", "top_k"])
+@pytest.mark.parametrize("v_S,v_T", [(12, 9), (9, 12)], ids=["student>teacher", "teacher>student"])
+def test_padded_heads_compare_the_shared_ids(name, opts, v_S, v_T):
+    """A student head of 12 rows against a teacher's 9 (and the other way round) was a
+    ValueError; the KD term is the divergence on the first min(V_S, V_T) ids, the hard-label
+    term the student's whole head, and the gradients those of that reference."""
+    h_S, W_S, b_S, h_T, W_T, b_T, labels = _model_inputs(v=12)
+    W_S, b_S, W_T, b_T = W_S[:v_S], b_S[:v_S], W_T[:v_T], b_T[:v_T]
+    shared, keep = min(v_S, v_T), labels != IGNORE_INDEX
+    labels = torch.where(keep, labels % shared, labels)  # token ids: the tokenizer's, below both sizes
+    leaves = [x.clone().requires_grad_(True) for x in (h_S, W_S, b_S)]
+    z_S, z_T = F.linear(leaves[0], leaves[1], leaves[2]), F.linear(h_T, W_T, b_T)
+    kd = _hand_kd(z_S[:, :shared], z_T[:, :shared], name, opts, 2.0)[keep].sum()
+    ce = F.cross_entropy(z_S, labels, reduction="sum")
+    want = (kd + 0.5 * ce) / keep.sum()
+    want.backward()
+    got_leaves = [x.clone().requires_grad_(True) for x in (h_S, W_S, b_S)]
+    got = chunked_kd_loss(
+        got_leaves[0], got_leaves[1], h_T, W_T, bias_S=got_leaves[2], bias_T=b_T, divergence=name,
+        divergence_options=opts, chunk_size=4, temperature=2.0, hard_label_weight=0.5, labels=labels,
+    )  # fmt: skip
+    got.backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    for mine, ref in zip(got_leaves, leaves):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["renormalise", "tail"])
+def test_cached_top_k_ids_beyond_the_students_vocabulary_are_not_used(mode):
+    """The teacher cache stores top-k ids of the teacher's whole (padded) head: ids >= the
+    student's compared vocabulary were an index error; they now count on neither side, their
+    mass joining the teacher's tail bucket in tail mode."""
+    from kdcli.losses.divergences import CachedTopK
+
+    z_S, z_T = _pair(n=5, v=12, seed=4)
+    z_T[0, 10:] = 9.0  # row 0: the teacher's two most likely ids are padding rows
+    z_T[1, :] = -9.0
+    z_T[1, 9:] = 9.0  # row 1: all three of them
+    k, shared, t = 3, 9, 2.0
+    log_p_full = (z_T / t).log_softmax(-1)
+    ids = log_p_full.topk(k, dim=-1).indices
+    log_p_k = log_p_full.gather(-1, ids)
+    tail = log_p_full.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    cached = CachedTopK(ids.int(), log_p_k, tail)
+    got = forward_kl(z_S[:, :shared], cached, temperature=t, top_k=k, top_k_mode=mode)
+    assert torch.isfinite(got).all()
+    log_q_full = (z_S[:, :shared] / t).log_softmax(-1)
+    for row in range(5):
+        keep = ids[row] < shared
+        p, q = log_p_k[row][keep], log_q_full[row][ids[row][keep]]
+        if mode == "tail":
+            p_tail = torch.logaddexp(tail[row], log_p_k[row][~keep].logsumexp(0)) if (~keep).any() else tail[row]
+            taken = torch.zeros(shared, dtype=torch.bool)
+            taken[ids[row][keep]] = True
+            p, q = torch.cat([p, p_tail[None]]), torch.cat([q, log_q_full[row][~taken].logsumexp(0)[None]])
+        else:
+            p, q = p.log_softmax(0), q.log_softmax(0)
+        want = (p.exp() * (p - q)).sum() if keep.any() or mode == "tail" else torch.zeros((), dtype=F64)
+        torch.testing.assert_close(got[row], want, rtol=1e-10, atol=1e-12)

@@ -194,6 +194,8 @@ def setup(
         hidden_T=kmodels.model_dims(teachers[0]).hidden_size if teachers else None,
         task=task,
     )
+    if objective.token_level and teachers:  # padded vocabularies: the ids every head has
+        objective.shared_vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, *teachers))
     teachers = [t.to(device) for t in teachers]
     student.to(device).train()
     objective.to(device)

@@ -30,7 +30,7 @@ _LOSS = "chunked_kd_loss"
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers):
-        fn, options, chunk_size, temperature, kd_weight, hard_weight, parts, cached_T = settings
+        fn, options, chunk_size, temperature, kd_weight, hard_weight, parts, cached_T, shared = settings
         needs = ctx.needs_input_grad[:3]
         dtype = compute_dtype(hidden_S, head_S)
         grads: list[Tensor | None] = [None, None, None]
@@ -56,8 +56,9 @@ class _ChunkedKD(torch.autograd.Function):
             logits_S = F.linear(h, head_S, bias_S).to(dtype).requires_grad_(any(needs))
             with torch.enable_grad():
                 target = labels[rows] if labels is not None else None
-                if logits_T is not None:
-                    per_token = fn(logits_S, logits_T, temperature=temperature, **options)
+                if logits_T is not None:  # the ids both heads have: a padded head's extra rows left out
+                    kd_S = logits_S[:, :shared] if shared < logits_S.shape[1] else logits_S
+                    per_token = fn(kd_S, logits_T, temperature=temperature, **options)
                     if target is not None:
                         per_token = torch.where(target != IGNORE_INDEX, per_token, 0.0)
                     kd = per_token.sum()
@@ -125,6 +126,7 @@ def chunked_kd_loss(
     kd_weight: float = 1.0,
     return_parts: bool = False,
     cached_T: CachedTopK | None = None,
+    vocab: int | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """``(kd_weight * sum_t KD_t + hard_label_weight * sum_t CE_t) / normaliser`` over the target rows t.
 
@@ -157,6 +159,9 @@ def chunked_kd_loss(
         cached_T: instead of teachers (``hidden_T`` and ``head_T`` empty lists): the teacher's
             top-k distribution of each of the N rows (`distillation.teacher_cache`), for a
             divergence with ``top_k`` in ``divergence_options``.
+        vocab: the KD term compares the first ``vocab`` token ids (default: the smallest head's
+            rows, so a padded head's extra rows are left out; ids >= vocab in ``cached_T`` are
+            dropped, `cached_top_k_log_probs`). The hard-label term uses the student's whole head.
     Returns: a 0-dim tensor, differentiable w.r.t. hidden_S, head_S and bias_S (not twice);
     with ``return_parts``, ``(total, parts)``.
     Precision: the logits are computed in the inputs' dtype (as the model's head would), the
@@ -180,17 +185,16 @@ def chunked_kd_loss(
         )
     hidden_S = _check("hidden_S", hidden_S, (2,), "(N, D_S)")
     head_S = _check("head_S", head_S, (2,), "(V, D_S)")
-    n, vocab = hidden_S.shape[0], head_S.shape[0]
+    n, vocab_S = hidden_S.shape[0], head_S.shape[0]
     pairs = [("head_S", head_S.shape[1], hidden_S.shape[1], "D_S")]
     if bias_S is not None:
-        pairs.append(("bias_S", _check("bias_S", bias_S, (1,), "(V,)").shape[0], vocab, "V"))
+        pairs.append(("bias_S", _check("bias_S", bias_S, (1,), "(V,)").shape[0], vocab_S, "V"))
     for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):
         h_T = _check("hidden_T", h_T, (2,), "(N, D_T)")
-        w_T = _check("head_T", w_T, (2,), "(V, D_T)")
-        pairs += [("hidden_T", h_T.shape[0], n, "N"), ("head_T", w_T.shape[0], vocab, "V")]
-        pairs.append(("head_T", w_T.shape[1], h_T.shape[1], "D_T"))
+        w_T = _check("head_T", w_T, (2,), "(V_T, D_T)")
+        pairs += [("hidden_T", h_T.shape[0], n, "N"), ("head_T", w_T.shape[1], h_T.shape[1], "D_T")]
         if b_T is not None:
-            pairs.append(("bias_T", _check("bias_T", b_T, (1,), "(V,)").shape[0], vocab, "V"))
+            pairs.append(("bias_T", _check("bias_T", b_T, (1,), "(V_T,)").shape[0], w_T.shape[0], "V_T"))
     for name, got, want, dim in pairs:
         if got != want:
             raise ValueError(
@@ -198,6 +202,11 @@ def chunked_kd_loss(
                 f"(hidden_S {_shape(hidden_S)}, head_S {_shape(head_S)}, hidden_T {_shape(hiddens_T[0])}, "
                 f"head_T {_shape(heads_T[0])})"
             )
+    smallest = min([vocab_S, *(w.shape[0] for w in heads_T)])
+    if vocab is None:
+        vocab = smallest
+    elif isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= smallest:
+        raise ValueError(f"{_LOSS}: vocab must be an int from 1 to the smallest head's {smallest} rows, got {vocab!r}")
     fn = DIVERGENCES.get(divergence) if isinstance(divergence, str) else divergence
     if not callable(fn):
         raise ValueError(f"{_LOSS}: divergence must be one of {sorted(DIVERGENCES)} or a callable, got {divergence!r}")
@@ -228,10 +237,11 @@ def chunked_kd_loss(
         float(hard_label_weight),
         return_parts,
         cached_T,
+        vocab,
     )
-    teachers = []
+    teachers = []  # each head cut to the shared ids (a view: no copy)
     for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):
-        teachers += [h_T.detach(), w_T.detach(), None if b_T is None else b_T.detach()]
+        teachers += [h_T.detach(), w_T.detach()[:vocab], None if b_T is None else b_T.detach()[:vocab]]
     total, sums = _ChunkedKD.apply(hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers)
     if return_parts:
         return total, {"kd": sums[0], "hard_label": sums[1]}

@@ -159,12 +159,30 @@ def cached_top_k_log_probs(
     S = student_logits.to(compute_dtype(student_logits, student_logits)) / t
     idx = teacher.ids.long()
     log_p = teacher.log_p.to(S.dtype)
+    tail_p = teacher.tail.to(S.dtype)[:, None]
+    valid = idx < vocab  # a padded teacher head's ids beyond the student's compared ones
+    if not bool(valid.all()):
+        S, idx, log_p, tail_p = _drop_unshared(S, idx, log_p, tail_p, valid)
     if mode == "renormalise" or cached == vocab:
         return F.log_softmax(S.gather(-1, idx), dim=-1), F.log_softmax(log_p, dim=-1)
     log_q = F.log_softmax(S, dim=-1)
     tail_q = log_q.scatter(-1, idx, float("-inf")).logsumexp(dim=-1, keepdim=True)
-    tail_p = teacher.tail.to(S.dtype)[:, None]
     return torch.cat([log_q.gather(-1, idx), tail_q], dim=-1), torch.cat([log_p, tail_p], dim=-1)
+
+
+#: the log-probability of a cached id the student does not compare: exp() is exactly 0, yet finite
+_DROPPED = -1e30
+
+
+def _drop_unshared(S: Tensor, idx: Tensor, log_p: Tensor, tail_p: Tensor, valid: Tensor):
+    """Cached top-k ids >= the student's compared vocabulary V: each points at an extra column
+    of S that holds `_DROPPED`, and its teacher log-probability becomes `_DROPPED` too, so it
+    counts on neither side (a row left with none compares two equal uniform rows: 0); its mass
+    joins the teacher's tail bucket (in tail mode; renormalise mode drops it)."""
+    vocab = S.shape[-1]
+    S = torch.cat([S, S.new_full((S.shape[0], 1), _DROPPED)], dim=-1)
+    tail_p = torch.logaddexp(tail_p, log_p.masked_fill(valid, float("-inf")).logsumexp(-1, keepdim=True))
+    return S, torch.where(valid, idx, vocab), log_p.masked_fill(~valid, _DROPPED), tail_p
 
 
 def _log_probs(

@@ -116,7 +116,9 @@ def evaluate_lm(
     Returns `tokens` (targets scored), `perplexity` (exp of the mean next-token cross-entropy
     of the targets), `nll` (that mean), and with teachers `kl` (mean per-token
     KL(teacher || model) at temperature 1) and `top1_agreement` (share of targets where the
-    model's most likely token is the teachers'). Sums in float64.
+    model's most likely token is the teachers'). `kl` and `top1_agreement` compare the token ids
+    every head has, as the KD term does (a padded head's extra rows left out); `nll` uses the
+    model's whole head. Sums in float64.
     """
     tokens, nll, kl, agree = 0, 0.0, 0.0, 0
     with_teacher = False
@@ -131,11 +133,16 @@ def evaluate_lm(
             y = targets[rows]
             log_q = F.log_softmax(z_S, dim=-1)
             nll += float(-log_q.gather(-1, y[:, None]).sum(dtype=torch.float64))
-            if teacher_rows:
-                z_T = sum(F.linear(h[rows], w, b).float() for h, w, b in teacher_rows) / len(teacher_rows)
+            if teacher_rows:  # as the KD term: on the ids every head has (padded rows left out)
+                shared = min(weight_S.shape[0], *(w.shape[0] for _, w, _ in teacher_rows))
+                z_T = sum(
+                    F.linear(h[rows], w[:shared], None if b is None else b[:shared]).float() for h, w, b in teacher_rows
+                )
+                z_T, z_kd = z_T / len(teacher_rows), z_S[:, :shared]
+                log_q_kd = log_q if shared == z_S.shape[1] else F.log_softmax(z_kd, dim=-1)
                 log_p = F.log_softmax(z_T, dim=-1)
-                kl += float((log_p.exp() * (log_p - log_q)).sum(dtype=torch.float64))
-                agree += int((z_S.argmax(-1) == z_T.argmax(-1)).sum())
+                kl += float((log_p.exp() * (log_p - log_q_kd)).sum(dtype=torch.float64))
+                agree += int((z_kd.argmax(-1) == z_T.argmax(-1)).sum())
         tokens += int(targets.numel())
     if tokens == 0:
         raise RunError("the eval data has no target tokens. Fix: check data.eval and data.row_format")
