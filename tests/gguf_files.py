@@ -74,3 +74,82 @@ def smollm2_path() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     return path if path.is_file() else None
+
+
+#: Llama 3's special tokens (control tokens after the byte-level BPE vocabulary); no `<|endoftext|>`
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+)
+
+
+def llama3_tokens(words: tuple[str, ...] = ("the", "cat", "sat")) -> tuple[list[str], list[str]]:
+    """A Llama-3-style byte-level vocabulary: the 256 byte symbols, the merges spelling `words`
+    (each with and without a leading space, Ġ), then the special tokens. (tokens, merges)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = list(bytes_to_unicode().values())
+    merges: list[str] = []
+    for word in words:
+        for spelled in (word, "\u0120" + word):
+            current = spelled[0]
+            for ch in spelled[1:]:
+                merges.append(f"{current} {ch}")
+                current += ch
+                if current not in tokens:
+                    tokens.append(current)
+    return tokens + list(LLAMA3_SPECIALS), merges
+
+
+def write_llama3_gguf(path: Path, *, layers: int = 1, hidden: int = 32, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A loadable tiny Llama with a Llama-3-style tokenizer (gpt2 model, llama-bpe pre-tokenizer,
+    control tokens, no `<|endoftext|>`): every tensor a llama block has, seeded random F32."""
+    import gguf
+    import numpy as np
+
+    tokens, merges = llama3_tokens()
+    rng = np.random.default_rng(0)
+    ffn, head_dim = 2 * hidden, hidden // heads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in (
+        (w.add_block_count, layers),
+        (w.add_embedding_length, hidden),
+        (w.add_feed_forward_length, ffn),
+        (w.add_head_count, heads),
+        (w.add_head_count_kv, kv_heads),
+        (w.add_context_length, 128),
+        (w.add_layer_norm_rms_eps, 1e-5),
+        (w.add_rope_dimension_count, head_dim),
+        (w.add_tokenizer_model, "gpt2"),
+        (w.add_tokenizer_pre, "llama-bpe"),
+        (w.add_token_list, tokens),
+        (w.add_token_merges, merges),
+        (w.add_token_types, [1] * (len(tokens) - len(LLAMA3_SPECIALS)) + [3] * len(LLAMA3_SPECIALS)),
+        (w.add_bos_token_id, tokens.index("<|begin_of_text|>")),
+        (w.add_eos_token_id, tokens.index("<|eot_id|>")),
+        (w.add_chat_template, LLAMA3_TEMPLATE),
+    ):
+        add(value)
+
+    def tensor(name: str, *shape: int) -> None:
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), hidden)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        tensor(f"blk.{i}.attn_q.weight", hidden, hidden)
+        tensor(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, hidden)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -259,9 +259,13 @@ def load_tokenizer(
     folder = Path(ref).expanduser()
     if gguf_file is not None:
         _check_gguf_file(ref, gguf_file, role)
+        from kdcli.models.gguf_tokenizer import without_unlisted_tokens
+
         try:
-            with _quiet_transformers():
-                return AutoTokenizer.from_pretrained(ref, revision=revision, gguf_file=gguf_file)
+            with _quiet_transformers():  # exactly the file's ids (no <|endoftext|> added by transformers)
+                return without_unlisted_tokens(
+                    AutoTokenizer.from_pretrained(ref, revision=revision, gguf_file=gguf_file)
+                )
         except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
             raise ModelError(
                 f"{role} {ref!r}: cannot read the tokenizer inside {gguf_file} ({first_line(exc)}). Fix: "
