@@ -238,7 +238,7 @@ def time_parts(rows_file: Path, batches: int = 24) -> dict:
         task_data = kdata.prepare_from_recipe(recipe, tokenizer)
         teacher = kmodels.load_model(str(TEACHER), recipe.task, role="teacher").model.eval()
         capture = FeatureCapture(teacher, [0, 2, 4, 6], role="teacher")
-        cache = TeacherDiskCache(Path(tmp) / "cache", 0, dtype="fp16")
+        cache = TeacherDiskCache(Path(tmp) / "cache", 0, key="0" * 64, dtype="fp16")
         collator = kdata.Collator.for_tokenizer(tokenizer)
         order = kdata.train_batches(task_data.train_lengths, 32, 42, 0, True)[:batches]
         forward, read = [], []
