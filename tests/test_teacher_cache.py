@@ -230,6 +230,31 @@ def test_half_written_rows_are_never_read(tmp_path):
     assert bytes(reader.get(3)[0]) == _row(3)
 
 
+def test_a_damaged_row_falls_back_to_another_ranks_copy_then_to_a_rewrite(tmp_path):
+    first = RowStore(tmp_path, 0, key=KEY, sync=False)
+    first.put_many([(i, _row(i), i, 0) for i in range(3)])
+    second = RowStore(tmp_path, 1, key=KEY, sync=False)  # its own copy of row 1 (as two ranks racing)
+    second.entries.pop(1)
+    second.put_many([(1, _row(1), 1, 0)])
+    with open(tmp_path / "rank0.data", "r+b") as f:
+        f.seek(HEADER_SIZE + len(_row(0)))  # row 1's bytes in rank 0's file
+        f.write(b"\xff")
+    first.close()
+    second.close()
+    reader = RowStore(tmp_path, 2, key=KEY)
+    assert reader.entries[1].rank == 0 and bytes(reader.get(1)[0]) == _row(1)  # rank 1's copy
+    assert reader.entries[1].rank == 1 and not reader.damaged
+    with open(tmp_path / "rank1.data", "r+b") as f:
+        f.seek(HEADER_SIZE)
+        f.write(b"\xff")
+    fresh = RowStore(tmp_path, 0, key=KEY, sync=False)
+    assert fresh.get(1) is None and 1 not in fresh and fresh.damaged == {1: tmp_path / "rank0.data"}
+    assert fresh.claim() is None and 1 not in fresh  # opening its files to write keeps the bad copy out
+    assert fresh.put_many([(1, _row(1), 1, 0)]) == 1  # written again: the later record wins
+    assert bytes(RowStore(tmp_path, 3, key=KEY).get(1)[0]) == _row(1)
+    assert RowStore(tmp_path, 3, key="cd" * 32).entries == {}  # another key's reader sees nothing
+
+
 def test_a_killed_writer_leaves_only_complete_rows(tmp_path):
     script = (
         "from kdcli.engine.cache_store import RowStore\n"

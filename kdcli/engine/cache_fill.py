@@ -252,7 +252,9 @@ def _fill_rows(cache, captures, task_data, collator, training, procs, device, pr
         with autocast(device, precision):
             feats = [c.run_teacher(batch) for c in captures]
         written += cache.store(indices, feats, batch)
-    counts = torch.tensor([written, len(cache.damaged)], device=device)
+    counts = torch.tensor([written, len(cache.damaged)])
     if procs.distributed:
+        gloo = torch.distributed.get_backend() == "gloo"
+        counts = counts.to("cpu" if gloo else device)
         torch.distributed.all_reduce(counts)
     return int(counts[0]), int(counts[1])

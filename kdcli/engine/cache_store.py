@@ -119,6 +119,7 @@ class RowStore:
         self.foreign: dict[int, str] = {}
         #: rows whose bytes failed their check, not yet written again -> the data file they were in
         self.damaged: dict[int, Path] = {}
+        self._bad: set[Entry] = set()  # the copies that failed
         #: another live process holds this rank's files: its PID (0: unknown); this one reads only
         self.holder: int | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -236,22 +237,28 @@ class RowStore:
     def get(self, row: int) -> tuple[np.ndarray, Entry] | None:
         """One row's bytes (a read-only view of the mapped data file) and its entry, or None
         when its bytes fail their check (then the row counts as not cached: `damaged`)."""
+        first = self.entries[row]
         while True:
             entry = self.entries[row]
             raw = self._bytes(entry)
             if raw is not None and zlib.crc32(raw) == entry.crc:
                 return raw, entry
+            self._bad.add(entry)
             spares = self._spares.get(row)
             if not spares:
-                self.drop(row)
+                self.drop(row, first.rank)
                 return None
             self.entries[row] = spares.pop(0)
 
-    def drop(self, row: int) -> None:
-        """Forget a row whose bytes are wrong: it is not cached until written again."""
+    def drop(self, row: int, rank: int | None = None) -> None:
+        """Forget a row whose bytes are wrong (found in `rank`'s file; default: the one it was
+        read from): it is not cached until written again."""
         entry = self.entries.pop(row, None)
         self._spares.pop(row, None)
-        self.damaged[row] = self._paths(entry.rank if entry is not None else self.rank)[1]
+        if entry is not None:
+            self._bad.add(entry)  # (not taken again when its file is read again)
+        rank = rank if rank is not None else entry.rank if entry is not None else self.rank
+        self.damaged[row] = self._paths(rank)[1]
 
     def _bytes(self, entry: Entry) -> np.ndarray | None:
         end = entry.offset + entry.size
@@ -270,6 +277,8 @@ class RowStore:
     def _add(self, rank: int, records) -> None:
         for row, offset, size, length, targets, crc in records:
             entry = Entry(rank, offset, size, length, targets, crc)
+            if entry in self._bad:
+                continue
             held = self.entries.get(row)
             if held is None or held.rank == rank:  # new, or a later copy in the same file
                 self.entries[row] = entry
@@ -307,7 +316,7 @@ class RowStore:
         index_path, data_path = self._paths(rank)
         self.foreign[rank] = (
             f"{index_path.name} and {data_path.name} in {self.folder} do not carry this cache's key "
-            "(another cache's files, or an older kdcli's)"
+            "in their headers (another cache's files, an older kdcli's, or damaged ones)"
         )
         self.warn(f"warning: teacher cache: {self.foreign[rank]}; their rows are not read, and are computed again")
 
