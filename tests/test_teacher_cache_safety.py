@@ -254,9 +254,10 @@ def _rechecksum(folder: Path) -> None:
 # -- 4. cache-teacher and a cache another process writes; its counts -------------------------
 
 
-def test_cache_teacher_refuses_a_cache_another_process_writes(world, cli_runner):
+def test_cache_teacher_refuses_a_cache_another_process_writes(world, reference, cli_runner):
     path = write_recipe(world, "locked")
     folder = fill(cli_runner, path)
+    os.truncate(folder / "rank0.index", FIRST_ROW + 4 * cache_store._RECORD.size)  # rows left to compute
     key = json.loads((folder / "meta.json").read_text())["key"]
     script = (
         "import sys, time\n"
@@ -270,11 +271,15 @@ def test_cache_teacher_refuses_a_cache_another_process_writes(world, cli_runner)
     try:
         assert holder.stdout.readline().strip() == "ready"
         doc = command(cli_runner, "cache-teacher", str(path), code=2)
+        run = distill(cli_runner, path, world / "out-locked")  # a run reads, computes the rest, keeps none
     finally:
         holder.kill()
         holder.wait()
     assert doc["ok"] is False and f"PID {holder.pid}" in doc["error"]["message"]
-    assert command(cli_runner, "cache-teacher", str(path))["filled"] == 0  # once it is gone
+    assert losses(world / "out-locked") == pytest.approx(reference, rel=1e-4)
+    (warning,) = cache_warnings(run)
+    assert f"PID {holder.pid}" in warning and "keeps none of its rows" in warning
+    assert command(cli_runner, "cache-teacher", str(path))["filled"] == 12  # once it is gone
 
 
 def test_cache_teacher_counts_only_the_rows_it_computed(world, cli_runner):

@@ -8,7 +8,10 @@ cleared by --overwrite) plus the first 16 hex digits of the key.
 `cache-teacher` loads the tokenizer, the data and the teachers only (no student), runs the
 teachers over every training row not yet cached (rows in length order, `training.batch_size`
 at a time; under torchrun each rank takes every world_size-th batch) and stores them: a later
-`kdcli distill` of the same recipe skips the teacher's forward from its first step.
+`kdcli distill` of the same recipe skips the teacher's forward from its first step. Rows
+already cached are checked as a run reads them, and damaged ones computed again (`replaced`).
+It takes its rank's cache files for writing before any work, and refuses (naming the PID)
+when another process writes them: it would compute every row and keep none.
 """
 
 from __future__ import annotations

@@ -26,9 +26,7 @@ one the teachers' outputs give, whatever the file said).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcli.engine.cache_key import CACHE_FORMAT_VERSION, cache_key
+from kdcli.engine.cache_meta import META, load_meta, parse_layout, read_layout, write_meta, write_meta_file
 from kdcli.engine.cache_store import RowStore
 from kdcli.errors import RunError
 from kdcli.features import MASK_VALUE, Features
@@ -48,7 +47,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _STORED = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
 #: the cache folder under the output folder when `teacher_cache.dir` is not given
 DEFAULT_DIR = TEACHER_CACHE_DIR
-META = "meta.json"
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -92,7 +90,7 @@ class TeacherDiskCache:
         self.rows = RowStore(self.folder, rank, key=key, sync=sync, warn=self.warn)
         self.hits = self.misses = 0
         self.collective = collective
-        self.layout = _read_layout(self.folder)
+        self.layout = read_layout(self.folder)
         #: rows found damaged (and computed again) -> their data file
         self.damaged: dict[int, Path] = {}
         self._said_read_only = False
@@ -118,7 +116,7 @@ class TeacherDiskCache:
         if self.layout is None or any(i not in self.rows for i in indices):
             self.rows.refresh()  # rows another rank (or an earlier run) wrote since the last look
             if self.layout is None:
-                self.layout = _read_layout(self.folder)
+                self.layout = read_layout(self.folder)
             hit = self.layout is not None and all(i in self.rows for i in indices)
         per_row = self._checked_rows(indices, batch) if hit else None
         hit = per_row is not None
@@ -272,11 +270,11 @@ class TeacherDiskCache:
         """meta.json with the layout (atomically; every rank writes the same)."""
         self.layout = layout
         path = self.folder / META
-        meta = _load_meta(path) or {}
-        if _parse_layout(meta.get("layout")) == layout:
+        meta = load_meta(path) or {}
+        if parse_layout(meta.get("layout")) == layout:
             return
         meta["layout"] = [list(f) for f in layout]
-        _write_meta_file(path, meta)
+        write_meta_file(path, meta)
 
     def _encoder_fields(self, feats_T: list[Features]) -> dict[str, tuple[Tensor, list]]:
         """(batch tensor on the CPU in the storage dtype, per-row shape template) per field."""
@@ -317,49 +315,6 @@ class TeacherDiskCache:
         return out
 
 
-def _load_meta(path: Path) -> dict | None:
-    """meta.json's document: {} when there is none, None when it is not a JSON object."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError):
-        return None
-    try:
-        meta = json.loads(text)
-    except ValueError:
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def _parse_layout(raw) -> list[tuple[str, str, list]] | None:
-    """A layout as meta.json holds it ([name, dtype, template] each), or None when it is not one."""
-    if not isinstance(raw, list) or not raw:
-        return None
-    out = []
-    for field in raw:
-        if not (isinstance(field, list) and len(field) == 3):
-            return None
-        name, dtype, template = field
-        if not (isinstance(name, str) and dtype in _STORED and isinstance(template, list)):
-            return None
-        if not all(d in ("L", "N") or (type(d) is int and 0 <= d < 1 << 24) for d in template):
-            return None
-        out.append((name, dtype, template))
-    return out
-
-
-def _read_layout(folder: Path) -> list[tuple[str, str, list]] | None:
-    meta = _load_meta(folder / META)
-    return _parse_layout(meta.get("layout")) if meta else None
-
-
-def _write_meta_file(path: Path, meta: dict) -> None:
-    tmp = path.with_name(f".{META}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _row_targets(labels: Tensor) -> Tensor:
     from kdcli.tasks import IGNORE_INDEX
     from kdcli.tasks.lm_rows import next_token_labels
@@ -391,22 +346,6 @@ def top_k_rows(
         width = min(k, teachers[0][1].size(0))
         return torch.empty(0, width, dtype=torch.long), torch.empty(0, width), torch.empty(0)
     return torch.cat(ids), torch.cat(values), torch.cat(tails)
-
-
-def write_meta(folder: Path, parts: dict, key: str, warn: Callable[[str], None]) -> None:
-    """The key and its inputs, for people (the layout is added by the first row's writer);
-    a meta.json that is not a JSON object is written again, with a warning."""
-    path = folder / META
-    meta = _load_meta(path)
-    if meta is None:
-        warn(
-            f"warning: teacher cache: {path} is not readable JSON; it is written again (the rows' layout with the next row)"
-        )
-        meta = {}
-    if meta.get("inputs") == json.loads(json.dumps(parts, default=str)) and meta.get("key") == key:
-        return
-    meta.update(key=key, inputs=parts)
-    _write_meta_file(path, meta)
 
 
 def open_cache(
