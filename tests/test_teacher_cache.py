@@ -255,6 +255,27 @@ def test_a_damaged_row_falls_back_to_another_ranks_copy_then_to_a_rewrite(tmp_pa
     assert RowStore(tmp_path, 3, key="cd" * 32).entries == {}  # another key's reader sees nothing
 
 
+def test_files_it_cannot_write_leave_a_store_that_reads(tmp_path, monkeypatch):
+    import os
+
+    from kdcli.engine import cache_store
+
+    first = RowStore(tmp_path, 0, key=KEY, sync=False)
+    first.put_many([(0, _row(0), 0, 0)])
+    first.close()
+    real = os.open
+
+    def refuse_locks(path, *args, **kwargs):  # (a read-only folder: tests run as root, chmod would not do)
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_store.os, "open", refuse_locks)
+    store = RowStore(tmp_path, 0, key=KEY, sync=False)
+    assert "cannot be written (PermissionError: Permission denied)" in store.claim()
+    assert store.put_many([(1, _row(1), 1, 0)]) == 0 and bytes(store.get(0)[0]) == _row(0)
+
+
 def test_a_killed_writer_leaves_only_complete_rows(tmp_path):
     script = (
         "from kdcli.engine.cache_store import RowStore\n"

@@ -226,12 +226,17 @@ def _claim(cache: TeacherDiskCache) -> None:
     process writes would compute every row and keep none."""
     from kdcli.errors import UsageError
 
-    holder = cache.rows.claim()
-    if holder is not None:
-        who = f"PID {holder}" if holder else "PID unknown"
+    why = cache.rows.claim()
+    if cache.rows.holder is not None:
+        who = f"PID {cache.rows.holder}" if cache.rows.holder else "PID unknown"
         raise UsageError(
             f"teacher cache {cache.folder} is being written by another kdcli process ({who}, a `distill` or "
             "`cache-teacher` of the same recipe). Fix: wait for it to finish (or stop it), then run cache-teacher again"
+        )
+    if why is not None:
+        raise UsageError(
+            f"cannot fill the teacher cache {cache.folder}: {why}. Fix: make the folder writable, or set "
+            "distillation.teacher_cache.dir to a writable folder"
         )
 
 

@@ -122,27 +122,42 @@ class RowStore:
         self._bad: set[Entry] = set()  # the copies that failed
         #: another live process holds this rank's files: its PID (0: unknown); this one reads only
         self.holder: int | None = None
+        #: the files cannot be written (a read-only folder): the error; this process reads only
+        self.unwritable: str | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
         self.refresh()
 
     @property
     def read_only(self) -> bool:
-        return self.holder is not None
+        return self.holder is not None or self.unwritable is not None
+
+    def why_read_only(self) -> str | None:
+        """Why this process cannot write its rank's files, in words (None: it can)."""
+        if self.holder is not None:
+            return f"another process (PID {self.holder or 'unknown'}) is writing rank {self.rank}'s files"
+        if self.unwritable is not None:
+            return f"rank {self.rank}'s files cannot be written ({self.unwritable})"
+        return None
 
     # -- writing ---------------------------------------------------------------------------
 
-    def claim(self) -> int | None:
-        """Take this rank's files for writing now: None when taken, else the PID of the
-        process that holds them (0 when it is not known)."""
-        if self._index_fd is None and self.holder is None:
+    def claim(self) -> str | None:
+        """Take this rank's files for writing now: None when taken, else why not (`why_read_only`)."""
+        if self._index_fd is None and not self.read_only:
             self._open_for_writing()
-        return self.holder
+        return self.why_read_only()
 
     def _open_for_writing(self) -> None:
-        """Lock this rank's files, start them again when they are not this cache's, then cut
-        what a killed writer left past its last row."""
-        if not self._lock():
-            return
+        try:
+            if self._lock():
+                self._prepare()
+        except OSError as exc:  # a read-only folder or file: this process only reads
+            self.close()
+            self.unwritable = f"{type(exc).__name__}: {exc.strerror or exc}"
+
+    def _prepare(self) -> None:
+        """Open this rank's files (locked), start them again when they are not this cache's,
+        then cut what a killed writer left past its last row."""
         index_path, data_path = self._paths(self.rank)
         self._index_fd = os.open(index_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._data_fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -186,7 +201,7 @@ class RowStore:
     def put_many(self, rows: list[tuple[int, bytes, int, int]]) -> int:
         """Append rows (row id, bytes, token count, target count): all data, one sync, then
         the index records. Rows already stored (by any rank) are skipped. Returns the number
-        of rows written (0 when another process holds this rank's files)."""
+        of rows written (0 when this process cannot write: `why_read_only`)."""
         rows = [r for r in rows if r[0] not in self.entries]
         if not rows:
             return 0

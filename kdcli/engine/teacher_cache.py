@@ -181,17 +181,19 @@ class TeacherDiskCache:
         """A row's entry agrees with the batch row and the layout (and its ids with the vocabulary)."""
         if entry.length != length or entry.targets != targets:
             return False
-        at = 0
+        spans, at = {}, 0
         for name, dtype_name, template in self.layout:
-            dtype = _STORED[dtype_name]
             shape = [entry.length if d == "L" else entry.targets if d == "N" else d for d in template]
-            size = math.prod(shape) * dtype.itemsize
-            if name == "topk.ids" and size:
-                ids = raw[at : at + size].view(np.int32)
-                if ids.min() < 0 or (self.vocab is not None and ids.max() >= self.vocab):
-                    return False
-            at += size
-        return at == entry.size
+            size = math.prod(shape) * _STORED[dtype_name].itemsize
+            spans[name], at = (at, at + size), at + size
+        if at != entry.size or len(raw) != at:
+            return False
+        start, end = spans.get("topk.ids", (0, 0))
+        if end > start:
+            ids = raw[start:end].view(np.int32)
+            if ids.min() < 0 or (self.vocab is not None and ids.max() >= self.vocab):
+                return False
+        return True
 
     def _decode(self, per_row: list, width: int) -> dict[str, Tensor]:
         """The batch's cached fields, padded to `width` tokens (float32; ids int32)."""
@@ -255,8 +257,8 @@ class TeacherDiskCache:
         if self.rows.read_only and not self._said_read_only:
             self._said_read_only = True
             self.warn(
-                f"warning: teacher cache: another process (PID {self.rows.holder or 'unknown'}) is writing "
-                f"rank {self.rows.rank}'s files in {self.folder}; this run reads the cache but keeps none of its rows"
+                f"warning: teacher cache {self.folder}: {self.rows.why_read_only()}; this run reads the cache "
+                "but keeps none of its rows"
             )
         return written
 
@@ -362,10 +364,16 @@ def open_cache(
         if Path(root).is_dir()
         else []
     )
-    folder.mkdir(parents=True, exist_ok=True)
     warn = warn or say
-    if rank == 0:
-        write_meta(folder, parts, key, warn)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            write_meta(folder, parts, key, warn)
+    except OSError as exc:
+        raise RunError(
+            f"cannot use the teacher cache folder {folder} ({type(exc).__name__}: {exc.strerror or exc}). "
+            "Fix: set distillation.teacher_cache.dir to a folder this user can write"
+        ) from None
     cache = TeacherDiskCache(folder, rank, key=key, warn=warn, **options)
     state = f"{len(cache)} rows cached" if len(cache) else "new: filled as the rows are first met"
     say(f"teacher cache: {folder} (key {key[:16]}; {state})")
