@@ -276,7 +276,10 @@ class TeacherDiskCache:
         if parse_layout(meta.get("layout")) == layout:
             return
         meta["layout"] = [list(f) for f in layout]
-        write_meta_file(path, meta)
+        try:
+            write_meta_file(path, meta)
+        except OSError:  # a folder this process cannot write: the layout is kept in memory (`store` warns)
+            pass
 
     def _encoder_fields(self, feats_T: list[Features]) -> dict[str, tuple[Tensor, list]]:
         """(batch tensor on the CPU in the storage dtype, per-row shape template) per field."""
