@@ -4,6 +4,7 @@
     python bench/teacher_cache.py                 # the three sides (about 20 min on 2 quiet cores)
     python bench/teacher_cache.py --rows 2048     # a quicker look on the first 2,048 rows
     python bench/teacher_cache.py --sides kdcli kdcli-cache
+    python bench/teacher_cache.py --read          # cache reads alone, synthetic rows (no teacher needed)
 
 The work: recipes/sst2-distill.json as the demo runs it (teacher runs/sst2-teacher, the
 fine-tuned MiniLM from `make demo`; student of 3 blocks from teacher blocks 2, 4, 6; KD ce at
@@ -238,7 +239,7 @@ def time_parts(rows_file: Path, batches: int = 24) -> dict:
         task_data = kdata.prepare_from_recipe(recipe, tokenizer)
         teacher = kmodels.load_model(str(TEACHER), recipe.task, role="teacher").model.eval()
         capture = FeatureCapture(teacher, [0, 2, 4, 6], role="teacher")
-        cache = TeacherDiskCache(Path(tmp) / "cache", 0, dtype="fp16")
+        cache = TeacherDiskCache(Path(tmp) / "cache", 0, key="0" * 64, dtype="fp16")
         collator = kdata.Collator.for_tokenizer(tokenizer)
         order = kdata.train_batches(task_data.train_lengths, 32, 42, 0, True)[:batches]
         forward, read = [], []
@@ -256,6 +257,52 @@ def time_parts(rows_file: Path, batches: int = 24) -> dict:
         "batches": len(order),
         "teacher_forward_ms": 1000 * statistics.median(forward),
         "cache_read_ms": 1000 * statistics.median(read),
+    }
+
+
+def time_reads(batches: int = 24, repeats: int = 7) -> dict:
+    """A batch read from a filled fp16 cache (`TeacherDiskCache.lookup`: checks and decoding)
+    and, interleaved with it, the checks alone (`_checked_rows`: each row's CRC-32, counts,
+    size), in milliseconds (median over `batches` x `repeats` reads, after one warm read each),
+    on synthetic rows of the demo's shape: batch 32, 5 to 21 real tokens a row (13 on average),
+    2 logits and 4 hidden layers of 384 per token."""
+    import statistics
+
+    import torch
+
+    from kdcli.engine.teacher_cache import TeacherDiskCache
+    from kdcli.features import Features
+
+    g = torch.Generator().manual_seed(0)
+    times, checks = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = TeacherDiskCache(Path(tmp), 0, key="0" * 64, dtype="fp16", sync=False)
+        work = []
+        for n in range(batches):
+            lengths = torch.randint(5, 22, (32,), generator=g)
+            mask = (torch.arange(int(lengths.max())) < lengths[:, None]).long()
+            batch = {"input_ids": torch.ones_like(mask), "attention_mask": mask}
+            hidden = {i: torch.randn(32, mask.size(1), 384, generator=g) for i in (0, 2, 4, 6)}
+            indices = list(range(32 * n, 32 * (n + 1)))
+            cache.store(indices, [Features(logits=torch.randn(32, 2, generator=g), hidden=hidden, mask=mask)], batch)
+            work.append((indices, batch))
+        for indices, batch in work:
+            assert cache.lookup(indices, batch, "cpu") is not None
+            for _ in range(repeats):
+                start = time.perf_counter()
+                cache.lookup(indices, batch, "cpu")
+                times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                cache._checked_rows(indices, batch)
+                checks.append(time.perf_counter() - start)
+        size = sum(p.stat().st_size for p in Path(tmp).glob("rank*.data"))
+        cache.close()
+    return {
+        "batches": batches,
+        "reads": len(times),
+        "cache_read_ms": 1000 * statistics.median(times),
+        "checks_ms": 1000 * statistics.median(checks),
+        "bytes": size,
     }
 
 
@@ -277,9 +324,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parts", action="store_true", help="Time the teacher's forward against a cache read, per batch."
     )
+    parser.add_argument("--read", action="store_true", help="Time cache reads alone, on synthetic rows.")
     parser.add_argument("--keep", action="store_true", help="Keep the other sides' results of the last run.")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.read:
+        print(json.dumps(time_reads()))
+        return
     data = rows_file(args.rows)
     if args.parts:
         print(json.dumps(time_parts(data)))

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from kdcli import distill
-from kdcli.engine.cache_store import RowStore, read_records
+from kdcli.engine.cache_store import HEADER_SIZE, RowStore, read_records
 from kdcli.features import FeatureCapture
 from kdcli.recipe import load_recipe
 from launch import torchrun_kdcli
 from tiny import REPO, make_tiny_bert, make_tiny_lm, write_lm_rows, write_sst2_sample
 
+KEY = "ab" * 32  # a cache key (sha256 hex) for the row store's own tests
 MATCHES = [
     {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "proj": ["linear", 32, 64]},
     {"layer_T": 1, "layer_S": 1, "feature": "attention", "loss": "attention_ce", "weight": 1},
@@ -211,29 +212,75 @@ def _row(i: int) -> bytes:
 
 
 def test_half_written_rows_are_never_read(tmp_path):
-    store = RowStore(tmp_path, 0, sync=False)
+    store = RowStore(tmp_path, 0, key=KEY, sync=False)
     store.put_many([(i, _row(i), i, 0) for i in range(3)])
     store.close()
     with open(tmp_path / "rank0.data", "ab") as f:  # a writer killed mid-row: data without index,
         f.write(b"x" * 77)
     with open(tmp_path / "rank0.index", "ab") as f:  # and a torn index record
         f.write(b"KDC1" + b"\0" * 11)
-    reader = RowStore(tmp_path, 1)
+    reader = RowStore(tmp_path, 1, key=KEY)
     assert sorted(reader.entries) == [0, 1, 2]
     assert [bytes(reader.get(i)[0]) for i in range(3)] == [_row(i) for i in range(3)]
-    writer = RowStore(tmp_path, 0, sync=False)  # the next writer cuts the leftovers, then appends
+    writer = RowStore(tmp_path, 0, key=KEY, sync=False)  # the next writer cuts the leftovers, then appends
     writer.put_many([(3, _row(3), 3, 0)])
-    assert (tmp_path / "rank0.data").stat().st_size == sum(len(_row(i)) for i in range(4))
-    assert len(read_records((tmp_path / "rank0.index").read_bytes())) == 4
+    assert (tmp_path / "rank0.data").stat().st_size == HEADER_SIZE + sum(len(_row(i)) for i in range(4))
+    assert len(read_records((tmp_path / "rank0.index").read_bytes()[HEADER_SIZE:])) == 4
     reader.refresh()
     assert bytes(reader.get(3)[0]) == _row(3)
+
+
+def test_a_damaged_row_falls_back_to_another_ranks_copy_then_to_a_rewrite(tmp_path):
+    first = RowStore(tmp_path, 0, key=KEY, sync=False)
+    first.put_many([(i, _row(i), i, 0) for i in range(3)])
+    second = RowStore(tmp_path, 1, key=KEY, sync=False)  # its own copy of row 1 (as two ranks racing)
+    second.entries.pop(1)
+    second.put_many([(1, _row(1), 1, 0)])
+    with open(tmp_path / "rank0.data", "r+b") as f:
+        f.seek(HEADER_SIZE + len(_row(0)))  # row 1's bytes in rank 0's file
+        f.write(b"\xff")
+    first.close()
+    second.close()
+    reader = RowStore(tmp_path, 2, key=KEY)
+    assert reader.entries[1].rank == 0 and bytes(reader.get(1)[0]) == _row(1)  # rank 1's copy
+    assert reader.entries[1].rank == 1 and not reader.damaged
+    with open(tmp_path / "rank1.data", "r+b") as f:
+        f.seek(HEADER_SIZE)
+        f.write(b"\xff")
+    fresh = RowStore(tmp_path, 0, key=KEY, sync=False)
+    assert fresh.get(1) is None and 1 not in fresh and fresh.damaged == {1: tmp_path / "rank0.data"}
+    assert fresh.claim() is None and 1 not in fresh  # opening its files to write keeps the bad copy out
+    assert fresh.put_many([(1, _row(1), 1, 0)]) == 1  # written again: the later record wins
+    assert bytes(RowStore(tmp_path, 3, key=KEY).get(1)[0]) == _row(1)
+    assert RowStore(tmp_path, 3, key="cd" * 32).entries == {}  # another key's reader sees nothing
+
+
+def test_files_it_cannot_write_leave_a_store_that_reads(tmp_path, monkeypatch):
+    import os
+
+    from kdcli.engine import cache_store
+
+    first = RowStore(tmp_path, 0, key=KEY, sync=False)
+    first.put_many([(0, _row(0), 0, 0)])
+    first.close()
+    real = os.open
+
+    def refuse_locks(path, *args, **kwargs):  # (a read-only folder: tests run as root, chmod would not do)
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_store.os, "open", refuse_locks)
+    store = RowStore(tmp_path, 0, key=KEY, sync=False)
+    assert "cannot be written (PermissionError: Permission denied)" in store.claim()
+    assert store.put_many([(1, _row(1), 1, 0)]) == 0 and bytes(store.get(0)[0]) == _row(0)
 
 
 def test_a_killed_writer_leaves_only_complete_rows(tmp_path):
     script = (
         "from kdcli.engine.cache_store import RowStore\n"
         "def _row(i): return bytes([i % 251]) * (100 + i)\n"
-        f"s = RowStore({str(tmp_path)!r}, 0, sync=False)\n"
+        f"s = RowStore({str(tmp_path)!r}, 0, key={KEY!r}, sync=False)\n"
         "print('ready', flush=True)\n"
         "i = 0\n"
         "while True:\n"
@@ -244,7 +291,7 @@ def test_a_killed_writer_leaves_only_complete_rows(tmp_path):
     time.sleep(0.5)
     proc.kill()
     proc.wait()
-    reader = RowStore(tmp_path, 1)
+    reader = RowStore(tmp_path, 1, key=KEY)
     assert len(reader) > 10
     for i in reader.entries:
         assert bytes(reader.get(i)[0]) == _row(i) * 50

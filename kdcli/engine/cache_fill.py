@@ -8,7 +8,10 @@ cleared by --overwrite) plus the first 16 hex digits of the key.
 `cache-teacher` loads the tokenizer, the data and the teachers only (no student), runs the
 teachers over every training row not yet cached (rows in length order, `training.batch_size`
 at a time; under torchrun each rank takes every world_size-th batch) and stores them: a later
-`kdcli distill` of the same recipe skips the teacher's forward from its first step.
+`kdcli distill` of the same recipe skips the teacher's forward from its first step. Rows
+already cached are checked as a run reads them, and damaged ones computed again (`replaced`).
+It takes its rank's cache files for writing before any work, and refuses (naming the PID)
+when another process writes them: it would compute every row and keep none.
 """
 
 from __future__ import annotations
@@ -74,9 +77,10 @@ def key_parts(recipe, objective, train_set, teachers, tokenizer_ref: str, precis
 
 
 def open_for_run(
-    recipe, objective, train_set, teachers, tokenizer_ref, precision, device, procs, out, say: Callable
+    recipe, objective, train_set, teachers, tokenizer_ref, precision, device, procs, out, say: Callable, warn=None
 ) -> TeacherDiskCache:
-    """The run's cache; under FSDP2 (sharded teachers) the ranks agree on each batch's lookup."""
+    """The run's cache; under FSDP2 (sharded teachers) the ranks agree on each batch's lookup.
+    `warn`: warnings (damaged rows, another cache's files); default `say`."""
     config = recipe.distillation.teacher_cache
     parts = key_parts(recipe, objective, train_set, teachers, tokenizer_ref, precision, device)
     return open_cache(
@@ -84,6 +88,8 @@ def open_for_run(
         parts,
         procs.rank,
         say,
+        warn,
+        vocab=_vocab(teachers) if recipe.task == "causal-lm" else None,
         dtype=config.dtype,
         causal=recipe.task == "causal-lm",
         top_k=config.top_k,
@@ -91,6 +97,17 @@ def open_for_run(
         chunk_size=recipe.distillation.chunk_size,
         collective=procs.distributed and getattr(recipe.training, "parallel", "ddp") == "fsdp",
     )
+
+
+def _vocab(teachers) -> int | None:
+    """The teachers' output vocabulary (the rows a cached token id may name), when known."""
+    sizes = []
+    for model in teachers:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or not hasattr(head, "weight"):
+            return None
+        sizes.append(int(head.weight.shape[0]))
+    return min(sizes) if sizes else None
 
 
 def run_command(recipe_path, output_dir, say: Callable[[str], None], device: str | None = None) -> dict | None:
@@ -107,9 +124,10 @@ def run_command(recipe_path, output_dir, say: Callable[[str], None], device: str
     )
     if not main:
         return None
+    replaced = f", {doc['replaced']} damaged rows replaced" if doc["replaced"] else ""
     doc["line"] = (
         f"teacher cache {doc['cache']}: {doc['rows']} of {doc['train_rows']} rows cached "
-        f"({doc['filled']} computed now, {doc['bytes']:,} bytes on disk, {doc['seconds']:.1f} s)"
+        f"({doc['filled']} computed now{replaced}, {doc['bytes']:,} bytes on disk, {doc['seconds']:.1f} s)"
     )
     return doc
 
@@ -118,7 +136,7 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
     """`kdcli cache-teacher`: every training row's teacher outputs into the recipe's cache."""
     from kdcli import data as kdata
     from kdcli import models as kmodels
-    from kdcli.engine.devices import Processes, autocast, resolve_device, resolve_precision, seed_everything
+    from kdcli.engine.devices import Processes, resolve_device, resolve_precision, seed_everything
     from kdcli.engine.loading import tokenizer_ref
     from kdcli.errors import UsageError
     from kdcli.features import FeatureCapture
@@ -174,20 +192,12 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
         ]
         out = output_dir or training.output_dir
         cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs, out, say)
-        collator = kdata.Collator.for_tokenizer(tokenizer)
-        lengths = task_data.train_lengths
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        batches = [order[i : i + training.batch_size] for i in range(0, len(order), training.batch_size)]
-        before, filled = len(cache), 0
         try:
-            for n, indices in enumerate(batches):
-                if n % procs.world_size != procs.rank or all(i in cache.rows for i in indices):
-                    continue
-                batch = {k: v.to(device) for k, v in collator.batch(task_data.train, indices).items()}
-                with autocast(device, precision):
-                    feats = [c.run_teacher(batch) for c in captures]
-                cache.store(indices, feats, batch)
-                filled += len(indices)
+            _claim(cache)
+            before = len(cache)
+            written, replaced = _fill_rows(
+                cache, captures, task_data, kdata.Collator.for_tokenizer(tokenizer), training, procs, device, precision
+            )
             procs.barrier()
             cache.rows.refresh()
             rows = len(cache)
@@ -200,11 +210,59 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
             "cache": str(cache.folder),
             "rows": rows,
             "train_rows": len(task_data.train),
-            "already_cached": before,
-            "filled": filled,
+            "already_cached": before - replaced,
+            "filled": written - replaced,
+            "replaced": replaced,
             "bytes": size,
             "seconds": round(time.perf_counter() - start, 3),
         }
     finally:
         if started:
             torch.distributed.destroy_process_group()
+
+
+def _claim(cache: TeacherDiskCache) -> None:
+    """Take this rank's cache files for writing, or refuse: filling a cache that another
+    process writes would compute every row and keep none."""
+    from kdcli.errors import UsageError
+
+    why = cache.rows.claim()
+    if cache.rows.holder is not None:
+        who = f"PID {cache.rows.holder}" if cache.rows.holder else "PID unknown"
+        raise UsageError(
+            f"teacher cache {cache.folder} is being written by another kdcli process ({who}, a `distill` or "
+            "`cache-teacher` of the same recipe). Fix: wait for it to finish (or stop it), then run cache-teacher again"
+        )
+    if why is not None:
+        raise UsageError(
+            f"cannot fill the teacher cache {cache.folder}: {why}. Fix: make the folder writable, or set "
+            "distillation.teacher_cache.dir to a writable folder"
+        )
+
+
+def _fill_rows(cache, captures, task_data, collator, training, procs, device, precision) -> tuple[int, int]:
+    """Run the teachers over this rank's share of the batches (length order) whose rows are not
+    all cached and sound; returns (rows written, rows of them that replaced damaged ones),
+    summed over the ranks."""
+    from kdcli.engine.devices import autocast
+
+    lengths = task_data.train_lengths
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + training.batch_size] for i in range(0, len(order), training.batch_size)]
+    written = 0
+    for n, indices in enumerate(batches):
+        if n % procs.world_size != procs.rank:
+            continue
+        batch = collator.batch(task_data.train, indices)
+        if cache.verify(indices, batch):
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, precision):
+            feats = [c.run_teacher(batch) for c in captures]
+        written += cache.store(indices, feats, batch)
+    counts = torch.tensor([written, len(cache.damaged)])
+    if procs.distributed:
+        gloo = torch.distributed.get_backend() == "gloo"
+        counts = counts.to("cpu" if gloo else device)
+        torch.distributed.all_reduce(counts)
+    return int(counts[0]), int(counts[1])

@@ -22,8 +22,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-#: bump when the rows' layout or meaning changes: older caches are then left unused
-CACHE_FORMAT_VERSION = 1
+#: bump when the files' layout or meaning changes: older caches are then left unused
+#: (2: file headers carrying the key, a CRC-32 of each row's bytes in its index record)
+CACHE_FORMAT_VERSION = 2
 #: files up to this size are hashed whole
 FULL_HASH_MAX = 256 << 20
 _EDGE = 1 << 20

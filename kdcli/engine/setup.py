@@ -301,7 +301,17 @@ def _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, 
     from kdcli.engine.cache_fill import open_for_run
 
     return open_for_run(
-        recipe, objective, task_data.train, teachers, ref, precision, device, procs, folder.path, console.say
+        recipe,
+        objective,
+        task_data.train,
+        teachers,
+        ref,
+        precision,
+        device,
+        procs,
+        folder.path,
+        console.say,
+        console.warn,
     )
 
 

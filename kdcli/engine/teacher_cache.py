@@ -15,13 +15,18 @@ What a row holds (`layout`, in the cache folder's meta.json):
 Rows are filled the first time the run meets them (or ahead by `kdcli cache-teacher`) and
 read back whenever every row of a batch is cached, with no teacher forward. Storage, atomic
 rows and several processes: `kdcli.engine.cache_store`; the key: `kdcli.engine.cache_key`.
+
+A row is used only when its bytes pass their CRC-32, its token (and target) count is the
+batch row's, its size is the layout's and (causal-lm) its token ids lie in the teacher's
+vocabulary. Any other row is damaged: its batch runs the teacher, the row is written again,
+and `close` warns once with the count. Where no teacher can run (`recompute=False`) a damaged
+row is an error naming its file. An unreadable meta.json is written again (the layout is the
+one the teachers' outputs give, whatever the file said).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,7 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdcli.engine.cache_key import CACHE_FORMAT_VERSION, cache_key
+from kdcli.engine.cache_meta import META, load_meta, parse_layout, read_layout, write_meta, write_meta_file
 from kdcli.engine.cache_store import RowStore
+from kdcli.errors import RunError
 from kdcli.features import MASK_VALUE, Features
 from kdcli.outdir import TEACHER_CACHE_DIR
 
@@ -40,7 +47,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _STORED = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
 #: the cache folder under the output folder when `teacher_cache.dir` is not given
 DEFAULT_DIR = TEACHER_CACHE_DIR
-META = "meta.json"
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -53,13 +59,21 @@ class TeacherDiskCache:
     `lookup(indices, batch, device)` gives every teacher's `Features` when all the batch's rows
     are cached (else None; `collective`: when they are on every rank, for sharded teachers);
     `store(indices, feats_T, batch)` keeps the rows not yet cached.
-    causal-lm: `top_k`, `temperature` and `chunk_size` say what is kept per target token."""
+    causal-lm: `top_k`, `temperature` and `chunk_size` say what is kept per target token;
+    `vocab`: the teacher's vocabulary size (stored ids must lie below it).
+    `key`: the cache's key (sha256 hex), which the rank files' headers must carry.
+    `warn`: warnings (damaged rows, another cache's files); `recompute`: whether a damaged row
+    can be computed again by a teacher (else it is an error)."""
 
     def __init__(
         self,
         folder: Path,
         rank: int,
         *,
+        key: str,
+        warn: Callable[[str], None] | None = None,
+        recompute: bool = True,
+        vocab: int | None = None,
         dtype: str = "fp16",
         causal: bool = False,
         top_k: int | None = None,
@@ -71,27 +85,41 @@ class TeacherDiskCache:
         self.folder = Path(folder)
         self.store_dtype = DTYPES[dtype]
         self.causal, self.top_k, self.temperature, self.chunk_size = causal, top_k, float(temperature), chunk_size
-        self.rows = RowStore(self.folder, rank, sync=sync)
-        self.layout: list[tuple[str, str, list]] | None = None
+        self.warn = warn or (lambda text: None)
+        self.recompute, self.vocab = recompute, vocab
+        self.rows = RowStore(self.folder, rank, key=key, sync=sync, warn=self.warn)
         self.hits = self.misses = 0
         self.collective = collective
-        self.layout = _read_layout(self.folder)
+        self.layout = read_layout(self.folder)
+        #: rows found damaged (and computed again) -> their data file
+        self.damaged: dict[int, Path] = {}
+        self._said_read_only = False
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def close(self) -> None:
         self.rows.close()
+        if self.damaged:
+            files = ", ".join(sorted({str(p) for p in self.damaged.values()}))
+            self.warn(
+                f"warning: teacher cache: {len(self.damaged)} cached row(s) in {files} failed their check "
+                "(bytes changed since written, file cut short, or values out of range); the teacher "
+                + ("computed them again and they were replaced" if not self.rows.read_only else "computed them again")
+            )
+            self.damaged = {}
 
     # -- reading ---------------------------------------------------------------------------
 
     def lookup(self, indices: Sequence[int], batch: dict[str, Tensor], device) -> list[Features] | None:
         hit = True
-        if any(i not in self.rows for i in indices):
+        if self.layout is None or any(i not in self.rows for i in indices):
             self.rows.refresh()  # rows another rank (or an earlier run) wrote since the last look
             if self.layout is None:
-                self.layout = _read_layout(self.folder)
+                self.layout = read_layout(self.folder)
             hit = self.layout is not None and all(i in self.rows for i in indices)
+        per_row = self._checked_rows(indices, batch) if hit else None
+        hit = per_row is not None
         if self.collective:  # sharded teachers (FSDP2): every rank runs them, or none does
             flag = torch.tensor([float(hit)], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -101,7 +129,7 @@ class TeacherDiskCache:
             return None
         self.hits += 1
         width = batch["input_ids"].size(1)
-        tensors = self._decode(indices, width)
+        tensors = self._decode(per_row, width)
         mask = batch["attention_mask"]
         tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         hidden = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("hidden.")}
@@ -122,16 +150,60 @@ class TeacherDiskCache:
             for t in teachers
         ]
 
-    def _decode(self, indices: Sequence[int], width: int) -> dict[str, Tensor]:
+    def _checked_rows(self, indices: Sequence[int], batch: dict[str, Tensor]) -> list | None:
+        """Each row's (bytes, entry) when every row of the batch passes its checks, else None
+        (the damaged rows dropped from the store, so that the batch runs the teacher)."""
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        targets = _row_targets(batch["labels"]).tolist() if self.causal else [0] * len(indices)
+        per_row, bad = [], {}
+        for b, i in enumerate(indices):
+            got = self.rows.get(i)
+            if got is None:
+                bad[i] = self.rows.damaged[i]
+            elif not self._fits(*got, int(lengths[b]), int(targets[b])):
+                path = self.rows.folder / f"rank{got[1].rank}.data"
+                self.rows.drop(i)
+                bad[i] = path
+            per_row.append(got)
+        if not bad:
+            return per_row
+        if not self.recompute:
+            (first, path), *_ = bad.items()
+            raise RunError(
+                f"teacher cache: {len(bad)} cached row(s) of this batch (row {first} first) in {path} failed "
+                f"their check, and no teacher is loaded to compute them again. Fix: delete {self.folder} "
+                "(or run `kdcli cache-teacher` on the recipe) to fill it again"
+            )
+        self.damaged.update(bad)
+        return None
+
+    def _fits(self, raw, entry, length: int, targets: int) -> bool:
+        """A row's entry agrees with the batch row and the layout (and its ids with the vocabulary)."""
+        if entry.length != length or entry.targets != targets:
+            return False
+        spans, at = {}, 0
+        for name, dtype_name, template in self.layout:
+            shape = [entry.length if d == "L" else entry.targets if d == "N" else d for d in template]
+            size = math.prod(shape) * _STORED[dtype_name].itemsize
+            spans[name], at = (at, at + size), at + size
+        if at != entry.size or len(raw) != at:
+            return False
+        start, end = spans.get("topk.ids", (0, 0))
+        if end > start:
+            ids = raw[start:end].view(np.int32)
+            if ids.min() < 0 or (self.vocab is not None and ids.max() >= self.vocab):
+                return False
+        return True
+
+    def _decode(self, per_row: list, width: int) -> dict[str, Tensor]:
         """The batch's cached fields, padded to `width` tokens (float32; ids int32)."""
-        per_row = [self.rows.get(i) for i in indices]
         out: dict[str, Tensor] = {}
         for name, dtype_name, template in self.layout:
             dtype = _STORED[dtype_name]
             if "N" in template:
                 out[name] = torch.empty((0, *template[1:]), dtype=torch.float32 if dtype.is_floating_point else dtype)
             else:
-                shape = [len(indices)] + [width if d == "L" else d for d in template]
+                shape = [len(per_row)] + [width if d == "L" else d for d in template]
                 fill = MASK_VALUE if name.startswith("scores.") else 0.0
                 out[name] = torch.full(shape, fill, dtype=torch.float32)
         pieces: dict[str, list[Tensor]] = {name: [] for name, _, t in self.layout if "N" in t}
@@ -156,12 +228,14 @@ class TeacherDiskCache:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def store(self, indices: Sequence[int], feats_T: list[Features], batch: dict[str, Tensor]) -> None:
-        if all(i in self.rows for i in indices):
-            return
+    def store(self, indices: Sequence[int], feats_T: list[Features], batch: dict[str, Tensor]) -> int:
+        """Keep the batch's rows not yet cached; returns how many were written."""
+        if self.layout is not None and all(i in self.rows for i in indices):
+            return 0
         fields = self._causal_fields(feats_T, batch) if self.causal else self._encoder_fields(feats_T)
-        if self.layout is None:
-            self._write_layout([(name, _name(t.dtype), template) for name, (t, template) in fields.items()])
+        layout = [(name, _name(t.dtype), template) for name, (t, template) in fields.items()]
+        if self.layout != layout:  # none yet, or meta.json said otherwise (damaged)
+            self._write_layout(layout)
         mask = batch["attention_mask"]
         lengths = mask.sum(dim=1).tolist()
         targets = _row_targets(batch["labels"]).tolist() if self.causal else [0] * len(indices)
@@ -179,20 +253,33 @@ class TeacherDiskCache:
                     value = tensor[(b, *(slice(0, int(lengths[b])) if d == "L" else slice(None) for d in template))]
                 parts.append(value.contiguous().view(torch.uint8).numpy().tobytes())
             rows.append((int(i), b"".join(parts), int(lengths[b]), int(targets[b])))
-        self.rows.put_many(rows)
+        written = self.rows.put_many(rows)
+        if self.rows.read_only and not self._said_read_only:
+            self._said_read_only = True
+            self.warn(
+                f"warning: teacher cache {self.folder}: {self.rows.why_read_only()}; this run reads the cache "
+                "but keeps none of its rows"
+            )
+        return written
+
+    def verify(self, indices: Sequence[int], batch: dict[str, Tensor]) -> bool:
+        """Whether every row of the batch is cached and passes its checks (damaged ones are dropped)."""
+        if self.layout is None or any(i not in self.rows for i in indices):
+            return False
+        return self._checked_rows(indices, batch) is not None
 
     def _write_layout(self, layout: list[tuple[str, str, list]]) -> None:
-        """meta.json with the layout, written once (atomically; every rank writes the same)."""
+        """meta.json with the layout (atomically; every rank writes the same)."""
         self.layout = layout
         path = self.folder / META
-        meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        if meta.get("layout"):
-            self.layout = [tuple(f) for f in meta["layout"]]
+        meta = load_meta(path) or {}
+        if parse_layout(meta.get("layout")) == layout:
             return
         meta["layout"] = [list(f) for f in layout]
-        tmp = path.with_name(f".{META}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            write_meta_file(path, meta)
+        except OSError:  # a folder this process cannot write: the layout is kept in memory (`store` warns)
+            pass
 
     def _encoder_fields(self, feats_T: list[Features]) -> dict[str, tuple[Tensor, list]]:
         """(batch tensor on the CPU in the storage dtype, per-row shape template) per field."""
@@ -233,13 +320,6 @@ class TeacherDiskCache:
         return out
 
 
-def _read_layout(folder: Path) -> list[tuple[str, str, list]] | None:
-    path = folder / META
-    if not path.exists():
-        return None
-    return [tuple(f) for f in json.loads(path.read_text(encoding="utf-8")).get("layout") or []] or None
-
-
 def _row_targets(labels: Tensor) -> Tensor:
     from kdcli.tasks import IGNORE_INDEX
     from kdcli.tasks.lm_rows import next_token_labels
@@ -273,21 +353,12 @@ def top_k_rows(
     return torch.cat(ids), torch.cat(values), torch.cat(tails)
 
 
-def write_meta(folder: Path, parts: dict) -> None:
-    """The key's inputs, for people (the layout is added by the first row's writer)."""
-    path = folder / META
-    meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    if meta.get("inputs") == parts:
-        return
-    meta["inputs"] = parts
-    tmp = path.with_name(f".{META}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def open_cache(root: Path, parts: dict, rank: int, say: Callable[[str], None], **options) -> TeacherDiskCache:
+def open_cache(
+    root: Path, parts: dict, rank: int, say: Callable[[str], None], warn: Callable[[str], None] | None = None, **options
+) -> TeacherDiskCache:
     """The cache folder of these inputs under `root` (`root/<key[:16]>`), created when new;
-    says which folder it uses and whether others (of other inputs) are left in place."""
+    says which folder it uses and whether others (of other inputs) are left in place.
+    `warn`: warnings (damaged files; default `say`)."""
     parts = {"format": CACHE_FORMAT_VERSION, **parts}
     key = cache_key(parts)
     folder = Path(root) / key[:16]
@@ -296,10 +367,17 @@ def open_cache(root: Path, parts: dict, rank: int, say: Callable[[str], None], *
         if Path(root).is_dir()
         else []
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        write_meta(folder, parts)
-    cache = TeacherDiskCache(folder, rank, **options)
+    warn = warn or say
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            write_meta(folder, parts, key, warn)
+    except OSError as exc:
+        raise RunError(
+            f"cannot use the teacher cache folder {folder} ({type(exc).__name__}: {exc.strerror or exc}). "
+            "Fix: set distillation.teacher_cache.dir to a folder this user can write"
+        ) from None
+    cache = TeacherDiskCache(folder, rank, key=key, warn=warn, **options)
     state = f"{len(cache)} rows cached" if len(cache) else "new: filled as the rows are first met"
     say(f"teacher cache: {folder} (key {key[:16]}; {state})")
     if others and not len(cache):
