@@ -41,7 +41,7 @@ demo: $(STAMP)
 
 # The LM quickstart: distil SmolLM2-135M-Instruct (GGUF) into 25 of its 30 blocks, compare (docs/demo-lm.md).
 demo-lm: $(STAMP)
-	$(BIN)/python -m kdcli.demo_lm
+	$(BIN)/python -m kdcli.demo.lm
 
 bench: $(STAMP)
 	$(BIN)/python bench/losses.py

@@ -1,4 +1,4 @@
-"""The LM quickstart (`make demo-lm`, kdcli/demo_lm.py): its recipes, its shipped GSM8K sample,
+"""The LM quickstart (`make demo-lm`, kdcli/demo/lm.py): its recipes, its shipped GSM8K sample,
 and a smoke run of the whole program on a tiny Llama (no GGUF); the full demo is slow."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _png_size(data: bytes) -> tuple[int, int, bytes]:
 
 
 def test_plot_is_a_valid_png(tmp_path: Path) -> None:
-    from kdcli.demo_lm import eval_curves, plot_curves
+    from kdcli.demo.plots import eval_curves, plot_curves
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(
@@ -179,7 +179,7 @@ def _tiny_recipes(tmp_path: Path) -> Path:
 
 
 def test_demo_program_on_a_tiny_llama(tmp_path: Path, capsys) -> None:
-    from kdcli import demo_lm
+    from kdcli.demo import lm as demo_lm
 
     recipes = _tiny_recipes(tmp_path)
     summary, plot = tmp_path / "summary.json", tmp_path / "curves.png"
@@ -215,7 +215,7 @@ def test_full_demo_lm(tmp_path: Path) -> None:
     (recipes / "data" / "gsm8k").symlink_to(DATA)
     for path in LM_RECIPES:
         (recipes / path.name).write_text(path.read_text())
-    from kdcli import demo_lm
+    from kdcli.demo import lm as demo_lm
 
     summary = tmp_path / "summary.json"
     argv = ["--recipes", str(recipes), "--summary", str(summary), "--plot", str(tmp_path / "curves.png")]

@@ -1,7 +1,7 @@
 """The LM quickstart (`make demo-lm`): distil SmolLM2-135M-Instruct into a shallower copy, compare.
 
-    python -m kdcli.demo_lm            # what `make demo-lm` runs
-    python -m kdcli.demo_lm --reuse    # reuse finished runs (just re-measure)
+    python -m kdcli.demo.lm            # what `make demo-lm` runs
+    python -m kdcli.demo.lm --reuse    # reuse finished runs (just re-measure)
 
 Stages (recipes in `recipes/`, see docs/demo-lm.md):
 
@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 
-from kdcli.curves import eval_curves, plot_curves  # noqa: F401  (tests read them from here)
-from kdcli.demo_lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
+from kdcli.demo.lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
+from kdcli.demo.plots import eval_curves, plot_curves
 from kdcli.errors import KdcliError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 SUMMARY = REPO / "runs" / "demo-lm-summary.json"
 PLOT = REPO / "runs" / "demo-lm-curves.png"
@@ -320,7 +320,7 @@ def _rel(path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdcli.demo_lm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kdcli.demo.lm", description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs (only measure)")
     parser.add_argument(
         "--recipes", type=Path, default=RECIPES, help="folder holding lm-distill.json and lm-control.json"

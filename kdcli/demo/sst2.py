@@ -1,6 +1,6 @@
 """The SST-2 quickstart (`make demo`): teacher fine-tune -> distil -> control -> comparison table.
 
-    python -m kdcli.demo                     # what `make demo` runs
+    python -m kdcli.demo                     # what `make demo` runs (kdcli/demo/__main__.py)
     python -m kdcli.demo --retrain-teacher   # fine-tune the teacher again
     python -m kdcli.demo --reuse             # reuse finished students too (just re-measure)
 
@@ -44,7 +44,7 @@ from kdcli.tabular import dialect
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 SUMMARY = REPO / "runs" / "demo-summary.json"
 LATENCY_BATCH = 32
