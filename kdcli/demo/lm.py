@@ -21,7 +21,7 @@ Stages (recipes in `recipes/`, see docs/demo-lm.md):
    per-token KL(teacher || model), top-1 agreement with the teacher, and perplexity of the
    reference answers. Then parameters, file size, CPU tokens/s of greedy generation, three eval
    questions answered greedily side by side, and a PNG of the runs' eval curves
-   (`runs/demo-lm-curves.png`, from each run's metrics.jsonl). Figures go to
+   (`runs/demo-lm-curves.png`, from each run's metrics.jsonl, drawn with matplotlib). Figures go to
    `runs/demo-lm-summary.json`; progress goes to stderr, the table and answers to stdout.
 """
 
@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 
+from kdcli.demo.lm_curves import plot_or_say_why, run_curves
 from kdcli.demo.lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
-from kdcli.demo.plots import eval_curves, plot_curves
 from kdcli.errors import KdcliError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -342,15 +342,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.rule("[bold]4/4 measuring[/] · KL, top-1, perplexity, size, tokens/s, answers")
         bench = load_bench(args.recipes / STAGES[0].recipe, console, args.questions)
         figures, answers = measure(bench, runs, console, args.max_new_tokens)
+        curves = run_curves({k: run.output_dir / "metrics.jsonl" for k, run in runs.items()}, answers.step0)
     except KdcliError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return getattr(exc, "exit_code", 1)
-    curves = {k: eval_curves(run.output_dir / "metrics.jsonl") for k, run in runs.items()}
-    for curve in curves.values():  # every run starts from the untrained student: its step 0
-        for name, points in curve.items():
-            if points and points[0][0] != 0 and name in answers.step0:
-                points.insert(0, (0, answers.step0[name]))
-    plot_curves(curves, args.plot, answers.teacher_curve.get("perplexity"))
+    names = {stage.key: stage.title for stage in STAGES}
+    plotted = plot_or_say_why(
+        curves,
+        args.plot,
+        answers.teacher_curve.get("perplexity"),
+        names,
+        lambda text: console.print(text, style="yellow", markup=False, highlight=False),
+    )
     verdict = targets(figures)
     wall = time.perf_counter() - started
     out = Console()
@@ -371,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
     )
     out.print(answers_table(answers, {k: f.title for k, f in figures.items()}))
-    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}, curves in {_rel(args.plot)}")
+    drawn = f", curves in {_rel(args.plot)}" if plotted else ""
+    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}{drawn}")
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(
         json.dumps(
