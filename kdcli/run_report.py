@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdcli import safe_files
 from kdcli.errors import UsageError, printable
@@ -113,14 +114,18 @@ def _check_output(output: Path, overwrite: bool) -> str:
 
 
 def _write(output: Path, data: bytes) -> None:
-    from kdcli.checkpoint import atomic_write, disk_full_as_error
+    from kdcli.checkpoint import atomic_write, disk_full_as_error, is_no_space
 
-    folder = output.parent
-    with disk_full_as_error(f"the report {output.name}", folder, len(data)):
+    with disk_full_as_error(f"the report {output.name}", output.parent, len(data)):
         try:
             atomic_write(output, lambda tmp: tmp.write_bytes(data))
-        except PermissionError as exc:
-            raise UsageError(f"-o {printable(str(output))}: cannot be written ({exc.strerror})") from None
+        except OSError as exc:
+            if is_no_space(exc):
+                raise
+            reason = exc.strerror or type(exc).__name__
+            raise UsageError(
+                f"-o {printable(str(output))}: cannot be written ({reason}). Fix: name another file"
+            ) from None
 
 
 def _run_entry(run: Run) -> dict:
@@ -139,8 +144,9 @@ def _run_entry(run: Run) -> dict:
 
 
 def table_document(runs: Sequence[Run]) -> dict:
-    """{"runs": [labels], "rows": [{"field": name, "values": [one per run]}]}: the summary.json
-    fields some run has, the values as they are there (None where a run has none)."""
+    """{"runs": [labels], "rows": [{"field": name, "values": [one per run]}]}: each run's status
+    and last step in metrics.jsonl, then the summary.json fields some run has, the values as
+    they are there (None where a run has none)."""
     flat = [_flatten(run.summary or {}) for run in runs]
     names = [f for f in FIELDS if any(f in d for d in flat)]
     for group in GROUPS:
@@ -148,7 +154,8 @@ def table_document(runs: Sequence[Run]) -> dict:
     rows = [{"field": name, "values": [_plain(d.get(name)) for d in flat]} for name in names]
     rows = [row for row in rows if any(v is not None for v in row["values"])]
     status = {"field": "status", "values": [run.status for run in runs]}
-    return {"runs": [run.label for run in runs], "rows": [status, *rows]}
+    logged = {"field": "last_logged_step", "values": [run.last_step for run in runs]}  # from metrics.jsonl
+    return {"runs": [run.label for run in runs], "rows": [status, logged, *rows]}
 
 
 def _flatten(summary: dict) -> dict:
@@ -180,12 +187,13 @@ def cell(value) -> str:
 
 
 def rich_table(doc: dict) -> Table:
+    """The table as rich shows it (every text as data: no markup from folder names or values)."""
     out = Table(title="kdcli report: summary.json of each run")
     out.add_column("field", no_wrap=True)
     for label in doc["table"]["runs"]:
-        out.add_column(label, justify="right")
+        out.add_column(Text(label), justify="right")
     for row in doc["table"]["rows"]:
-        out.add_row(row["field"], *(cell(v) for v in row["values"]))
+        out.add_row(Text(row["field"]), *(Text(cell(v)) for v in row["values"]))
     return out
 
 

@@ -136,7 +136,10 @@ def test_a_run_in_progress(runs: Path, tmp_path: Path) -> None:
     code, doc, err = report_json([str(going), str(runs / "train"), "-o", str(tmp_path / "r.png")])
     assert code == 0 and doc["runs"][0]["status"] == "running or stopped" and doc["runs"][0]["step_logs"] == 2
     assert "line 4 is incomplete" in err and "no summary.json" in err and len(doc["notes"]) == 2
-    assert {"field": "status", "values": ["running or stopped", "finished"]} in doc["table"]["rows"]
+    assert doc["table"]["rows"][:2] == [
+        {"field": "status", "values": ["running or stopped", "finished"]},
+        {"field": "last_logged_step", "values": [2, 4]},
+    ]
 
 
 def test_output_exists_refused_unless_overwrite(runs: Path, tmp_path: Path) -> None:
@@ -182,3 +185,20 @@ def test_without_matplotlib_one_message_how_to_get_plots(runs: Path, tmp_path: P
     assert not out.exists() and list(tmp_path.iterdir()) == []
     code, doc, _ = report_json([str(runs / "distill")])  # the table needs no matplotlib
     assert code == 0 and doc["table"]["rows"]
+
+
+def test_output_that_cannot_be_written(runs: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, doc, err = report_json([str(runs / "distill"), "-o", str(tmp_path / "file" / "report.png")])
+    assert code == 2 and "cannot be written" in doc["error"]["message"] and err.count("error:") == 1
+
+
+def test_folder_names_are_shown_as_written(runs: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    shutil.copytree(runs / "train", tmp_path / "[red]<odd>")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["report", "[red]<odd>", "-o", "r.html"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "[red]<odd>" in result.stdout  # not rich markup
+    assert "<th>[red]&lt;odd&gt;</th>" in (tmp_path / "r.html").read_text(encoding="utf-8")
