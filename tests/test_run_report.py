@@ -202,3 +202,26 @@ def test_folder_names_are_shown_as_written(runs: Path, tmp_path: Path, monkeypat
     assert result.exit_code == 0, result.output
     assert "[red]<odd>" in result.stdout  # not rich markup
     assert "<th>[red]&lt;odd&gt;</th>" in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
+def test_the_table_alone_needs_no_torch_and_a_real_process_prints_one_document(tmp_path: Path, repo_root: Path) -> None:
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "lr": 0.1}\n{"step": 2, "lo')
+    code = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from kdcli.cli import app\n"
+        f"r = CliRunner().invoke(app, ['report', {str(run)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
+    args = [sys.executable, "-m", "kdcli", "report", str(run), "-o", str(tmp_path / "r.png"), "--json"]
+    proc = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    doc = json.loads(proc.stdout)  # the whole of stdout: one document
+    assert proc.returncode == 0 and doc["ok"] and doc["runs"][0]["last_step"] == 1
+    assert "line 2 is incomplete" in proc.stderr and png_header((tmp_path / "r.png").read_bytes())
