@@ -40,15 +40,14 @@ from rich.console import Console
 
 from kdcli.demo.lm_curves import plot_or_say_why, run_curves
 from kdcli.demo.lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
+from kdcli.demo.outputs import RECIPES, RUNS, is_finished, rel, write_figures
 from kdcli.errors import KdcliError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPES = REPO / "recipes"
-SUMMARY = REPO / "runs" / "demo-lm-summary.json"
-PLOT = REPO / "runs" / "demo-lm-curves.png"
+SUMMARY = RUNS / "demo-lm-summary.json"
+PLOT = RUNS / "demo-lm-curves.png"
 #: the second control's seed (the first uses the recipe's training.seed)
 CONTROL_SEED_2 = 1
 #: eval questions answered side by side
@@ -82,10 +81,6 @@ class StageRun:
     seed: int
 
 
-def is_finished(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "summary.json"))
-
-
 def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> StageRun:
     """Train one stage through kdcli's public API, or reuse its finished output folder."""
     from kdcli import distill
@@ -95,7 +90,7 @@ def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> 
     output_dir = Path(str(recipe.training.output_dir) + stage.suffix)
     seed = recipe.training.seed if stage.seed is None else stage.seed
     if reuse and is_finished(output_dir):
-        console.print(f"[green]reusing[/] {_rel(output_dir)} (finished earlier)")
+        console.print(f"[green]reusing[/] {rel(output_dir)} (finished earlier)")
         return StageRun(output_dir, reused=True, train_s=None, seed=seed)
     start = time.perf_counter()
     distill.run(recipe, mode=stage.mode, output_dir=output_dir, seed=seed, overwrite=True)
@@ -275,12 +270,12 @@ def measure(
     )
     for stage in STAGES:
         run = runs[stage.key]
-        console.print(f"scoring {stage.title} ({_rel(run.output_dir)})")
+        console.print(f"scoring {stage.title} ({rel(run.output_dir)})")
         model = load_folder(run.output_dir)
         fig = _figures(
             stage.key, stage.title, score(model, bench), model, file_mb(run.output_dir / "model.safetensors")
         )
-        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, _rel(run.output_dir)
+        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, rel(run.output_dir)
         if stage.key in ("student", "control"):
             answers.by_model[stage.key], fig.tokens_per_s = generate(
                 model, bench.tokenizer, bench.questions, max_new_tokens
@@ -310,13 +305,6 @@ def _figures(key: str, title: str, metrics: dict[str, float], model, size: float
 
 
 # --- the verdict and the table ----------------------------------------------------------
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,31 +362,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
     )
     out.print(answers_table(answers, {k: f.title for k, f in figures.items()}))
-    drawn = f", curves in {_rel(args.plot)}" if plotted else ""
-    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}{drawn}")
-    args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(
-        json.dumps(
-            {
-                "models": {k: asdict(f) for k, f in figures.items()},
-                "targets": verdict,
-                "answers": asdict(answers),
-                "curves": curves,
-                "eval_rows": rows,
-                "wall_s": wall,
-                "threads": _threads(),
-            },
-            indent=2,
-        )
-        + "\n"
+    drawn = f", curves in {rel(args.plot)}" if plotted else ""
+    out.print(f"demo wall time {wall:.0f} s; figures in {rel(args.summary)}{drawn}")
+    write_figures(
+        args.summary,
+        {
+            "models": {k: asdict(f) for k, f in figures.items()},
+            "targets": verdict,
+            "answers": asdict(answers),
+            "curves": curves,
+            "eval_rows": rows,
+            "wall_s": wall,
+        },
     )
     return 0
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
