@@ -120,7 +120,7 @@ def read_metrics(path: Path, label: str) -> tuple[list[dict], list[dict], list[s
     try:
         data = safe_files.read_regular_bytes(path)
     except (OSError, safe_files.NotRegularFile) as exc:
-        raise _Bad(f"{label}: cannot be read ({exc}). Fix: check the file's permissions") from None
+        raise _Bad(f"{label}: cannot be read ({exc}). Fix: make it a readable file (kdcli writes it as one)") from None
     lines = data.split(b"\n")
     notes = []
     if lines[-1].strip() and _record(lines[-1]) is None:  # the line the run is writing now
@@ -165,7 +165,7 @@ def _read_summary(path: Path, label: str) -> dict:
     try:
         doc = json.loads(safe_files.read_regular_bytes(path).decode("utf-8"))
     except (OSError, safe_files.NotRegularFile) as exc:
-        raise _Bad(f"{label}: cannot be read ({exc}). Fix: check the file's permissions") from None
+        raise _Bad(f"{label}: cannot be read ({exc}). Fix: make it a readable file (kdcli writes it as one)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _Bad(f"{label}: not JSON ({exc}). Fix: delete it (kdcli writes it at the end of a run)") from None
     if not isinstance(doc, dict):

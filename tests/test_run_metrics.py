@@ -104,3 +104,13 @@ def test_folder_problems_are_all_told_at_once(tmp_path: Path) -> None:
 def test_the_metrics_file_itself_names_its_run(tmp_path: Path) -> None:
     folder = write_run(tmp_path / "a")
     assert read_run(folder / "metrics.jsonl", "a").folder == folder
+
+
+def test_a_metrics_file_that_is_no_regular_file(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "dir" / "metrics.jsonl").mkdir(parents=True)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "metrics.jsonl")  # never opened: reading would block
+    message = problems([tmp_path / "dir", tmp_path / "fifo"])
+    assert message.count("metrics.jsonl: cannot be read (it is not a regular file") == 2, message
