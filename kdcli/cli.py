@@ -344,33 +344,19 @@ def cache_teacher(recipe: Path = _RECIPE_ARG, output_dir: Path | None = _OUTPUT_
 
 @app.command("report")
 def report(
-    run_dirs: list[Path] = typer.Argument(
-        ...,
-        metavar="RUN_DIR",
-        help="Output folders of kdcli distill/train runs (finished or still running).",
-        show_default=False,
-    ),
-    output: Path | None = typer.Option(
-        None,
-        "--output",
-        "-o",
-        help="report.png (the curves) or report.html (curves and table); without it, only the table.",
-    ),
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run output folders.", show_default=False),
+    output: Path | None = typer.Option(None, "--output", "-o", help="report.png or report.html (else: the table)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file if it exists."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout instead of the table."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Compare runs: their loss terms, learning rate, throughput and eval curves (metrics.jsonl) and a
-    table of their summary.json. Drawing needs matplotlib: pip install 'kdcli[plot]'."""
+    """Compare runs, finished or running: loss terms, lr, throughput and eval curves (metrics.jsonl),
+    and a table of their summary.json. Drawing needs matplotlib: pip install 'kdcli[plot]'."""
     with _boundary(as_json):
-        from kdcli.run_report import report as write_report
+        from kdcli.run_report import render
+        from kdcli.run_report import report as build_report
 
-        doc = write_report(run_dirs, output, overwrite=overwrite, say=lambda text: err.print(text, markup=False))
-    if as_json:
-        _print_json({"ok": True, **doc})
-        return
-    from kdcli.run_report import render
-
-    render(doc, out)
+        doc = build_report(run_dirs, output, overwrite=overwrite, say=lambda text: err.print(text, markup=False))
+    _print_json({"ok": True, **doc}) if as_json else render(doc, out)
 
 
 def _json_requested(argv: list[str]) -> bool:

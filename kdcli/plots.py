@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdcli.atomic_files import atomic_write
 from kdcli.errors import KdcliError
 
 INSTALL = "pip install 'kdcli[plot]'"
@@ -130,7 +131,5 @@ def png_bytes(fig) -> bytes:
 
 def save_png(fig, path: Path) -> Path:
     """The figure written to `path` atomically (a crash leaves the old file or the new one)."""
-    from kdcli.checkpoint import atomic_write
-
     data = png_bytes(fig)
     return atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdcli import safe_files
+from kdcli.atomic_files import atomic_write, disk_full_as_error, is_no_space
 from kdcli.errors import UsageError, printable
 from kdcli.run_metrics import Run, read_runs
 
@@ -114,8 +115,6 @@ def _check_output(output: Path, overwrite: bool) -> str:
 
 
 def _write(output: Path, data: bytes) -> None:
-    from kdcli.checkpoint import atomic_write, disk_full_as_error, is_no_space
-
     with disk_full_as_error(f"the report {output.name}", output.parent, len(data)):
         try:
             atomic_write(output, lambda tmp: tmp.write_bytes(data))
@@ -189,9 +188,9 @@ def cell(value) -> str:
 def rich_table(doc: dict) -> Table:
     """The table as rich shows it (every text as data: no markup from folder names or values)."""
     out = Table(title="kdcli report: summary.json of each run")
-    out.add_column("field", no_wrap=True)
+    out.add_column("field", overflow="fold")  # a narrow terminal folds a figure, never cuts it
     for label in doc["table"]["runs"]:
-        out.add_column(Text(label), justify="right")
+        out.add_column(Text(label), justify="right", overflow="fold")
     for row in doc["table"]["rows"]:
         out.add_row(Text(row["field"]), *(Text(cell(v)) for v in row["values"]))
     return out

@@ -204,7 +204,7 @@ def test_folder_names_are_shown_as_written(runs: Path, tmp_path: Path, monkeypat
     assert "<th>[red]&lt;odd&gt;</th>" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
-def test_the_table_alone_needs_no_torch_and_a_real_process_prints_one_document(tmp_path: Path, repo_root: Path) -> None:
+def test_the_report_needs_no_torch_and_a_real_process_prints_one_document(tmp_path: Path, repo_root: Path) -> None:
     import subprocess
 
     run = tmp_path / "run"
@@ -217,9 +217,13 @@ def test_the_table_alone_needs_no_torch_and_a_real_process_prints_one_document(t
         f"r = CliRunner().invoke(app, ['report', {str(run)!r}])\n"
         "assert r.exit_code == 0, r.output\n"
         "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules)))\n"
+        f"r = CliRunner().invoke(app, ['report', {str(run)!r}, '-o', {str(tmp_path / 'light.png')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [[], ["matplotlib"]]  # torch never
     args = [sys.executable, "-m", "kdcli", "report", str(run), "-o", str(tmp_path / "r.png"), "--json"]
     proc = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=120)
     doc = json.loads(proc.stdout)  # the whole of stdout: one document
