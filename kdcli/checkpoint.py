@@ -19,14 +19,11 @@ objects (python's `random` state and numpy's `RandomState` are converted both wa
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcli.atomic_files import (  # noqa: F401  (re-exported: kdcli's atomic files and full-disk errors)
+    DiskFullError,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    disk_full_as_error,
+    format_bytes,
+    is_no_space,
+)
+from kdcli.atomic_files import ordinary_mode as _ordinary_mode
 from kdcli.checkpoint_layout import (  # noqa: F401  (re-exported: the layout's names)
     CHECKPOINTS,
     META_FILE,
@@ -41,26 +48,8 @@ from kdcli.checkpoint_layout import (  # noqa: F401  (re-exported: the layout's 
     latest_checkpoint,
     list_checkpoints,
 )
-from kdcli.errors import KdcliError, RunError
 
-# -- a full disk -----------------------------------------------------------------------------
-
-_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "StorageFull")
-
-
-def is_no_space(exc: BaseException) -> bool:
-    """True when `exc`, or an error it wraps (torch's writer raises RuntimeError over the OSError;
-    safetensors its own error quoting it), is a full disk or quota."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
-            return True
-        if any(text in str(exc) for text in _NO_SPACE_TEXTS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+# -- the bytes a save writes --------------------------------------------------------------
 
 
 def nbytes(obj: Any) -> int:
@@ -72,78 +61,6 @@ def nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(nbytes(v) for v in obj)
     return 0
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-class DiskFullError(RunError):
-    """The disk filled up while kdcli wrote `what` into `folder`; `needed` bytes, about."""
-
-    def __init__(self, what: str, folder: Path, needed: int):
-        self.what, self.folder, self.needed = what, Path(folder), needed
-        try:
-            free = f"; {format_bytes(shutil.disk_usage(self.folder).free)} free"
-        except OSError:
-            free = ""
-        super().__init__(
-            f"no space left on the disk of {self.folder} while writing {what} "
-            f"(it needs about {format_bytes(needed)}{free})"
-        )
-
-
-@contextmanager
-def disk_full_as_error(what: str, folder: Path, needed: int):
-    """Turn a full disk inside the block into a `DiskFullError` (other errors pass through)."""
-    try:
-        yield
-    except KdcliError:
-        raise
-    except BaseException as exc:
-        if is_no_space(exc):
-            raise DiskFullError(what, folder, needed) from None
-        raise
-
-
-# -- atomic files ----------------------------------------------------------------------------
-
-
-def _ordinary_mode(path: Path, *, folder: bool) -> None:
-    """Give a file from mkstemp (0600) or a folder from mkdtemp (0700) the mode an ordinary
-    `open`/`mkdir` would have given it under the process's umask, so that outputs are as
-    readable as the user's other files."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary path next to `path`, then move it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        _ordinary_mode(Path(tmp), folder=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: Path, doc: Any) -> Path:
-    return atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:

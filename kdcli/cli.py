@@ -342,6 +342,26 @@ def cache_teacher(recipe: Path = _RECIPE_ARG, output_dir: Path | None = _OUTPUT_
         _print_json({"ok": True, **doc}) if as_json else out.print(doc["line"], markup=False, highlight=False)
 
 
+# --- report ------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run output folders.", show_default=False),
+    output: Path | None = typer.Option(None, "--output", "-o", help="report.png or report.html (else: the table)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Compare runs, finished or running: loss terms, lr, throughput and eval curves (metrics.jsonl),
+    and a table of their summary.json. Drawing needs matplotlib: pip install 'kdcli[plot]'."""
+    with _boundary(as_json):
+        from kdcli.run_report import render
+        from kdcli.run_report import report as build_report
+
+        doc = build_report(run_dirs, output, overwrite=overwrite, say=lambda text: err.print(text, markup=False))
+    _print_json({"ok": True, **doc}) if as_json else render(doc, out)
+
+
 def _json_requested(argv: list[str]) -> bool:
     """Whether the command line asks for JSON on stdout (`--json`, or check-recipe's
     `--format json`), read before click parses it: a command line click rejects still gets

@@ -1,4 +1,4 @@
-"""The SST-2 quickstart (kdcli/demo.py).
+"""The SST-2 quickstart (kdcli/demo/sst2.py, `python -m kdcli.demo`).
 
 Fast tests run the whole demo pipeline (teacher -> distil -> control -> measure -> table and
 summary) on tiny models with recipes shaped like the real ones; the slow test runs the real
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kdcli import demo, outdir
+from kdcli import outdir
+from kdcli.demo import sst2 as demo
 from tiny import REPO, make_tiny_bert, write_sst2_sample
 
 

@@ -1,4 +1,4 @@
-"""The LM quickstart (`make demo-lm`, kdcli/demo_lm.py): its recipes, its shipped GSM8K sample,
+"""The LM quickstart (`make demo-lm`, kdcli/demo/lm.py): its recipes, its shipped GSM8K sample,
 and a smoke run of the whole program on a tiny Llama (no GGUF); the full demo is slow."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _png_size(data: bytes) -> tuple[int, int, bytes]:
 
 
 def test_plot_is_a_valid_png(tmp_path: Path) -> None:
-    from kdcli.demo_lm import eval_curves, plot_curves
+    from kdcli.demo.lm_curves import eval_curves, plot_curves
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(
@@ -136,10 +136,23 @@ def test_plot_is_a_valid_png(tmp_path: Path) -> None:
     assert curves == {"kl": [(10, 0.8), (20, 0.5)], "perplexity": [(10, 9.0), (20, 7.5)]}
     control = {"kl": [], "perplexity": [(10, 8.0), (20, 6.0)]}
     out = tmp_path / "curves.png"
-    plot_curves({"student": curves, "control": control}, out, teacher_ppl=4.0)
+    plot_curves({"student": curves, "control": control}, out, teacher_ppl=4.0, names={"student": "distilled"})
     width, height, raw = _png_size(out.read_bytes())
-    assert len(raw) == height * (1 + 3 * width)
-    assert len(set(raw)) > 3  # something was drawn
+    assert 600 <= width <= 1200 and 250 <= height <= 600
+    assert len(raw) == height * (1 + 4 * width)  # matplotlib writes RGBA
+    assert len(set(raw)) > 50  # something was drawn
+    assert eval_curves(tmp_path / "none.jsonl") == {"kl": [], "perplexity": []}
+
+
+def test_without_matplotlib_the_demo_says_how_to_get_the_picture(tmp_path: Path, monkeypatch) -> None:
+    from kdcli.demo.lm_curves import plot_or_say_why
+
+    for name in [m for m in sys.modules if m.startswith("matplotlib")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    said = []
+    curves = {"student": {"kl": [(1, 0.5)], "perplexity": [(1, 9.0)]}}
+    assert plot_or_say_why(curves, tmp_path / "c.png", None, {}, said.append) is False
+    assert len(said) == 1 and "pip install 'kdcli[plot]'" in said[0] and not (tmp_path / "c.png").exists()
 
 
 def _tiny_recipes(tmp_path: Path) -> Path:
@@ -179,7 +192,7 @@ def _tiny_recipes(tmp_path: Path) -> Path:
 
 
 def test_demo_program_on_a_tiny_llama(tmp_path: Path, capsys) -> None:
-    from kdcli import demo_lm
+    from kdcli.demo import lm as demo_lm
 
     recipes = _tiny_recipes(tmp_path)
     summary, plot = tmp_path / "summary.json", tmp_path / "curves.png"
@@ -215,7 +228,7 @@ def test_full_demo_lm(tmp_path: Path) -> None:
     (recipes / "data" / "gsm8k").symlink_to(DATA)
     for path in LM_RECIPES:
         (recipes / path.name).write_text(path.read_text())
-    from kdcli import demo_lm
+    from kdcli.demo import lm as demo_lm
 
     summary = tmp_path / "summary.json"
     argv = ["--recipes", str(recipes), "--summary", str(summary), "--plot", str(tmp_path / "curves.png")]

@@ -126,3 +126,16 @@ def test_one_csv_dialect_for_the_run_and_the_check() -> None:
 
     assert dialect("tsv") == dialect("tsv", "\t") == ("\t", csv.QUOTE_NONE)
     assert dialect("csv") == (",", csv.QUOTE_MINIMAL) and dialect("csv", ";") == (";", csv.QUOTE_MINIMAL)
+
+
+def test_the_quickstarts_live_in_the_demo_package() -> None:
+    """`make demo` runs `python -m kdcli.demo` (demo/__main__.py -> sst2.main), `make demo-lm`
+    runs `python -m kdcli.demo.lm`; no demo module is left at the package's top."""
+    from kdcli.demo import __main__ as demo_main
+    from kdcli.demo import lm, sst2
+
+    assert demo_main.main is sst2.main and callable(lm.main)
+    assert not [p.name for p in PACKAGE.glob("*.py") if p.stem.startswith(("demo", "curves"))]
+    makefile = (PACKAGE.parent / "Makefile").read_text(encoding="utf-8")
+    assert "-m kdcli.demo\n" in makefile and "-m kdcli.demo.lm\n" in makefile
+    assert sst2.RECIPES == lm.RECIPES == PACKAGE.parent / "recipes"

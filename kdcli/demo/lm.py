@@ -1,7 +1,7 @@
 """The LM quickstart (`make demo-lm`): distil SmolLM2-135M-Instruct into a shallower copy, compare.
 
-    python -m kdcli.demo_lm            # what `make demo-lm` runs
-    python -m kdcli.demo_lm --reuse    # reuse finished runs (just re-measure)
+    python -m kdcli.demo.lm            # what `make demo-lm` runs
+    python -m kdcli.demo.lm --reuse    # reuse finished runs (just re-measure)
 
 Stages (recipes in `recipes/`, see docs/demo-lm.md):
 
@@ -21,7 +21,7 @@ Stages (recipes in `recipes/`, see docs/demo-lm.md):
    per-token KL(teacher || model), top-1 agreement with the teacher, and perplexity of the
    reference answers. Then parameters, file size, CPU tokens/s of greedy generation, three eval
    questions answered greedily side by side, and a PNG of the runs' eval curves
-   (`runs/demo-lm-curves.png`, from each run's metrics.jsonl). Figures go to
+   (`runs/demo-lm-curves.png`, from each run's metrics.jsonl, drawn with matplotlib). Figures go to
    `runs/demo-lm-summary.json`; progress goes to stderr, the table and answers to stdout.
 """
 
@@ -38,17 +38,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 
-from kdcli.curves import eval_curves, plot_curves  # noqa: F401  (tests read them from here)
-from kdcli.demo_lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
+from kdcli.demo.lm_curves import plot_or_say_why, run_curves
+from kdcli.demo.lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
+from kdcli.demo.outputs import RECIPES, RUNS, is_finished, rel, write_figures
 from kdcli.errors import KdcliError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
-SUMMARY = REPO / "runs" / "demo-lm-summary.json"
-PLOT = REPO / "runs" / "demo-lm-curves.png"
+SUMMARY = RUNS / "demo-lm-summary.json"
+PLOT = RUNS / "demo-lm-curves.png"
 #: the second control's seed (the first uses the recipe's training.seed)
 CONTROL_SEED_2 = 1
 #: eval questions answered side by side
@@ -82,10 +81,6 @@ class StageRun:
     seed: int
 
 
-def is_finished(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "summary.json"))
-
-
 def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> StageRun:
     """Train one stage through kdcli's public API, or reuse its finished output folder."""
     from kdcli import distill
@@ -95,7 +90,7 @@ def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> 
     output_dir = Path(str(recipe.training.output_dir) + stage.suffix)
     seed = recipe.training.seed if stage.seed is None else stage.seed
     if reuse and is_finished(output_dir):
-        console.print(f"[green]reusing[/] {_rel(output_dir)} (finished earlier)")
+        console.print(f"[green]reusing[/] {rel(output_dir)} (finished earlier)")
         return StageRun(output_dir, reused=True, train_s=None, seed=seed)
     start = time.perf_counter()
     distill.run(recipe, mode=stage.mode, output_dir=output_dir, seed=seed, overwrite=True)
@@ -275,12 +270,12 @@ def measure(
     )
     for stage in STAGES:
         run = runs[stage.key]
-        console.print(f"scoring {stage.title} ({_rel(run.output_dir)})")
+        console.print(f"scoring {stage.title} ({rel(run.output_dir)})")
         model = load_folder(run.output_dir)
         fig = _figures(
             stage.key, stage.title, score(model, bench), model, file_mb(run.output_dir / "model.safetensors")
         )
-        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, _rel(run.output_dir)
+        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, rel(run.output_dir)
         if stage.key in ("student", "control"):
             answers.by_model[stage.key], fig.tokens_per_s = generate(
                 model, bench.tokenizer, bench.questions, max_new_tokens
@@ -312,15 +307,8 @@ def _figures(key: str, title: str, metrics: dict[str, float], model, size: float
 # --- the verdict and the table ----------------------------------------------------------
 
 
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdcli.demo_lm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kdcli.demo.lm", description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs (only measure)")
     parser.add_argument(
         "--recipes", type=Path, default=RECIPES, help="folder holding lm-distill.json and lm-control.json"
@@ -342,15 +330,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.rule("[bold]4/4 measuring[/] · KL, top-1, perplexity, size, tokens/s, answers")
         bench = load_bench(args.recipes / STAGES[0].recipe, console, args.questions)
         figures, answers = measure(bench, runs, console, args.max_new_tokens)
+        curves = run_curves({k: run.output_dir / "metrics.jsonl" for k, run in runs.items()}, answers.step0)
     except KdcliError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return getattr(exc, "exit_code", 1)
-    curves = {k: eval_curves(run.output_dir / "metrics.jsonl") for k, run in runs.items()}
-    for curve in curves.values():  # every run starts from the untrained student: its step 0
-        for name, points in curve.items():
-            if points and points[0][0] != 0 and name in answers.step0:
-                points.insert(0, (0, answers.step0[name]))
-    plot_curves(curves, args.plot, answers.teacher_curve.get("perplexity"))
+    names = {stage.key: stage.title for stage in STAGES}
+    plotted = plot_or_say_why(
+        curves,
+        args.plot,
+        answers.teacher_curve.get("perplexity"),
+        names,
+        lambda text: console.print(text, style="yellow", markup=False, highlight=False),
+    )
     verdict = targets(figures)
     wall = time.perf_counter() - started
     out = Console()
@@ -371,30 +362,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
     )
     out.print(answers_table(answers, {k: f.title for k, f in figures.items()}))
-    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}, curves in {_rel(args.plot)}")
-    args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(
-        json.dumps(
-            {
-                "models": {k: asdict(f) for k, f in figures.items()},
-                "targets": verdict,
-                "answers": asdict(answers),
-                "curves": curves,
-                "eval_rows": rows,
-                "wall_s": wall,
-                "threads": _threads(),
-            },
-            indent=2,
-        )
-        + "\n"
+    drawn = f", curves in {rel(args.plot)}" if plotted else ""
+    out.print(f"demo wall time {wall:.0f} s; figures in {rel(args.summary)}{drawn}")
+    write_figures(
+        args.summary,
+        {
+            "models": {k: asdict(f) for k, f in figures.items()},
+            "targets": verdict,
+            "answers": asdict(answers),
+            "curves": curves,
+            "eval_rows": rows,
+            "wall_s": wall,
+        },
     )
     return 0
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

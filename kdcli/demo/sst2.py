@@ -1,6 +1,6 @@
 """The SST-2 quickstart (`make demo`): teacher fine-tune -> distil -> control -> comparison table.
 
-    python -m kdcli.demo                     # what `make demo` runs
+    python -m kdcli.demo                     # what `make demo` runs (kdcli/demo/__main__.py)
     python -m kdcli.demo --retrain-teacher   # fine-tune the teacher again
     python -m kdcli.demo --reuse             # reuse finished students too (just re-measure)
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 import time
@@ -38,15 +37,14 @@ from typing import TYPE_CHECKING, Literal
 from rich.console import Console
 from rich.table import Table
 
+from kdcli.demo.outputs import RECIPES, RUNS, is_finished, rel, write_figures
 from kdcli.errors import KdcliError
 from kdcli.tabular import dialect
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes"
-SUMMARY = REPO / "runs" / "demo-summary.json"
+SUMMARY = RUNS / "demo-summary.json"
 LATENCY_BATCH = 32
 LATENCY_LENGTH = 64
 #: Issue 5's calibration: what the reference (TextBrewer 0.2.1) reached on this budget.
@@ -100,11 +98,6 @@ class Figures:
 # --- stages -----------------------------------------------------------------------------
 
 
-def is_finished(folder: Path) -> bool:
-    """A folder holds a finished run: the saved model and the run's summary are all there."""
-    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "summary.json"))
-
-
 def has_checkpoint(folder: Path) -> bool:
     checkpoints = folder / "checkpoints"
     return checkpoints.is_dir() and any(checkpoints.iterdir())
@@ -118,11 +111,11 @@ def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> 
     recipe = load_recipe(recipes / stage.recipe, mode=stage.mode)
     output_dir = Path(recipe.training.output_dir)
     if reuse and is_finished(output_dir):
-        console.print(f"[green]reusing[/] {_rel(output_dir)} (finished earlier)")
+        console.print(f"[green]reusing[/] {rel(output_dir)} (finished earlier)")
         return StageRun(output_dir, reused=True, train_s=None)
     resume = reuse and has_checkpoint(output_dir)
     if resume:
-        console.print(f"resuming the interrupted run in {_rel(output_dir)}")
+        console.print(f"resuming the interrupted run in {rel(output_dir)}")
     start = time.perf_counter()
     distill.run(recipe, mode=stage.mode, resume=resume, overwrite=not resume)
     return StageRun(output_dir, reused=False, train_s=time.perf_counter() - start)
@@ -201,7 +194,7 @@ def measure(stage: Stage, run: StageRun, dev: DevSet) -> Figures:
     return Figures(
         key=stage.key,
         title=stage.title,
-        folder=_rel(run.output_dir),
+        folder=rel(run.output_dir),
         dev_accuracy=accuracy(model, tokenizer, dev),
         dev_rows=len(dev.texts),
         parameters=sum(p.numel() for p in model.parameters()),
@@ -260,13 +253,6 @@ def table(figures: dict[str, Figures]) -> Table:
     return out
 
 
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdcli.demo", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -300,28 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         mark = "[green]met[/]" if result["met"] else "[bold red]missed[/]"
         numbers = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items() if k != "met")
         out.print(f"target {name.replace('_', ' ')}: {mark} ({numbers})")
-    out.print(f"demo wall time {wall:.0f} s; figures in {_rel(args.summary)}")
-    args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(
-        json.dumps(
-            {
-                "models": {k: asdict(f) for k, f in figures.items()},
-                "targets": verdict,
-                "reference": REFERENCE,
-                "wall_s": wall,
-                "threads": _threads(),
-            },
-            indent=2,
-        )
-        + "\n"
+    out.print(f"demo wall time {wall:.0f} s; figures in {rel(args.summary)}")
+    write_figures(
+        args.summary,
+        {
+            "models": {k: asdict(f) for k, f in figures.items()},
+            "targets": verdict,
+            "reference": REFERENCE,
+            "wall_s": wall,
+        },
     )
     return 0
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
