@@ -63,12 +63,13 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Through
         tokens_per_s=throughput.tokens_per_s() if run.objective.token_level else None,
         memory_mb=report.peak_memory_mb(run.device.type) if run.objective.token_level else None,
     )
+    generation = run.on_policy.read_figures(run.procs, run.device) if run.on_policy is not None else {}
     if run.main:
         run.console.progress.show(info)
-        record = info.record()
+        record = {**info.record(), **generation}
         run.metrics.write(record)
         run.tb.add(step, record)
-    run.last_log = info.record()
+    run.last_log = {**info.record(), **generation}
 
 
 def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) -> dict[str, float]:
