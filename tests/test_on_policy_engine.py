@@ -24,7 +24,7 @@ from kdcli.tasks import IGNORE_INDEX, task_for
 from kdcli.tasks.causal_lm import count_targets
 from kdcli.tasks.lm_rows import generated_row, generation_prompt, next_token_labels, prompt_length
 from launch import torchrun_kdcli
-from tiny import make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
+from tiny import interrupt_at, make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
 
 
 @pytest.fixture(scope="module")
@@ -276,24 +276,11 @@ def test_one_step_gradient_is_the_same_for_accumulation_and_processes(world):
     assert len(set(lengths.values())) == 1, lengths
 
 
-def _interrupt_at(patch: pytest.MonkeyPatch, step: int) -> None:
-    import signal
-
-    advance = distill.report.Progress.advance
-
-    def advance_then_interrupt(self, done):
-        advance(self, done)
-        if done == step:
-            signal.raise_signal(signal.SIGINT)
-
-    patch.setattr(distill.report.Progress, "advance", advance_then_interrupt)
-
-
 def test_resume_equals_an_uninterrupted_run(world, monkeypatch):
     on_policy = {"student_share": 0.5, "teacher_share": 0.25, "max_new_tokens": 8, "top_p": 0.9}
     path = write_recipe(world, "resume", on_policy, num_steps=4, batch_size=2, gradient_accumulation_steps=2)
     run(path, world / "out-straight")
-    _interrupt_at(monkeypatch, 2)
+    interrupt_at(monkeypatch, 2)
     with pytest.raises(Interrupted):
         run(path, world / "out-resumed")
     monkeypatch.undo()
