@@ -210,6 +210,14 @@ def test_hard_labels_apply_to_dataset_rows_only(world):
     torch.testing.assert_close(total.double(), (kd.sum() + 0.5 * ce[dataset].sum()) / n)
 
 
+def test_repetition_is_the_share_of_repeated_4_grams():
+    from kdcli.engine.generation_eval import repetition
+
+    assert repetition([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(1 / 5)  # 5 4-grams, "1 2 3 4" twice
+    assert repetition([[1, 2, 3], [5, 5, 5, 5, 5, 5]]) == pytest.approx(2 / 3)
+    assert repetition([]) == 0.0
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 
@@ -234,7 +242,15 @@ def test_student_share_one_trains_on_generated_tokens_only(world, monkeypatch):
         step_module, "step_targets", lambda run, b: normalisers.append(original(run, b)) or normalisers[-1]
     )
     path = write_recipe(world, "all", {"student_share": 1, "max_new_tokens": 6}, num_steps=2)
-    run(path, world / "out-all")
+    doc = json.loads(path.read_text())
+    doc["data"]["eval"] = "pc.jsonl"
+    doc["data"]["max_eval_samples"] = 4
+    path.write_text(json.dumps(doc))
+    summary = run(path, world / "out-all")
+    # the eval block: on-policy KL on the student's samples, greedy repetition and endings; the teacher's once
+    assert summary["eval"]["on_policy_kl"] > 0 and "on_policy_kl" not in summary["teacher_eval"]
+    for block in (summary["eval"], summary["teacher_eval"]):
+        assert 0 <= block["repetition_4gram"] <= 1 and 0 <= block["greedy_ended"] <= 1
     rows = metrics(world / "out-all")
     for row, normaliser in zip(rows, normalisers, strict=True):
         assert row["loss/hard_label"] == 0.0 and row["loss/kd"] > 0

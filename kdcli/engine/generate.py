@@ -166,6 +166,10 @@ class OnPolicy:
         self.seed, self.rank, self.sharded = seed, procs.rank, sharded
         self.figures = Figures()
 
+    @property
+    def generates(self) -> bool:
+        return bool(self.config.generates)
+
     def rows_of_step(self, run, step: int, rows: list[list[dict]]) -> list[list[dict]]:
         """A step's rows (per micro-batch; each row a dataset row's columns) with the chosen rows'
         completions generated; a generated row has `generated` True."""

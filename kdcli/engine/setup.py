@@ -109,7 +109,7 @@ class RunState:
     block_ranking: object = None
     #: FSDP2 (training.parallel "fsdp" under torchrun): sharded models, DCP checkpoints
     sharded: bool = False
-    #: distillation.on_policy when it generates (kdcli.engine.generate.OnPolicy)
+    #: distillation.on_policy (kdcli.engine.generate.OnPolicy)
     on_policy: object = None
 
     @property
@@ -281,14 +281,14 @@ def setup(
 
 
 def _on_policy(recipe, mode: Mode, tokenizer, seed: int, procs: Processes, sharded: bool, cache, console: Console):
-    """distillation.on_policy's generation when a share of rows gets generated completions
-    (`UsageError` before step 1 for a tokenizer with no end marker or generation prompt)."""
+    """distillation.on_policy's generation (shares 0: its eval figures only; `UsageError` before
+    step 1 for a tokenizer with no end marker or generation prompt)."""
     config = recipe.distillation.on_policy if mode == "distill" else None
-    if config is None or not config.generates:
+    if config is None:
         return None
     from kdcli.engine.generate import OnPolicy
 
-    if cache is not None:
+    if cache is not None and config.generates:
         console.say(
             "on_policy: the teacher cache serves the dataset's share of rows only; generated rows run the teacher"
         )

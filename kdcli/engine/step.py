@@ -108,7 +108,7 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
         run.samples_this_session += len(indices) * procs.world_size
         run.tokens_this_session += tokens
         throughput.add(len(indices) * procs.world_size, tokens)
-    if run.on_policy is not None:
+    if run.on_policy is not None and run.on_policy.generates:
         run.on_policy.figures.step_seconds += time.perf_counter() - started
     return result
 
@@ -116,7 +116,7 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
 def _step_batches(run, chunk: list[list[int]]) -> list[dict[str, Tensor]]:
     """The step's micro-batches on the CPU; under `distillation.on_policy` the chosen rows'
     completions are generated first (`kdcli.engine.generate`)."""
-    if run.on_policy is None:
+    if run.on_policy is None or not run.on_policy.generates:
         return [run.collator.batch(run.train_set, indices) for indices in chunk]
     from kdcli.engine.generate import collate
 
