@@ -31,7 +31,6 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,27 +59,26 @@ def recipe_for(args, folder: Path, student_share: float) -> Path:
 
 
 class Clocks:
-    """Seconds per part of each step (CUDA synchronised at every clock edge)."""
+    """Seconds per part of each step: one `lm_distill.Clock` a step (CUDA synchronised at every edge)."""
 
     def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.steps: list[dict[str, float]] = []
+        import torch
 
-    def sync(self) -> None:
-        if self.cuda:
-            import torch
+        self.device = torch.device(device)
+        self.clocks: list = []
 
-            torch.cuda.synchronize()
+    def new_step(self) -> None:
+        from lm_distill import Clock
 
-    @contextmanager
+        self.clocks.append(Clock(self.device))
+        self.clocks[-1].on = True
+
     def part(self, name: str):
-        self.sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.steps[-1][name] = self.steps[-1].get(name, 0.0) + time.perf_counter() - start
+        return self.clocks[-1](name)
+
+    @property
+    def steps(self) -> list[dict[str, float]]:
+        return [c.parts for c in self.clocks]
 
 
 def timed_run(path: Path, clocks: Clocks, steps: int) -> dict:
@@ -92,7 +90,7 @@ def timed_run(path: Path, clocks: Clocks, steps: int) -> dict:
     originals = (distill.train_step, distill.optimizer_step, step_module.teacher_features, step_module._step_batches)
 
     def train_step(*a, **k):
-        clocks.steps.append({})
+        clocks.new_step()
         with clocks.part("step"):
             return originals[0](*a, **k)
 
@@ -221,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.precision}; batch {args.batch}, max_length {args.max_length}, max_new_tokens {args.new_tokens}; "
         f"{args.steps} timed steps after {args.warmup}; load {load:.2f})\n"
     )
-    print("| lambda | s/step | batch + generation s | teacher forward s | student fwd+bwd s | optimizer s | generation share |")
+    print(
+        "| lambda | s/step | batch + generation s | teacher forward s | student fwd+bwd s | optimizer s | generation share |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in split:
         print(
