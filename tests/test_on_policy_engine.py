@@ -313,3 +313,22 @@ def test_resume_equals_an_uninterrupted_run(world, monkeypatch):
     assert set(resumed) == set(straight) == {1, 2, 3, 4}
     for step, a in straight.items():
         assert (a["loss"], a["completion_length"]) == (resumed[step]["loss"], resumed[step]["completion_length"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="no gloo")
+def test_fsdp_generates_through_the_sharded_models(world):
+    """Two FSDP2 processes (gloo) generate through the sharded student and teacher: greedy
+    (top_k 1) completions and the step's loss equal one process's."""
+    on_policy = {"student_share": 0.5, "teacher_share": 0.5, "max_new_tokens": 10, "top_k": 1}
+    common = {"num_steps": 1, "max_grad_norm": 0.0}
+    one = run(write_recipe(world, "f-1", on_policy, batch_size=8, **common), world / "out-f-1")
+    path = write_recipe(world, "f-2p", on_policy, batch_size=4, parallel="fsdp", **common)
+    done = torchrun_kdcli(
+        ["distill", str(path), "--output-dir", str(world / "out-f-2p"), "--overwrite", "--json", "--quiet"], world
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["processes"] == 2 and one["steps"] == 1
+    got, want = metrics(world / "out-f-2p")[0], metrics(world / "out-f-1")[0]
+    assert got["completion_length"] == want["completion_length"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)

@@ -13,14 +13,16 @@ as for dataset rows; the batch's `generated` column (B,) keeps hard labels to da
 Seeds: the choice of rows and the sampling draw from a generator seeded by (run seed, step,
 process), so a resumed run samples exactly what an uninterrupted one would, without RNG state of
 its own in the checkpoint (the step is in it). Under DDP each process generates its own rows;
-under FSDP2 the model's root parameters are gathered for the step's generation and every process
-takes the same number of decoding steps (`synced_gpus`), so the sharded blocks gather together.
+under FSDP2 `generate` runs inside the forward of the model's FSDP root (which gathers the embeddings,
+final norm and head; each block gathers itself) and every process takes the same number of
+decoding steps (`synced_gpus`), so the sharded blocks gather together.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,11 +116,13 @@ def complete(
     device: torch.device,
     seed: int,
     sample: bool = True,
-    synced: bool = False,
+    root: Callable[[dict], Tensor] | None = None,
 ) -> Completions:
     """`model.generate` on left-padded prompts (eval mode, no gradient, the KV cache), sampled
     with `config`'s temperature / top_p / top_k from `seed` (greedy with `sample=False`). Each
-    completion is cut after its first stop token; one without is cut at max_new_tokens."""
+    completion is cut after its first stop token; one without is cut at max_new_tokens.
+    `root`: under FSDP2, calls `generate` with these arguments inside the model's FSDP root's
+    forward (its hooks gather the root's parameters), every process in step (`synced_gpus`)."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
@@ -139,7 +143,8 @@ def complete(
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation, synced_gpus=synced)
+            arguments = {"input_ids": ids, "attention_mask": mask, "generation_config": generation}
+            out = model.generate(**arguments) if root is None else root({**arguments, "synced_gpus": True})
     finally:
         model.train(was_training)
     return _cut(out[:, width:].tolist(), set(stops))
@@ -187,7 +192,7 @@ class OnPolicy:
                 continue
             prompts = [generation_prompt(flat[i]["input_ids"], flat[i]["labels"], self.room) for i in chosen]
             salt = 1 if role == STUDENT else 2
-            with _gathered(run, role), autocast(run.device, run.autocast_precision):
+            with autocast(run.device, run.autocast_precision):
                 done = complete(
                     model,
                     prompts,
@@ -196,7 +201,7 @@ class OnPolicy:
                     pad_id=self.pad_id,
                     device=run.device,
                     seed=step_seed(self.seed, step, self.rank, salt),
-                    synced=self.sharded,
+                    root=_sharded_root(run, role) if self.sharded else None,
                 )
             for i, prompt, completion in zip(chosen, prompts, done.ids, strict=True):
                 out[i] = dict(generated_row(prompt, completion), generated=True)
@@ -229,22 +234,11 @@ class OnPolicy:
         }
 
 
-class _gathered:
-    """Under FSDP2: the model's root parameters (embeddings, final norm, head) gathered for the
-    generation (its blocks gather themselves in their forward), freed after."""
-
-    def __init__(self, run, role: str) -> None:
-        self.module = None
-        if run.sharded:
-            self.module = run.step_module if role == STUDENT else run.captures_T[0]
-
-    def __enter__(self) -> None:
-        if self.module is not None:
-            self.module.unshard()
-
-    def __exit__(self, *exc) -> None:
-        if self.module is not None:
-            self.module.reshard()
+def _sharded_root(run, role: str) -> Callable[[dict], Tensor]:
+    """Under FSDP2: `generate` inside the forward of the model's FSDP root (kdcli.engine.fsdp)."""
+    if role == STUDENT:
+        return lambda generation: run.step_module(None, [], 0.0, generation=generation)
+    return lambda generation: run.captures_T[0](None, generation=generation)
 
 
 def collate(collator, rows: list[dict]) -> dict[str, Tensor]:
