@@ -332,3 +332,14 @@ def test_fsdp_generates_through_the_sharded_models(world):
     got, want = metrics(world / "out-f-2p")[0], metrics(world / "out-f-1")[0]
     assert got["completion_length"] == want["completion_length"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_the_teacher_cache_serves_dataset_rows_only(world, capfd):
+    """Generated rows run the teacher and are never stored under their dataset row's index."""
+    path = write_recipe(world, "cache", {"student_share": 1, "max_new_tokens": 6}, num_steps=2)
+    doc = json.loads(path.read_text())
+    doc["distillation"].update(kd_loss_options={"top_k": 8}, teacher_cache={"top_k": 8, "dtype": "fp32"})
+    path.write_text(json.dumps(doc))
+    summary = distill.run(load_recipe(path, mode="distill"), output_dir=world / "out-cache", overwrite=True)
+    assert summary["teacher_cache_rows"] == 0
+    assert "the teacher cache serves the dataset's share of rows only" in capfd.readouterr().err
