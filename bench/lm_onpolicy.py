@@ -191,6 +191,38 @@ def generation_table(args, folder: Path) -> dict:
     return {"tokens": tokens, "bare": best["bare"], "kdcli": best["kdcli"], "ratio": best["kdcli"] / best["bare"]}
 
 
+def print_split(args, split: list[dict]) -> None:
+    load = os.getloadavg()[0]
+    print(
+        f"\n## on-policy step split ({'quick, tiny models' if args.quick else 'LM demo setting'}; device {args.device}, "
+        f"{args.precision}; batch {args.batch}, max_length {args.max_length}, max_new_tokens {args.new_tokens}; "
+        f"{args.steps} timed steps after {args.warmup}; load {load:.2f})\n"
+    )
+    print(
+        "| lambda | s/step | batch + generation s | teacher forward s | student fwd+bwd s | optimizer s | generation share |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in split:
+        print(
+            f"| {r['lambda']:g} | {r['total']:.3f} | {r['generation']:.3f} | {r['teacher forward']:.3f} | "
+            f"{r['student fwd+bwd']:.3f} | {r['optimizer']:.3f} | {r['generation'] / r['total']:.1%} |"
+        )
+    sys.stdout.flush()
+
+
+def print_generation(args, gen: dict) -> None:
+    print(
+        f"\n## generated tokens/s: kdcli vs bare generate (the teacher, {args.batch} prompts, best of {args.repeat}; "
+        f"load {os.getloadavg()[0]:.2f})\n"
+    )
+    print("| side | tokens | tokens/s |")
+    print("|---|---|---|")
+    print(f"| bare model.generate | {gen['tokens']['bare']} | {gen['bare']:.1f} |")
+    print(f"| kdcli OnPolicy.rows_of_step | {gen['tokens']['kdcli']} | {gen['kdcli']:.1f} |")
+    verdict = "meets" if gen["ratio"] >= GOAL else "misses"
+    print(f"\nratio kdcli / bare: {gen['ratio']:.3f}x ({verdict} the goal >= {GOAL}x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random models (seconds)")
@@ -211,32 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        split = split_table(args, Path(tmp))
-        gen = generation_table(args, Path(tmp))
-    load = os.getloadavg()[0]
-    print(
-        f"\n## on-policy step split ({'quick, tiny models' if args.quick else 'LM demo setting'}; device {args.device}, "
-        f"{args.precision}; batch {args.batch}, max_length {args.max_length}, max_new_tokens {args.new_tokens}; "
-        f"{args.steps} timed steps after {args.warmup}; load {load:.2f})\n"
-    )
-    print(
-        "| lambda | s/step | batch + generation s | teacher forward s | student fwd+bwd s | optimizer s | generation share |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in split:
-        print(
-            f"| {r['lambda']:g} | {r['total']:.3f} | {r['generation']:.3f} | {r['teacher forward']:.3f} | "
-            f"{r['student fwd+bwd']:.3f} | {r['optimizer']:.3f} | {r['generation'] / r['total']:.1%} |"
-        )
-    print(
-        f"\n## generated tokens/s: kdcli vs bare generate (the teacher, {args.batch} prompts, best of {args.repeat})\n"
-    )
-    print("| side | tokens | tokens/s |")
-    print("|---|---|---|")
-    print(f"| bare model.generate | {gen['tokens']['bare']} | {gen['bare']:.1f} |")
-    print(f"| kdcli OnPolicy.rows_of_step | {gen['tokens']['kdcli']} | {gen['kdcli']:.1f} |")
-    verdict = "meets" if gen["ratio"] >= GOAL else "misses"
-    print(f"\nratio kdcli / bare: {gen['ratio']:.3f}x ({verdict} the goal >= {GOAL}x)")
+        print_split(args, split_table(args, Path(tmp)))  # printed at once: the generation table takes a while
+        print_generation(args, generation_table(args, Path(tmp)))
     return 0
 
 
