@@ -105,6 +105,9 @@ def test_a_tokenizer_without_an_end_marker_is_refused_before_step_one():
     tokenizer.eos_token = None
     with pytest.raises(UsageError, match="distillation.on_policy: the tokenizer has no end-of-sequence token"):
         generate.stop_ids(tokenizer, "prompt-completion")
+    procs = SimpleNamespace(rank=0, world_size=1, distributed=False)
+    with pytest.raises(UsageError, match="row_format 'text' rows have no prompt to complete"):
+        generate.OnPolicy(SimpleNamespace(max_new_tokens=4), tokenizer, "text", 32, 0, procs, False)
     flat = tiny_lm_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(UsageError, match="renders no generation prompt"):
         generate.stop_ids(flat, "messages")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from kdcli.engine.devices import autocast
 from kdcli.errors import UsageError
-from kdcli.recipe.on_policy_rules import NO_END_FIX, NO_GENERATION_PROMPT_FIX
+from kdcli.recipe.on_policy_rules import NO_END_FIX, NO_GENERATION_PROMPT_FIX, PROMPTED_FORMATS
 from kdcli.tasks.lm_rows import generated_row, generation_prompt
 
 AT = "distillation.on_policy"
@@ -163,6 +163,11 @@ class OnPolicy:
     """The run's on-policy generation: `rows_of_step` replaces the chosen rows' completions."""
 
     def __init__(self, config, tokenizer, row_format: str, max_length: int, seed: int, procs, sharded: bool):
+        if row_format not in PROMPTED_FORMATS:  # check-recipe refuses it; a Recipe built in code may not be checked
+            raise UsageError(
+                f"{AT}: row_format {row_format!r} rows have no prompt to complete. "
+                'Fix: use "row_format": "prompt-completion" or "messages", or remove on_policy'
+            )
         self.config = config
         self.stops = stop_ids(tokenizer, row_format)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
