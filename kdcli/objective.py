@@ -251,22 +251,25 @@ class Objective(nn.Module):
         *,
         micro_batches: int = 1,
         normaliser: float | None = None,
+        generated: Tensor | None = None,
     ):
         """This micro-batch's share of the step's loss: `(total, terms)` such that summing over
         the step's `micro_batches` gives the step's value. Encoders: each term is its batch mean
         divided by `micro_batches`. Causal LMs: the KD and hard-label terms are sums over the
         batch's target tokens divided by `normaliser`, the step's target tokens (over every
         micro-batch and process, divided by the process count as DDP averages), default this
-        batch's; the intermediate matches are batch means divided by `micro_batches`."""
+        batch's; the intermediate matches are batch means divided by `micro_batches`.
+        `generated` (B,) bool, causal LMs: rows whose completion was generated (on_policy); the
+        hard-label term leaves their tokens out (a CE on a model's own samples teaches nothing)."""
         if feats_S.final_hidden is not None:
-            return self._token_level(step_fraction, feats_S, feats_T, labels, micro_batches, normaliser)
+            hard_rows = _dataset_targets(labels, generated)
+            return self._token_level(step_fraction, feats_S, feats_T, labels, micro_batches, normaliser, hard_rows)
         total, terms = self._mean_terms(step_fraction, feats_S, feats_T, labels)
         if micro_batches == 1:
             return total, terms
         return total / micro_batches, {k: v / micro_batches for k, v in terms.items()}
 
-    def _token_level(self, step_fraction, feats_S, feats_T, labels, micro_batches: int, normaliser):
-        from kdcli.losses.chunked import chunked_kd_loss
+    def _token_level(self, step_fraction, feats_S, feats_T, labels, micro_batches: int, normaliser, hard_rows):
         from kdcli.tasks.causal_lm import target_rows
 
         if labels is None:
@@ -278,24 +281,20 @@ class Objective(nn.Module):
             raise ValueError("distillation needs at least one teacher's features")
         cached = feats_T[0].top_k if distil else None  # the teacher cache's top-k, for the target rows
         teachers = [(target_rows(f, labels)[0], *f.head) for f in feats_T] if distil and cached is None else []
-        total, parts = chunked_kd_loss(
-            hidden_S,
-            weight_S,
-            [h for h, _, _ in teachers],
-            [w for _, w, _ in teachers],
-            bias_S=bias_S,
-            bias_T=[b for _, _, b in teachers],
-            divergence=self.kd_per_token or "forward_kl",
-            divergence_options=self.kd_options,
-            chunk_size=self.config.chunk_size if distil else 256,
-            temperature=float(self.config.temperature) if distil else 1.0,
-            kd_weight=self._kd_weight(step_fraction) if distil else 0.0,
-            hard_label_weight=self._hl_weight(step_fraction) if distil else 1.0,
-            labels=targets,
-            normaliser=normaliser if normaliser is not None else max(int(targets.numel()), 1),
-            return_parts=True,
-            cached_T=cached,
-            vocab=self.shared_vocab,
+        settings = {
+            "bias_S": bias_S,
+            "divergence": self.kd_per_token or "forward_kl",
+            "divergence_options": self.kd_options,
+            "chunk_size": self.config.chunk_size if distil else 256,
+            "temperature": float(self.config.temperature) if distil else 1.0,
+            "kd_weight": self._kd_weight(step_fraction) if distil else 0.0,
+            "normaliser": normaliser if normaliser is not None else max(int(targets.numel()), 1),
+            "return_parts": True,
+            "vocab": self.shared_vocab,
+        }
+        hard_weight = self._hl_weight(step_fraction) if distil else 1.0
+        total, parts = _kd_and_hard_labels(
+            hidden_S, weight_S, teachers, targets, hard_rows, hard_weight, cached, settings
         )
         terms = {"kd": parts["kd"]} if distil else {}
         for m in self.matches:
@@ -353,6 +352,49 @@ class Objective(nn.Module):
             if hl_weight != 0.0:
                 total = total + hl_weight * ce
         return total, terms
+
+
+def _dataset_targets(labels: Tensor | None, generated: Tensor | None) -> Tensor | None:
+    """(N,) bool over a batch's target tokens: from a dataset row (not generated); None when
+    every row is a dataset row."""
+    if labels is None or generated is None or not bool(generated.any()):
+        return None
+    from kdcli.tasks.lm_rows import next_token_labels
+
+    keep = next_token_labels(labels) != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    return ~generated.to(labels.device)[rows[keep]]
+
+
+def _kd_and_hard_labels(hidden_S, weight_S, teachers, targets, hard_rows, hard_weight, cached, settings):
+    """`chunked_kd_loss` over the target rows; with generated rows (`hard_rows` False there), the
+    dataset rows and the generated rows in two calls, the hard-label term on the former only
+    (same normaliser: the sum is the step's)."""
+    from kdcli.losses.chunked import chunked_kd_loss
+
+    def call(rows, weight):
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        return chunked_kd_loss(
+            pick(hidden_S),
+            weight_S,
+            [pick(h) for h, _, _ in teachers],
+            [w for _, w, _ in teachers],
+            bias_T=[b for _, _, b in teachers],
+            hard_label_weight=weight,
+            labels=pick(targets),
+            cached_T=cached,
+            **settings,
+        )
+
+    if hard_rows is None:
+        return call(None, hard_weight)
+    if cached is not None:
+        raise ValueError("the teacher cache serves dataset rows only; a batch with generated rows runs the teachers")
+    total, parts = call(~hard_rows, 0.0)
+    if bool(hard_rows.any()):
+        total_d, parts_d = call(hard_rows, hard_weight)
+        return total + total_d, {"kd": parts["kd"] + parts_d["kd"], "hard_label": parts_d["hard_label"]}
+    return total, {"kd": parts["kd"], "hard_label": torch.zeros_like(parts["hard_label"])}
 
 
 def _check_sizes(i: int, match, proj, hidden_S: int | None, hidden_T: int | None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ from kdcli.tasks import IGNORE_INDEX, task_for
 from kdcli.tasks.causal_lm import evaluate_lm
 from kdcli.tasks.lm_rows import next_token_labels
 from launch import torchrun_kdcli
-from tiny import CHATML_TEMPLATE, LM_WORDS, make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
+from tiny import CHATML_TEMPLATE, LM_WORDS, interrupt_at, make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
 
 TEMPERATURE = 2.0
 HARD = 0.5
@@ -497,18 +496,6 @@ def test_one_step_gradient_is_the_same_for_batch_accumulation_and_processes(worl
 # --- 4. resume ---------------------------------------------------------------------------------
 
 
-def _interrupt_at(patch: pytest.MonkeyPatch, step: int) -> None:
-    """A SIGINT right after optimizer step `step`, as Ctrl-C would deliver it."""
-    advance = distill.report.Progress.advance
-
-    def advance_then_interrupt(self, done):
-        advance(self, done)
-        if done == step:
-            signal.raise_signal(signal.SIGINT)
-
-    patch.setattr(distill.report.Progress, "advance", advance_then_interrupt)
-
-
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkeypatch):
     path = write_recipe(
         world,
@@ -525,7 +512,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(world, monkey
     _run(path, straight)
 
     resumed = world / "out-resumed"
-    _interrupt_at(monkeypatch, 2)
+    interrupt_at(monkeypatch, 2)
     with pytest.raises(Interrupted, match="interrupted at step 2 of 4"):
         _run(path, resumed)
     monkeypatch.undo()

@@ -30,6 +30,7 @@ from tiny import (
     REPO,
     deny_writes,
     hold_output_lock,
+    interrupt_at,
     make_tiny_bert,
     make_tiny_config,
     write_sst2_sample,
@@ -73,18 +74,6 @@ def write_recipe(folder: Path, name: str, **sections) -> Path:
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
-
-
-def interrupt_at(patch: pytest.MonkeyPatch, step: int) -> None:
-    """Deliver a SIGINT to the loop right after optimizer step `step`, as Ctrl-C would."""
-    advance = distill.report.Progress.advance
-
-    def advance_then_interrupt(self, done):
-        advance(self, done)
-        if done == step:
-            signal.raise_signal(signal.SIGINT)
-
-    patch.setattr(distill.report.Progress, "advance", advance_then_interrupt)
 
 
 HIDDEN_AND_ATTENTION = [

@@ -363,3 +363,44 @@ def test_teacher_cache_bytes_is_check_recipes_size(tmp_path):
     del doc["distillation"]["teacher_cache"]
     (tmp_path / "r.json").write_text(json.dumps(doc))
     assert plan_recipe(tmp_path / "r.json")["teacher_cache_bytes"] is None
+
+
+def test_on_policy_generation_kv_cache_and_flops(tmp_path):
+    """The plan's KV cache against the cache transformers' generate keeps, and the FLOPs by hand."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny import make_tiny_lm, write_lm_rows
+
+    make_tiny_lm(tmp_path / "teacher", "llama", layers=2, hidden=32)
+    write_lm_rows(tmp_path / "train.jsonl", "prompt-completion", 10)
+    on_policy = {"student_share": 0.5, "teacher_share": 0.25, "max_new_tokens": 8}
+    doc = {
+        "task": "causal-lm",
+        "teacher": {"model": "./teacher"},
+        "student": {"config": "./teacher", "overrides": {"num_hidden_layers": 1}},
+        "data": {"train": "train.jsonl", "row_format": "prompt-completion", "max_length": 32},
+        "training": {"device": "cpu", "batch_size": 4, "gradient_accumulation_steps": 2, "precision": "fp32"},
+        "distillation": {"kd_loss_type": "forward_kl", "on_policy": on_policy},
+    }
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    plan = plan_recipe(tmp_path / "r.json")["generation"]
+    student, teacher = plan["models"]
+    assert (student["role"], student["rows_per_process"], teacher["rows_per_process"]) == ("student", 4, 2)
+    # teacher: 2 layers x 2 kv heads x head_dim 8, keys and values, 32 positions, 2 rows, fp32
+    assert teacher["kv_cache_bytes"] == 2 * 2 * 2 * 8 * 32 * 2 * 4
+    shape = shape_of(json.loads((tmp_path / "teacher" / "config.json").read_text()), "causal-lm", None, "teacher")
+    want = 2 * (2 * shape.body_parameters * 32 + 2 * 512 * 32 * 8 + 2 * 2 * 4 * 8 * 32 * 32)
+    assert teacher["flops_per_process"] == want
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    prompts = torch.randint(4, 500, (2, 32 - 8))
+    out = model.generate(
+        prompts, max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    cache = out.past_key_values
+    kept = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    # the cache holds every position but the last new token's: within one position of the plan
+    assert teacher["kv_cache_bytes"] * 31 / 32 <= kept <= teacher["kv_cache_bytes"]

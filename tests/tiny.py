@@ -511,3 +511,20 @@ def write_lm_rows(path: str | Path, row_format: str, n: int, seed: int = 0) -> P
                 row = {"messages": _lm_messages(i, sentences)}
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def interrupt_at(patch, step: int) -> None:
+    """Deliver a SIGINT to the loop right after optimizer step `step`, as Ctrl-C would
+    (`patch`: pytest's monkeypatch)."""
+    import signal
+
+    from kdcli import distill
+
+    advance = distill.report.Progress.advance
+
+    def advance_then_interrupt(self, done):
+        advance(self, done)
+        if done == step:
+            signal.raise_signal(signal.SIGINT)
+
+    patch.setattr(distill.report.Progress, "advance", advance_then_interrupt)

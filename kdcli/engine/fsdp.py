@@ -50,7 +50,9 @@ class ShardedTeacher(nn.Module):
         self._capture = capture
         self.role = capture.role
 
-    def forward(self, batch: Mapping[str, Tensor]) -> Features:
+    def forward(self, batch: Mapping[str, Tensor] | None, generation: dict | None = None) -> Features:
+        if generation is not None:  # on_policy: `generate` through the root (its hooks gather the head)
+            return self.teacher.generate(**generation)
         return self._capture.run(batch)
 
     def run_teacher(self, batch: Mapping[str, Tensor]) -> Features:
@@ -175,7 +177,9 @@ class ShardedStudentStep(nn.Module):
     def student(self) -> nn.Module:
         return self.step.student
 
-    def forward(self, batch, feats_T, step_fraction: float, *, features_only: bool = False, **kwargs):
+    def forward(self, batch, feats_T, step_fraction: float, *, features_only: bool = False, generation=None, **kwargs):
+        if generation is not None:  # on_policy: the student's `generate` through the root
+            return self.step.student.generate(**generation)
         if features_only:
             return self.step._capture.run(batch)
         return self.step(batch, feats_T, step_fraction, **kwargs)

@@ -64,12 +64,14 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Through
         tokens_per_s=throughput.tokens_per_s() if run.objective.token_level else None,
         memory_mb=report.peak_memory_mb(run.device.type) if run.objective.token_level else None,
     )
+    generates = run.on_policy is not None and run.on_policy.generates
+    generation = run.on_policy.read_figures(run.procs, run.device) if generates else {}
     if run.main:
         run.console.progress.show(info)
-        record = info.record()
+        record = {**info.record(), **generation}
         run.metrics.write(record)
         run.tb.add(step, record)
-    run.last_log = info.record()
+    run.last_log = {**info.record(), **generation}
 
 
 def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) -> dict[str, float]:
@@ -133,9 +135,19 @@ def evaluate_teachers(run: RunState) -> None:
             for t in run.teachers:
                 t.eval()
             run.teacher_eval = evaluate_lm_model(None, run)
+            run.teacher_eval.update(_generation_eval(run, run.teachers[0], with_kl=False))
         else:
             run.teacher_eval = evaluate(logits_fn(run.teachers), run)
         run.console.say("teacher eval: " + _metrics_line(run.teacher_eval))
+
+
+def _generation_eval(run: RunState, model: nn.Module, *, with_kl: bool = True) -> dict[str, float]:
+    """distillation.on_policy's eval figures (kdcli.engine.generation_eval); none under FSDP2."""
+    if run.on_policy is None or run.sharded:
+        return {}
+    from kdcli.engine.generation_eval import generation_metrics
+
+    return generation_metrics(model, run, with_kl=with_kl)
 
 
 def _sharded_token_level(run: RunState) -> None:
@@ -157,6 +169,7 @@ def evaluate_student(run: RunState) -> None:
                 _sharded_token_level(run)
             if run.objective.token_level:
                 run.last_eval = evaluate_lm_model(student, run)
+                run.last_eval.update(_generation_eval(run, student))
             else:
                 run.last_eval = evaluate(logits_fn([student]), run)
         finally:

@@ -110,6 +110,8 @@ class RunState:
     block_ranking: object = None
     #: FSDP2 (training.parallel "fsdp" under torchrun): sharded models, DCP checkpoints
     sharded: bool = False
+    #: distillation.on_policy (kdcli.engine.generate.OnPolicy)
+    on_policy: object = None
 
     @property
     def autocast_precision(self) -> str:
@@ -276,9 +278,26 @@ def setup(
         block_ranking=ranking,
         sharded=sharded,
     )
+    run.on_policy = _on_policy(recipe, mode, tokenizer, run_seed, procs, sharded, cache, console)
     if run.resume_from is not None:
         resume(run)
     return run
+
+
+def _on_policy(recipe, mode: Mode, tokenizer, seed: int, procs: Processes, sharded: bool, cache, console: Console):
+    """distillation.on_policy's generation (shares 0: its eval figures only; `UsageError` before
+    step 1 for a tokenizer with no end marker or generation prompt)."""
+    config = recipe.distillation.on_policy if mode == "distill" else None
+    if config is None:
+        return None
+    from kdcli.engine.generate import OnPolicy
+
+    if cache is not None and config.generates:
+        console.say(
+            "on_policy: the teacher cache serves the dataset's share of rows only; generated rows run the teacher"
+        )
+    data = recipe.data
+    return OnPolicy(config, tokenizer, data.row_format, data.max_length, seed, procs, sharded)
 
 
 def _logit_cache(recipe, mode: Mode, objective: Objective, task, console: Console) -> TeacherLogitCache | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -80,10 +81,8 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
     step's target tokens for causal LMs), so the gradient is the step's. DDP reduces only on
     the last micro-batch. `first_batch`: the chunk's first batch in its epoch."""
     result, procs, fraction = StepResult(), run.procs, run.position.step / run.total_steps
-    batches = [
-        {k: v.to(run.device, non_blocking=True) for k, v in run.collator.batch(run.train_set, indices).items()}
-        for indices in chunk
-    ]
+    started = time.perf_counter()
+    batches = [{k: v.to(run.device, non_blocking=True) for k, v in b.items()} for b in _step_batches(run, chunk)]
     normaliser = step_targets(run, batches) if run.objective.token_level else None
     for micro, (indices, batch) in enumerate(zip(chunk, batches)):
         last_micro = micro == len(chunk) - 1
@@ -92,9 +91,9 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
         plain = last_micro or not procs.distributed or run.sharded
         with nullcontext() if plain else run.step_module.no_sync():
             with autocast(run.device, run.autocast_precision):
-                feats_T = (
-                    teacher_features(run.captures_T, run.cache, indices, batch, run.device) if run.teachers else []
-                )
+                # the teacher cache serves dataset rows only: a micro-batch with generated rows runs the teachers
+                cache = None if "generated" in batch and bool(batch["generated"].any()) else run.cache
+                feats_T = teacher_features(run.captures_T, cache, indices, batch, run.device) if run.teachers else []
                 total, terms = run.step_module(
                     batch, feats_T, fraction, micro_batches=len(chunk), normaliser=normaliser
                 )
@@ -112,7 +111,21 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
         run.samples_this_session += len(indices) * procs.world_size
         run.tokens_this_session += tokens
         throughput.add(len(indices) * procs.world_size, tokens)
+    if run.on_policy is not None and run.on_policy.generates:
+        run.on_policy.figures.step_seconds += time.perf_counter() - started
     return result
+
+
+def _step_batches(run, chunk: list[list[int]]) -> list[dict[str, Tensor]]:
+    """The step's micro-batches on the CPU; under `distillation.on_policy` the chosen rows'
+    completions are generated first (`kdcli.engine.generate`)."""
+    if run.on_policy is None or not run.on_policy.generates:
+        return [run.collator.batch(run.train_set, indices) for indices in chunk]
+    from kdcli.engine.generate import collate
+
+    rows = [[run.train_set[i] for i in indices] for indices in chunk]
+    rows = run.on_policy.rows_of_step(run, run.position.step, rows)
+    return [collate(run.collator, r) for r in rows]
 
 
 def step_targets(run, batches: list[dict[str, Tensor]]) -> float:

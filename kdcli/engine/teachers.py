@@ -33,7 +33,13 @@ class StudentStep(nn.Module):
     ):
         feats_S = self._capture.run(batch)
         return self.objective(
-            step_fraction, feats_S, feats_T, batch.get("labels"), micro_batches=micro_batches, normaliser=normaliser
+            step_fraction,
+            feats_S,
+            feats_T,
+            batch.get("labels"),
+            micro_batches=micro_batches,
+            normaliser=normaliser,
+            generated=batch.get("generated"),
         )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kdcli.errors import UsageError
 from kdcli.plan.configs import Configs, gguf_config
+from kdcli.plan.generation import generation_plan
 from kdcli.plan.memory import Setup, flops, kd_logit_bytes, memory, suggestions
 from kdcli.plan.params import SUPPORTED, ModelShape, shape_of
 
@@ -178,6 +179,16 @@ def plan_recipe(
         "fits": fits,
         "suggestions": suggestions(setup, device_memory) if fits is False else [],
         "teacher_cache_bytes": _teacher_cache_bytes(recipe, teachers, labels),
+        "generation": generation_plan(
+            dist.on_policy if dist is not None else None,
+            student,
+            teachers[0][2] if teachers else None,
+            batch_size=setup.batch_size,
+            accumulation=setup.accumulation,
+            max_length=setup.max_length,
+            act_bytes=setup.act_bytes,
+            world_size=world_size,
+        ),
     }
 
 

@@ -68,6 +68,18 @@ def render_plan(doc: dict, console: Console) -> None:
         f"{human_count(f['student_forward_backward'])}, heads {human_count(f['heads'])}; "
         f"{f['tokens']:,} tokens)"
     )
+    generation = doc.get("generation")
+    if generation is not None:
+        parts = ", ".join(
+            f"{m['role']} {m['rows_per_process']} rows: KV cache {human_bytes(m['kv_cache_bytes'])}, "
+            f"{human_count(m['flops_per_process'])} FLOPs"
+            for m in generation["models"]
+        )
+        console.print(
+            f"On-policy generation per step (upper bound, {generation['max_new_tokens']} new tokens each, before "
+            f"the forward passes): {parts}; peak {human_bytes(generation['peak_bytes'])}, "
+            f"{human_count(generation['flops_per_step'])} FLOPs in all"
+        )
     if doc.get("teacher_cache_bytes") is not None:
         console.print(f"Teacher cache on disk: at most {human_bytes(doc['teacher_cache_bytes'])}")
     if doc["fits"] is None:

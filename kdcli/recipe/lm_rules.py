@@ -1,23 +1,28 @@
 """check-recipe's causal-lm model rules: the GGUF files models name (present, readable, on a
-causal-lm recipe only) and the chat template a `messages` row format renders rows with."""
+causal-lm recipe only), the chat template a `messages` row format renders rows with, and what
+on_policy generation needs of the tokenizer (an end marker, a generation prompt)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from kdcli.modelinfo import GGUF_FIX, GGUFFacts
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show
+from kdcli.recipe.on_policy_rules import AT, NO_END_FIX, NO_GENERATION_PROMPT_FIX
 from kdcli.recipe.resolve import Models, Resolved, teacher_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import PretrainedModel
-from kdcli.recipe.vocab_rules import run_tokenizer
-from kdcli.safe_files import exists, is_dir
+from kdcli.recipe.vocab_rules import TokenizerSource, run_tokenizer
+from kdcli.safe_files import exists, is_dir, read_small
 
 #: GGUF files named in a fix, at most
 LISTED_GGUF_MAX = 10
+_MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
 
 _GGUFModel = tuple[JsonPath, str, str, str, str, Resolved]
@@ -127,6 +132,72 @@ def chat_template_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models)
     ]
 
 
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _json(source: TokenizerSource, name: str) -> dict:
+    raw = read_small(source.folder / name, _MAX_CONFIG_BYTES) if source.folder is not None else None
+    try:
+        out = json.loads(raw) if raw is not None else {}
+    except (ValueError, RecursionError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def end_marker(source: TokenizerSource) -> bool | None:
+    """Whether the tokenizer has an end-of-sequence token (None: its files cannot be read)."""
+    if source.gguf_file:
+        return source.facts.eos_token_id is not None if isinstance(source.facts, GGUFFacts) else None
+    if source.folder is None:
+        return None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if _token_text(_json(source, name).get("eos_token")) is not None:
+            return True
+    return _json(source, "generation_config.json").get("eos_token_id") is not None
+
+
+def on_policy_model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list[Finding]:
+    """The run's tokenizer has an end marker, and for messages rows a chat template that
+    renders a generation prompt (it reads `add_generation_prompt`)."""
+    distillation = recipe.distillation if "distillation" in loaded.sections else None
+    on_policy = distillation.on_policy if distillation is not None else None
+    if recipe.task != "causal-lm" or on_policy is None or not on_policy.generates:
+        return []
+    source = run_tokenizer(recipe, loaded, models)
+    if source is None:
+        return []
+    out: list[Finding] = []
+    if end_marker(source) is False:
+        out.append(
+            Finding(
+                AT,
+                f"{source.name} has no end-of-sequence token, so a generated completion could never end",
+                NO_END_FIX,
+                at_key=True,
+            )
+        )
+    template = source.chat_template()
+    row_format = recipe.data.row_format if "data" in loaded.sections else None
+    if row_format == "messages" and template is not None and "add_generation_prompt" not in template:
+        out.append(
+            Finding(
+                AT,
+                f"the chat template of {source.name} cannot render a generation prompt (it never reads "
+                "add_generation_prompt), so the completion's turn would not be opened",
+                NO_GENERATION_PROMPT_FIX,
+                at_key=True,
+            )
+        )
+    return out
+
+
 def lm_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> list[Finding]:
     """The GGUF file and chat template rules (each skipped where a fact is unknown)."""
-    return gguf_findings(recipe, loaded, models) + chat_template_findings(recipe, loaded, models)
+    return (
+        gguf_findings(recipe, loaded, models)
+        + chat_template_findings(recipe, loaded, models)
+        + on_policy_model_findings(recipe, loaded, models)
+    )

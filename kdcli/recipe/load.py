@@ -16,6 +16,7 @@ from kdcli.recipe.files import check_files
 from kdcli.recipe.jsonpos import JsonSyntaxError, SourceMap, parse_json
 from kdcli.recipe.loaded import LoadedRecipe, display_name
 from kdcli.recipe.messages import dotted, show
+from kdcli.recipe.on_policy_rules import on_policy_findings
 from kdcli.recipe.paths import resolve_model_ref
 from kdcli.recipe.rules import section_findings
 from kdcli.recipe.schema import DistillationConfig, Match, Recipe, TrainingSection, apply_defaults
@@ -177,6 +178,8 @@ def read_recipe(
         loaded.sections = frozenset({"teacher", "student", "data", "training", "tokenizer", "task", "distillation"})
         loaded.matches = list(enumerate(recipe.distillation.intermediate_matches if recipe.distillation else []))
     for finding in section_findings(raw, loaded.view, loaded.sections, mode):
+        loaded.add_finding(finding)
+    for finding in on_policy_findings(raw, loaded.view, loaded.sections):
         loaded.add_finding(finding)
     check_files(loaded, producers if producers is not None else find_producers([source]), mode)
     if not loaded.ok:

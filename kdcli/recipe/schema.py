@@ -19,6 +19,7 @@ from pydantic import (
 
 from kdcli import registry
 from kdcli.recipe.messages import did_you_mean, show, suggest
+from kdcli.recipe.on_policy import OnPolicy
 from kdcli.recipe.paths import check_path_text, default_output_dir, local_path, model_ref
 from kdcli.recipe.sources import ConfigStudent, DataSection, PretrainedModel, Student, Teacher
 from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
@@ -276,6 +277,11 @@ class DistillationConfig(Section):
         description="Keep the teachers' outputs (logits, matched hidden states and attention scores; causal-lm: "
         "top-k log-probabilities) on disk per training row; later epochs and runs skip the teacher. Not with "
         "is_caching_logits.",
+    )
+    on_policy: OnPolicy | None = Field(
+        None,
+        description="causal-lm: completions the student samples (student_share, GKD's lambda) or the teacher "
+        "writes (teacher_share) replace the dataset's for that share of each step's rows.",
     )
 
     _check_schedulers = field_validator("hard_label_weight_scheduler", "kd_loss_weight_scheduler")(_weight_scheduler)

@@ -202,6 +202,33 @@ def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
     }
 
 
+def prompt_length(labels: Sequence[int]) -> int:
+    """Where an encoded row's last completion starts: the first target of its last run of
+    targets (the last assistant turn of a conversation, the completion of a prompt-completion
+    row). Everything before it is the prompt `distillation.on_policy` generates from (for
+    messages rows it ends with the chat template's generation prompt, which is no target)."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
+def generation_prompt(ids: Sequence[int], labels: Sequence[int], room: int) -> list[int]:
+    """The prompt of an encoded row (`prompt_length`), its end kept when it is longer than
+    `room` tokens (data.max_length - on_policy.max_new_tokens: the generated row fits)."""
+    prompt = list(ids[: prompt_length(labels)])
+    return prompt[-room:] if len(prompt) > room else prompt
+
+
+def generated_row(prompt: list[int], completion: list[int]) -> dict[str, Any]:
+    """A row whose completion was generated: the prompt is no target, every completion token
+    is (its end marker included when it has one); the same shift rule as dataset rows."""
+    return _row(prompt + completion, [IGNORE_INDEX] * len(prompt) + list(completion))
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[dict[str, Any]]:
     """Text rows: tokens with the special tokens, all targets, the start kept."""
     rows = []
