@@ -123,3 +123,23 @@ def test_plan_counts_the_pruned_student_exactly(ws: Path) -> None:
     student, _ = prune_model(source, PruneSpec(**prune), lambda: iter([{"input_ids": ids}]))
     row = next(m for m in doc["models"] if m["role"] == "student")
     assert row["parameters"] == sum(p.numel() for p in student.parameters())
+
+
+def test_kdcli_prune_prints_kept_sets_without_training(ws: Path, cli_runner) -> None:
+    from kdcli.cli import app
+
+    prune = {"num_hidden_layers": 3, "hidden_size": 24, "num_attention_heads": 2, "rows": 6}
+    path = ws / "prune.json"
+    path.write_text(json.dumps(_recipe(prune)))
+    result = cli_runner.invoke(app, ["prune", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["ok"] and doc["rows"] == 6 and len(doc["layers"]) == 3 and len(doc["hidden"]) == 24
+    assert [len(h) for h in doc["heads"]] == [2, 2, 2] and doc["student_parameters"] < doc["source_parameters"]
+    assert len(doc["importance"]["hidden_scores"]) == 32 and doc["depth"]["by"] == "block_influence"
+    assert not (ws / "runs").exists()  # nothing trained, nothing written
+    result = cli_runner.invoke(app, ["prune", str(path)])
+    assert result.exit_code == 0 and "parameters" in result.output
+    path.write_text(json.dumps(_recipe({"hidden_size": 24}, student={"config": "./teacher"})))
+    result = cli_runner.invoke(app, ["prune", str(path), "--json"])
+    assert result.exit_code != 0 and "no student.prune" in json.loads(result.stdout)["error"]["message"]
