@@ -11,7 +11,9 @@ What goes in, as llama.cpp's convert_hf_to_gguf.py lays it out:
 - the generation settings of generation_config.json (eos, sampling temperature/top-k/top-p);
 - the weights: Llama's q/k rows permuted as llama.cpp expects (transformers' GGUF loader
   un-permutes them), 1-D tensors in F32, 2-D in the asked type (rows not a multiple of the
-  quantization block fall back to F16, as llama.cpp does).
+  quantization block fall back to F16, as llama.cpp does); with q4_0 the output head (the
+  token embeddings when tied) is q8_0, as llama.cpp's quantizer keeps it at higher precision
+  (it uses Q6_K, which the gguf package cannot write).
 
 The file is written next to OUT.gguf under a temporary name and moved into place, so an
 existing file is replaced whole or not at all (only with `overwrite`).
@@ -177,7 +179,8 @@ def _tensors(w, model, arch_name: str, qtype: str) -> int:
             data = _permute(data, heads, heads)
         elif arch_name == "llama" and key.endswith(("k_proj.weight", "k_proj.bias")):
             data = _permute(data, heads, kv)
-        array, raw = _tensor(data, qtype)
+        head = name == "output.weight" or (name == "token_embd.weight" and c.tie_word_embeddings)
+        array, raw = _tensor(data, "q8_0" if qtype == "q4_0" and head else qtype)
         w.add_tensor(name, array, raw_dtype=raw)
         count += 1
     return count
@@ -207,6 +210,9 @@ def export_gguf(run_dir: str | Path, out: str | Path, qtype: str = "f16", *, ove
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
     try:
         w = gguf.GGUFWriter(tmp, arch_name)
         w.add_name(folder.name)
