@@ -177,6 +177,7 @@ def prune_model(
 ) -> tuple[nn.Module, PrunePlan]:
     """The student pruned from `source` by `spec`, measured on `batches()`, and its plan."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     start = time.perf_counter()
     config = source.config
@@ -196,7 +197,9 @@ def prune_model(
     plan.depth = depth
     student_config = pruned_config(source, sizes, layers, overrides)
     dtype = next(source.parameters()).dtype
-    student = AutoModelForCausalLM.from_config(student_config, dtype=dtype, attn_implementation="sdpa")
+    with no_init_weights():  # every tensor is overwritten by the source's slices
+        student = AutoModelForCausalLM.from_config(student_config, dtype=dtype, attn_implementation="sdpa")
+    student.tie_weights()  # no_init_weights skips the tying too
     state = slice_state(source, student, plan, sizes["head_dim"])
     with torch.no_grad():
         student.load_state_dict(state, strict=True)
