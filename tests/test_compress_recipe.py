@@ -143,3 +143,16 @@ def test_kdcli_prune_prints_kept_sets_without_training(ws: Path, cli_runner) -> 
     path.write_text(json.dumps(_recipe({"hidden_size": 24}, student={"config": "./teacher"})))
     result = cli_runner.invoke(app, ["prune", str(path), "--json"])
     assert result.exit_code != 0 and "no student.prune" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_rows_above_the_training_set_stop_the_run_before_any_model_loads() -> None:
+    """When check-recipe could not count the rows (a hub dataset), the run refuses them first."""
+    from types import SimpleNamespace
+
+    from kdcli.engine.setup import _measure_rows
+    from kdcli.errors import UsageError
+
+    student = SimpleNamespace(prune=PruneSpec(rows=20), init_measure=None)
+    with pytest.raises(UsageError, match="rows 20 is more than the 12 training rows"):
+        _measure_rows(SimpleNamespace(student=student), 12)
+    assert _measure_rows(SimpleNamespace(student=SimpleNamespace(prune=PruneSpec(), init_measure=None)), 12) == 64
