@@ -1,7 +1,7 @@
 """Depth-only vs width-only vs width+depth students of SmolLM2-135M-Instruct at about half its
 non-embedding parameters: untrained, after the same short distillation, and their file sizes.
 
-    python bench/lm_prune.py [--steps 30] [--batch 4] [--max-length 192] [--eval-rows 16] [--rows 32]
+    python bench/lm_prune.py [--steps 8] [--batch 4] [--max-length 128] [--eval-rows 16] [--rows 16]
 
 Each student is a `student.prune` recipe (recipes/lm-distill.json's teacher and GSM8K chats):
 - depth:       15 of 30 blocks (block influence), full width;
@@ -10,8 +10,9 @@ Each student is a `student.prune` recipe (recipes/lm-distill.json's teacher and 
 Untrained: the pruned model (Minitron activation importance on `--rows` training rows) scored
 against the teacher on the first `--eval-rows` eval rows (per-token KL(teacher || student),
 top-1 agreement, perplexity of the reference answers: `kdcli.tasks.causal_lm.evaluate_lm`).
-Trained: `kdcli distill` of the same recipe for `--steps` steps (forward KL, T=1), scored the
-same way. Then the trained student's files: fp32 and bf16 safetensors, GGUF f16 / q8_0 / q4_0
+Trained: the pruned student saved and distilled (`kdcli distill`'s engine, forward KL, T=1)
+for `--steps` steps, scored the same way (the recipe with student.prune gives the same student;
+saving it spares a second measurement on a busy 2-core machine). Then the trained student's files: fp32 and bf16 safetensors, GGUF f16 / q8_0 / q4_0
 (`kdcli export`), and each GGUF's KL to the fp32 student it came from. Prints one JSON line
 per result and a markdown table; writes runs/bench-lm-prune/results.json.
 """
@@ -53,12 +54,14 @@ STUDENTS = {
 }
 
 
-def _recipe(name: str, prune: dict, args) -> Path:
+def _recipe(name: str, prune: dict, args, pruned: Path | None = None) -> Path:
+    """The student.prune recipe of `name`; with `pruned`, the same recipe distilling that saved
+    pruned student (so the bench prunes once)."""
     base = json.loads(BASE.read_text())
     doc = {
         "task": "causal-lm",
         "teacher": base["teacher"],
-        "student": {"prune": {**prune, "rows": args.rows}},
+        "student": {"prune": {**prune, "rows": args.rows}} if pruned is None else {"model": str(pruned)},
         "data": {
             **base["data"],
             "train": str(REPO / "recipes" / "data" / "gsm8k" / "train.jsonl"),
@@ -117,12 +120,12 @@ def _files(folder: Path, student, evals, s_feats) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=16)
-    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--only", nargs="*", default=list(STUDENTS))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -146,8 +149,11 @@ def main() -> None:
         row = {"student": name, "non_embedding": _non_embedding(student), "prune_s": round(plan.seconds, 1)}
         row["untrained"] = _score(student, evals, t_feats)
         print(json.dumps(row), flush=True)
+        pruned = OUT / "pruned" / name.replace("+", "-")
+        student.save_pretrained(pruned)
+        tokenizer.save_pretrained(pruned)
         start = time.perf_counter()
-        summary = distill.run(load_recipe(path, mode="distill"), overwrite=True, quiet=True)
+        summary = distill.run(load_recipe(_recipe(name, {}, args, pruned), mode="distill"), overwrite=True, quiet=True)
         row["distill_s"] = round(time.perf_counter() - start, 1)
         folder = Path(summary["output_dir"])
         from transformers import AutoModelForCausalLM
