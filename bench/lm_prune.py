@@ -20,6 +20,7 @@ per result and a markdown table; writes runs/bench-lm-prune/results.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -104,8 +105,7 @@ def _files(folder: Path, student, evals, s_feats) -> dict:
 
     out = {"fp32_safetensors": (folder / "model.safetensors").stat().st_size}
     half = OUT / "bf16" / folder.name
-    student.to(torch.bfloat16).save_pretrained(half)
-    student.float()
+    copy.deepcopy(student).to(torch.bfloat16).save_pretrained(half)  # never round the scored student
     out["bf16_safetensors"] = (half / "model.safetensors").stat().st_size
     for qtype in ("f16", "q8_0", "q4_0"):
         name = f"{folder.name}.{qtype}.gguf"
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--only", nargs="*", default=list(STUDENTS))
+    parser.add_argument("--files-only", action="store_true", help="redo the files of results.json's students")
     args = parser.parse_args()
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,9 @@ def main() -> None:
     with torch.inference_mode():
         cap = FeatureCapture(teacher, final_hidden=True)
         t_feats = [cap.run(b) for b in evals]
+    if args.files_only:
+        _redo_files(evals)
+        return
     results = [{"student": "teacher", "non_embedding": _non_embedding(teacher), **_score(teacher, evals, t_feats)}]
     print(json.dumps(results[0]), flush=True)
     for name in args.only:
@@ -168,6 +172,22 @@ def main() -> None:
         print(f"{name}: done", file=sys.stderr, flush=True)
     (OUT / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     _table(results)
+
+
+def _redo_files(evals) -> None:
+    """The file sizes and GGUF KLs of the students results.json lists, measured again."""
+    from transformers import AutoModelForCausalLM
+
+    doc = json.loads((OUT / "results.json").read_text())
+    for row in doc["results"][1:]:
+        folder = OUT / row["student"].replace("+", "-")
+        trained = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.inference_mode():
+            s_feats = [FeatureCapture(trained, final_hidden=True).run(b) for b in evals]
+        row["files"] = _files(folder, trained, evals, s_feats)
+        print(json.dumps(row), flush=True)
+    (OUT / "results.json").write_text(json.dumps(doc, indent=1))
+    _table(doc["results"])
 
 
 def _table(results: list[dict]) -> None:
