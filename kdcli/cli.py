@@ -300,6 +300,47 @@ def rank_blocks(
     out.print(rankings_table(doc))
 
 
+@app.command("prune")
+def prune(
+    recipe: Path = _RECIPE_ARG,
+    rows: int | None = typer.Option(None, "--rows", help="Training rows to measure on (default: the recipe's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """What student.prune keeps, without training: sizes, blocks, heads, KV groups, channels and
+    their activation importance (Minitron; docs/compress.md)."""
+    with _boundary(as_json):
+        from kdcli.compress.prune_report import prune_recipe
+        from kdcli.recipe import load_checked
+
+        doc = prune_recipe(load_checked(recipe), rows, lambda text: err.print(text, markup=False))
+    if as_json:
+        _print_json({"ok": True, **doc})
+        return
+    from kdcli.compress.prune_report import prune_table
+
+    out.print(prune_table(doc))
+
+
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="A run's output folder (or any causal-LM model folder)."),
+    gguf_path: Path = typer.Option(..., "--gguf", help="The GGUF file to write."),
+    qtype: str = typer.Option("f16", "--type", metavar="[f16|q8_0|q4_0]", help="Tensor type of the weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT.gguf if it exists (that file only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Write a Llama-family student as a GGUF file (tokenizer, chat template and generation
+    settings included) for llama.cpp / Ollama."""
+    with _boundary(as_json):
+        from kdcli.compress.export_gguf import export_gguf
+
+        doc = export_gguf(run_dir, gguf_path, qtype, overwrite=overwrite)
+    if as_json:
+        _print_json({"ok": True, **doc})
+        return
+    out.print(f"wrote {doc['path']} ({doc['type']}, {doc['bytes']:,} bytes, {doc['tensors']} tensors)")
+
+
 # --- plan --------------------------------------------------------------------------------
 
 

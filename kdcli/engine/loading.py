@@ -61,6 +61,8 @@ def load_models(
             gguf_file=student_ref.gguf_file,
         )
         return teachers, loaded.model, None
+    if student_ref.prune is not None:
+        return teachers, *_pruned_student(recipe, teachers, id2label, warn, sample_batches, say)
     init_from, layers, ranking = None, student_ref.init_blocks, None
     measure = student_ref.init_measure
     if layers is not None or measure is not None:
@@ -104,6 +106,39 @@ def load_models(
 
         student.generation_config = copy.deepcopy(source.generation_config)
     return teachers, student, ranking
+
+
+def prune_source(recipe, teachers: list, warn: Callable[[str], None]):
+    """The model `student.prune` slices: the first teacher when the student's config is its
+    model (already loaded), else the config's model, loaded."""
+    s = recipe.student
+    if teachers and (s.config, s.gguf_file, s.revision) == (
+        recipe.teachers[0].model,
+        recipe.teachers[0].gguf_file,
+        recipe.teachers[0].revision,
+    ):
+        return teachers[0]
+    return kmodels.load_model(
+        s.config,
+        recipe.task,
+        revision=s.revision,
+        trust_remote_code=s.trust_remote_code,
+        role="student.prune.from",
+        warn=warn,
+        gguf_file=s.gguf_file,
+    ).model.eval()
+
+
+def _pruned_student(recipe, teachers, id2label, warn, sample_batches, say):
+    """(student, PrunePlan) of `student.prune`, measured on the first `prune.rows` rows."""
+    from kdcli.compress.prune import prune_model
+
+    spec = recipe.student.prune
+    student, plan = prune_model(prune_source(recipe, teachers, warn), spec, sample_batches, recipe.student.overrides)
+    if say is not None:
+        sizes = ", ".join(f"{k} {v}" for k, v in plan.sizes.items())
+        say(f"student.prune: {sizes}; blocks {list(plan.layers)}; measured on {plan.importance.tokens} tokens")
+    return student, plan
 
 
 def tokenizer_ref(recipe) -> tuple[str, str | None, bool, str | None]:

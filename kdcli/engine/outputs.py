@@ -256,12 +256,26 @@ def save_final(run: RunState) -> None:
         student = fsdp.full_student(run.step_module, run.student, run.main)
     if run.main:
         out, objective = run.out, run.objective
+        student = _in_save_dtype(student, run.training.save_dtype)
         with disk_full_keeps(run):
             with ckpt.disk_full_as_error("the student model", out, ckpt.nbytes(student.state_dict())):
                 ckpt.atomic_save_pretrained_files(student, run.tokenizer, out)
             if len(objective.projections):
                 with ckpt.disk_full_as_error(PROJECTIONS_FILE, out, ckpt.nbytes(objective.state_dict())):
                     ckpt.atomic_save_safetensors(objective.state_dict(), out / PROJECTIONS_FILE)
+
+
+def _in_save_dtype(student, save_dtype: str):
+    """The student as `training.save_dtype` saves it: itself (fp32), or a copy in bf16 / fp16
+    (the run's own student and its checkpoints stay as they are)."""
+    if save_dtype == "fp32":
+        return student
+    import copy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[save_dtype]
+    half = copy.deepcopy(student).to(dtype)
+    half.config.dtype = dtype
+    return half
 
 
 def write_summary(run: RunState, *, start_step: int, train_time: float, wall_start: float) -> dict:
@@ -290,6 +304,7 @@ def write_summary(run: RunState, *, start_step: int, train_time: float, wall_sta
         "teacher_eval": run.teacher_eval,
         "student_parameters": sum(p.numel() for p in run.student.parameters()),
         "student_blocks": run.block_ranking.to_dict() if run.block_ranking is not None else None,
+        "student_prune": run.student_prune.to_dict() if run.student_prune is not None else None,
         "train_time_s": round(train_time, 3),
         "wall_time_s": round(time.perf_counter() - wall_start, 3),
         "samples_per_s": round(run.samples_this_session / train_time, 3)

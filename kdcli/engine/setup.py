@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
+from kdcli.recipe.prune import DEFAULT_ROWS
 from kdcli.tasks import task_for
 
 
@@ -108,6 +109,8 @@ class RunState:
     tokens_this_session: int = 0
     #: how `student.init_from_teacher` chose the blocks, when it measured them
     block_ranking: object = None
+    #: what `student.prune` kept (a `kdcli.compress.prune.PrunePlan`), when it pruned
+    student_prune: object = None
     #: FSDP2 (training.parallel "fsdp" under torchrun): sharded models, DCP checkpoints
     sharded: bool = False
     #: distillation.on_policy (kdcli.engine.generate.OnPolicy)
@@ -139,6 +142,21 @@ class RunState:
     @property
     def eval_set(self):
         return self.data.eval
+
+
+def _measure_rows(recipe, train_rows: int) -> int | None:
+    """The rows `init_from_teacher` or `student.prune` measure on (None: nothing is measured);
+    more prune rows than the training set has is a UsageError before any model loads."""
+    measure = getattr(recipe.student, "init_measure", None)
+    prune = getattr(recipe.student, "prune", None)
+    if prune is not None and prune.rows is not None and prune.rows > train_rows:
+        raise UsageError(
+            f"student.prune.rows {prune.rows} is more than the {train_rows} training rows. "
+            f"Fix: use rows <= {train_rows}, or more training data"
+        )
+    if prune is not None:
+        return prune.rows or DEFAULT_ROWS
+    return measure.rows if measure is not None else None
 
 
 def setup(
@@ -175,13 +193,14 @@ def setup(
 
     # models, objective, captures
     task = task_for(recipe.task)
-    measure = getattr(recipe.student, "init_measure", None)
+    rows = _measure_rows(recipe, len(task_data.train))
+    recipe_prunes = getattr(recipe.student, "prune", None) is not None
     teachers, student, ranking = load_models(
         recipe,
         mode,
         task_data.labels,
         console.warn,
-        sample_batches(task_data, tokenizer, measure.rows) if measure is not None else None,
+        sample_batches(task_data, tokenizer, rows) if rows is not None else None,
         console.say,
     )
     kmodels.check_vocabularies(  # every model reads the tokenizer's ids as its own tokens
@@ -275,7 +294,8 @@ def setup(
         resume_from=folder.latest,
         last_saved=folder.latest,
         closers=[capture_S, *captures_T, *([cache] if hasattr(cache, "close") else [])],
-        block_ranking=ranking,
+        block_ranking=None if recipe_prunes else ranking,
+        student_prune=ranking if recipe_prunes else None,
         sharded=sharded,
     )
     run.on_policy = _on_policy(recipe, mode, tokenizer, run_seed, procs, sharded, cache, console)

@@ -17,6 +17,7 @@ _SPELLINGS: dict[str, tuple[str, ...]] = {
     "intermediate_size": ("intermediate_size", "hidden_dim", "n_inner", "ffn_dim", "d_ff"),
     "vocab_size": ("vocab_size",),
     "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_seq_len"),
+    "num_key_value_heads": ("num_key_value_heads",),
 }
 
 #: `PretrainedConfig` attributes every architecture accepts, valid in `overrides` even when
@@ -74,6 +75,7 @@ class ModelFacts:
     intermediate_size: int | None = None
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
+    num_key_value_heads: int | None = None
     num_labels: int | None = None
     head: str | None = None
     config_keys: frozenset[str] = field(default_factory=frozenset)

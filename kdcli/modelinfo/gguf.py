@@ -291,7 +291,6 @@ def _check_data(r: _Reader, metadata: dict, tensors: dict[str, GGUFTensor]) -> N
 class GGUFFacts(ModelFacts):
     """`ModelFacts` from a GGUF header, plus what its tokenizer metadata says."""
 
-    num_key_value_heads: int | None = None
     tie_word_embeddings: bool | None = None
     tokens: tuple[str, ...] = field(default=(), repr=False)
     bos_token_id: int | None = None

@@ -14,6 +14,7 @@ from kdcli.modelinfo.config import read_config
 from kdcli.modelinfo.hub import _offline, fetch_hub_config
 from kdcli.recipe.load import read_recipe
 from kdcli.recipe.loaded import display_name
+from kdcli.recipe.prune import prune_targets
 from kdcli.recipe.sources import PretrainedModel
 
 _FIX = "Fix: make its config.json available (a local folder, the Hugging Face cache, or network access)"
@@ -86,6 +87,8 @@ class Configs:
         if not student.config:
             raise UsageError(f"{role}: no config to start from. Fix: set student.config")
         base = self.model(student.config, student.revision, student.gguf_file, f"{role} config")
+        if student.prune is not None:  # the pruned sizes, head_dim kept (one rule: kdcli.recipe.prune)
+            return {**base, **student.overrides, **prune_targets(base, student.prune)[0]}
         return {**base, **student.overrides}
 
     def produced(self, recipe_file: Path, role: str) -> dict:

@@ -24,6 +24,7 @@ from kdcli.recipe.data_rules import values_shown
 from kdcli.recipe.lm_rules import lm_findings
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show, suggest
+from kdcli.recipe.prune_rules import prune_findings
 from kdcli.recipe.resolve import Models, Resolver, gguf_file_at, student_ref_path, teacher_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Match, Recipe
@@ -365,6 +366,7 @@ def model_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models, resolve
     if "student" in loaded.sections:
         out += init_findings(recipe, loaded, models.init_source.facts if models.init_source else None, s)
         out += override_findings(recipe, models.base.facts if models.base else None)
+        out += prune_findings(recipe, loaded, models)
     out += weight_findings(recipe, models)
     out += block_count_findings(recipe, loaded, models)
     vocab, tokens_compared = vocab_findings(recipe, loaded, models)

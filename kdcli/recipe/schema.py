@@ -59,6 +59,10 @@ class TrainingSection(Section):
     seed: int = Field(42, ge=SEED_RANGE.start, lt=SEED_RANGE.stop)
     device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:N" or "mps".')
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    save_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="The saved student's weights: fp32, or bf16 / fp16 (half the file; checkpoints stay fp32).",
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: ddp (replicated student) or fsdp (FSDP2: student and teachers sharded per block).",

@@ -17,6 +17,7 @@ from pydantic import (
 
 from kdcli.recipe.messages import show
 from kdcli.recipe.paths import check_path_text, data_format_of, local_path, looks_local_data, model_ref
+from kdcli.recipe.prune import PruneSpec
 from kdcli.recipe.validation import DataFormat, RowFormat, Section, context_of, recipe_error
 
 #: model config fields that `student.overrides` must give as positive integers
@@ -108,6 +109,11 @@ class ConfigStudent(Section):
         "student block. In a train recipe, blocks of the model named by `config`. Or "
         '{"keep": K, "by": "angular_distance"}: the K blocks chosen by measurement on the training rows.',
     )
+    prune: PruneSpec | None = Field(
+        None,
+        description='Slice the student out of a model by measured importance: {"hidden_size": 384, '
+        '"num_hidden_layers": 24, ...} (docs/compress.md).',
+    )
     revision: str | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = Field(
@@ -139,6 +145,32 @@ class ConfigStudent(Section):
                 "choose sizes with hidden_size % num_attention_heads == 0 (e.g. 384 and 12)",
             )
         return value
+
+    @model_validator(mode="after")
+    def _pruned_sizes(self) -> ConfigStudent:
+        prune = self.prune
+        if prune is None:
+            return self
+        if self.init_from_teacher is not None:
+            raise recipe_error(
+                "prune and init_from_teacher both say where the student's weights come from",
+                "keep one: prune (depth via prune.num_hidden_layers and prune.depth_by) or init_from_teacher",
+            )
+        if prune.source is not None and self.config is not None and prune.source != self.config:
+            raise recipe_error(
+                f"prune.from {show(prune.source)} and config {show(self.config)} name different models",
+                "remove config (prune.from becomes the student's config)",
+            )
+        if prune.source is not None:
+            self.config = prune.source
+        for key, size in prune.sizes().items():
+            if key in self.overrides and self.overrides[key] != size:
+                raise recipe_error(
+                    f"prune.{key} is {size} but overrides.{key} is {show(self.overrides[key])}",
+                    f"remove overrides.{key} (prune sets it)",
+                )
+            self.overrides[key] = size
+        return self
 
     @model_validator(mode="after")
     def _measured_layers(self) -> ConfigStudent:
