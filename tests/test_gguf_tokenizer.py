@@ -62,3 +62,29 @@ def test_check_recipe_and_distill_agree_on_a_llama3_style_gguf_teacher(llama3: P
     assert summary["steps"] == 1
     saved = json.loads((llama3 / "out" / "tokenizer.json").read_text())
     assert not any(t["content"] == "<|endoftext|>" for t in saved["added_tokens"])
+
+
+def test_a_gguf_student_trains_and_saves_as_plain_safetensors(llama3: Path) -> None:
+    """A student read from a GGUF file (`student.model` + `gguf_file`) used to train and then
+    fail at the final save: transformers keeps its GGUF quantizer on the dequantized model and
+    `save_pretrained` refused ("quantized with gguf and is not serializable")."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = {
+        "task": "causal-lm",
+        "teacher": {"model": "teacher", "gguf_file": "m.gguf"},
+        "student": {"model": "teacher", "gguf_file": "m.gguf"},
+        "data": {"train": "train.jsonl", "text_column": "text", "max_length": 16},
+        "training": {"num_steps": 1, "batch_size": 4, "device": "cpu", "output_dir": "out-gguf-student"},
+        "distillation": {"kd_loss_type": "forward_kl"},
+    }
+    path = llama3 / "recipe-gguf-student.json"
+    path.write_text(json.dumps(recipe))
+    report, _ = check_file(path)
+    assert report.valid, report.problems
+    summary = distill.run(load_recipe(path, mode="distill"), quiet=True)
+    assert summary["steps"] == 1
+    out = llama3 / "out-gguf-student"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and getattr(model, "hf_quantizer", None) is None

@@ -211,6 +211,7 @@ def load_model(
     _check_loading_info(model, info, ref, role, resize_head=resize_head)
     if gguf_file is not None:
         drop_quantization_config(model.config)
+        _forget_gguf_quantizer(model)
     return LoadedModel(
         model=model,
         ref=ref,
@@ -227,6 +228,16 @@ def _check_gguf_file(ref: str, gguf_file: str, role: str) -> None:
         found = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"use one of {', '.join(found)}" if found else "put the .gguf file in that folder"
         raise ModelError(f"{role} {ref!r}: no GGUF file {gguf_file!r} in the folder. Fix: {hint}")
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """transformers keeps a GGUF quantizer on the model it dequantized, and `save_pretrained`
+    then refuses ("quantized with gguf and is not serializable"): the weights are plain tensors,
+    so a GGUF student saves like any other once the quantizer is gone."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
 
 
 def drop_quantization_config(config) -> None:
