@@ -27,6 +27,20 @@ def llama3(tmp_path_factory) -> Path:
     return root
 
 
+def _write_recipe(path: Path, student: dict, output_dir: str) -> Path:
+    """A one-step causal-lm recipe with the GGUF teacher and `student`, written to `path`."""
+    recipe = {
+        "task": "causal-lm",
+        "teacher": {"model": "teacher", "gguf_file": "m.gguf"},
+        "student": student,
+        "data": {"train": "train.jsonl", "text_column": "text", "max_length": 16},
+        "training": {"num_steps": 1, "batch_size": 4, "device": "cpu", "output_dir": output_dir},
+        "distillation": {"kd_loss_type": "forward_kl"},
+    }
+    path.write_text(json.dumps(recipe))
+    return path
+
+
 def test_the_tokenizer_has_exactly_the_files_ids(llama3: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -46,16 +60,7 @@ def test_the_tokenizer_has_exactly_the_files_ids(llama3: Path) -> None:
 def test_check_recipe_and_distill_agree_on_a_llama3_style_gguf_teacher(llama3: Path) -> None:
     """check-recipe said valid, then distill refused: the tokenizer had one id (<|endoftext|>)
     more than the model's embeddings."""
-    recipe = {
-        "task": "causal-lm",
-        "teacher": {"model": "teacher", "gguf_file": "m.gguf"},
-        "student": {"config": "teacher", "gguf_file": "m.gguf"},
-        "data": {"train": "train.jsonl", "text_column": "text", "max_length": 16},
-        "training": {"num_steps": 1, "batch_size": 4, "device": "cpu", "output_dir": "out"},
-        "distillation": {"kd_loss_type": "forward_kl"},
-    }
-    path = llama3 / "recipe.json"
-    path.write_text(json.dumps(recipe))
+    path = _write_recipe(llama3 / "recipe.json", {"config": "teacher", "gguf_file": "m.gguf"}, "out")
     report, _ = check_file(path)
     assert report.valid, report.problems
     summary = distill.run(load_recipe(path, mode="distill"), quiet=True)
@@ -70,16 +75,8 @@ def test_a_gguf_student_trains_and_saves_as_plain_safetensors(llama3: Path) -> N
     `save_pretrained` refused ("quantized with gguf and is not serializable")."""
     from transformers import AutoModelForCausalLM
 
-    recipe = {
-        "task": "causal-lm",
-        "teacher": {"model": "teacher", "gguf_file": "m.gguf"},
-        "student": {"model": "teacher", "gguf_file": "m.gguf"},
-        "data": {"train": "train.jsonl", "text_column": "text", "max_length": 16},
-        "training": {"num_steps": 1, "batch_size": 4, "device": "cpu", "output_dir": "out-gguf-student"},
-        "distillation": {"kd_loss_type": "forward_kl"},
-    }
-    path = llama3 / "recipe-gguf-student.json"
-    path.write_text(json.dumps(recipe))
+    student = {"model": "teacher", "gguf_file": "m.gguf"}
+    path = _write_recipe(llama3 / "recipe-gguf-student.json", student, "out-gguf-student")
     report, _ = check_file(path)
     assert report.valid, report.problems
     summary = distill.run(load_recipe(path, mode="distill"), quiet=True)
