@@ -202,13 +202,12 @@ def _run_recipe(
 ) -> None:
     with _boundary(as_json):
         from kdcli.errors import UsageError
-        from kdcli.recipe import SEED_RANGE, is_device, load_checked
+        from kdcli.recipe import SEED_RANGE, check_max_steps, is_device, load_checked
 
         if device is not None:
             if not is_device(device):
                 raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
-        if max_steps is not None and max_steps < 1:
-            raise UsageError(f"--max-steps {max_steps} is not a number of steps. Fix: pass 1 or more")
+        check_max_steps(max_steps)
         if seed is not None and seed not in SEED_RANGE:
             low, high = SEED_RANGE.start, SEED_RANGE.stop - 1
             raise UsageError(

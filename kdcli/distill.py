@@ -65,6 +65,7 @@ from kdcli.engine.recipe_facts import Mode, read_paths
 from kdcli.engine.setup import RunState, setup
 from kdcli.engine.step import StopFlags, StopRequest, optimizer_step, train_step
 from kdcli.errors import Interrupted, RunError, UsageError, first_line
+from kdcli.recipe.schema import check_max_steps
 
 
 def run(
@@ -94,8 +95,7 @@ def run(
         raise UsageError(
             "`kdcli distill` needs a recipe with `teacher` and `distillation`. Fix: use `kdcli train` for fine-tuning"
         )
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
+    check_max_steps(max_steps)
     procs = Processes.from_env()
     started = False
     if procs.distributed and not torch.distributed.is_initialized():

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcli.checkpoint import atomic_write_text
+from kdcli.tasks import IGNORE_INDEX
 
 ProgressMode = Literal["rich", "plain", "off"]
 
@@ -282,7 +283,7 @@ def classification_metrics(
 
     predictions, labels: flat sequences of the same length.
     """
-    pairs = [(int(p), int(y)) for p, y in zip(predictions, labels) if int(y) != -100]
+    pairs = [(int(p), int(y)) for p, y in zip(predictions, labels) if int(y) != IGNORE_INDEX]
     n = len(pairs)
     out: dict[str, float] = {"accuracy": (sum(p == y for p, y in pairs) / n) if n else 0.0, "examples": n}
     if outside_id is not None:

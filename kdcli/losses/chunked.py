@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
+
 from .divergences import DIVERGENCES, CachedTopK
 from .inputs import _ndim, _shape, _tensor, compute_dtype
 
-#: labels with this value mark rows that are no target (prompt, padding): they contribute nothing
-IGNORE_INDEX = -100
 _LOSS = "chunked_kd_loss"
 
 
@@ -118,7 +118,7 @@ def chunked_kd_loss(
     bias_T: Tensor | None | Sequence[Tensor | None] = None,
     divergence: str | Callable[..., Tensor] = "forward_kl",
     divergence_options: Mapping[str, Any] | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = CHUNK_SIZE,
     temperature: float = 1.0,
     hard_label_weight: float = 0.0,
     labels: Tensor | None = None,

@@ -58,6 +58,7 @@ from kdcli.recipe.schema import (
     Proj,
     Recipe,
     TrainingSection,
+    check_max_steps,
     is_device,
     recipe_json_schema,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "RECIPE_MAX_BYTES",
     "DEVICE_PATTERN",
     "SEED_RANGE",
+    "check_max_steps",
     "CheckReport",
     "ConfigStudent",
     "DataFormat",
