@@ -70,22 +70,14 @@ def proj_size_findings(at: JsonPath, match: Match, d_s: int | None, d_t: int | N
         return out
     proj = match.proj
     if proj is not None:
-        if d_s is not None and proj.dim_S != d_s:
-            out.append(
-                Finding(
-                    at + ("proj", 1),
-                    f"proj dim_S is {proj.dim_S} but the student's hidden size is {d_s}",
-                    f"write {show([proj.kind, d_s, d_t or proj.dim_T])}",
-                )
-            )
-        if d_t is not None and proj.dim_T != d_t:
-            out.append(
-                Finding(
-                    at + ("proj", 2),
-                    f"proj dim_T is {proj.dim_T} but the teacher's hidden size is {d_t}",
-                    f"write {show([proj.kind, d_s or proj.dim_S, d_t])}",
-                )
-            )
+        fixed = [proj.kind, d_s or proj.dim_S, d_t or proj.dim_T]
+        for pos, name, written, size, who in (
+            (1, "dim_S", proj.dim_S, d_s, "student"),
+            (2, "dim_T", proj.dim_T, d_t, "teacher"),
+        ):
+            if size is not None and written != size:
+                message = f"proj {name} is {written} but the {who}'s hidden size is {size}"
+                out.append(Finding(at + ("proj", pos), message, f"write {show(fixed)}"))
     elif match.spec.needs_proj_when_sizes_differ and d_s is not None and d_t is not None and d_s != d_t:
         free = "/".join(registry.loss_names_where(feature="hidden", same_size=None))
         out.append(
