@@ -41,12 +41,11 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from kdcli import checkpoint as ckpt
 from kdcli import data as kdata  # noqa: F401  (tests patch kdcli.data through this name)
 from kdcli import models as kmodels  # noqa: F401  (tests patch kdcli.models through this name)
 from kdcli import outdir, report
+from kdcli.engine import build
 from kdcli.engine.batches import BatchStream
 from kdcli.engine.devices import Processes, is_main_process  # noqa: F401  (cli imports it from here)
 from kdcli.engine.non_finite import non_finite_error
@@ -97,18 +96,8 @@ def run(
         )
     check_max_steps(max_steps)
     procs = Processes.from_env()
-    started = False
-    if procs.distributed and not torch.distributed.is_initialized():
-        on_gpu = (device or recipe.training.device).startswith(("cuda", "auto")) and torch.cuda.is_available()
-        if on_gpu:
-            torch.cuda.set_device(procs.local_rank)  # before NCCL initialises
-        torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo")
-        started = True
-    try:
+    with build.process_group(procs, device or recipe.training.device):
         return _run(recipe, mode, procs, output_dir, max_steps, device, seed, resume, overwrite, quiet)
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
 
 
 def _run(
