@@ -190,3 +190,18 @@ def test_the_step_bound_and_the_proj_rule_are_written_once() -> None:
             if attrs & {"dim_S", "dim_T"} and where != "recipe/model_rules.py":
                 found.append(f"{where}:{node.lineno} proj dims")
     assert found == []
+
+
+#: the most lines a function (its signature, docstring and body) may have
+FUNCTION_LINES_MAX = 120
+
+
+def test_every_function_is_short() -> None:
+    long = [
+        f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for where, tree in _trees()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > FUNCTION_LINES_MAX
+    ]
+    assert long == []
