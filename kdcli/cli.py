@@ -215,6 +215,7 @@ def _run_recipe(
             )
         recipe = load_checked(recipe_path, mode=mode)
         from kdcli import distill
+        from kdcli.engine.devices import is_main_process
 
         summary = distill.run(
             recipe,
@@ -227,14 +228,14 @@ def _run_recipe(
             overwrite=overwrite,
             quiet=quiet,
         )
-        if not distill.is_main_process():
+        if not is_main_process():
             return
     if as_json:
         _print_json({"ok": True, **summary})
     else:
         from rich.markup import escape
 
-        from kdcli.report import summary_table
+        from kdcli.run_files.run_log import summary_table
 
         out.print(summary_table(summary, title=f"kdcli {mode}: {escape(printable(str(summary['output_dir'])))}"))
 
@@ -363,7 +364,7 @@ def plan(
     if as_json:
         _print_json(doc)
         return
-    from kdcli.plan.render import render_plan
+    from kdcli.plan.tables import render_plan
 
     render_plan(doc, out)
 

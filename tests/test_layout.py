@@ -122,7 +122,7 @@ def test_temperature_scheduler_parsed_once_for_both_sides() -> None:
 def test_one_csv_dialect_for_the_run_and_the_check() -> None:
     import csv
 
-    from kdcli.tabular import dialect
+    from kdcli.facts.tabular import dialect
 
     assert dialect("tsv") == dialect("tsv", "\t") == ("\t", csv.QUOTE_NONE)
     assert dialect("csv") == (",", csv.QUOTE_MINIMAL) and dialect("csv", ";") == (";", csv.QUOTE_MINIMAL)

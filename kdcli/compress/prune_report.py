@@ -12,9 +12,9 @@ def prune_recipe(recipe, rows: int | None, warn: Callable[[str], None]) -> dict:
     from kdcli.compress.prune import prune_model
     from kdcli.engine import build
     from kdcli.engine.blocks import sample_batches
-    from kdcli.engine.loading import prune_source
+    from kdcli.engine.recipe_models import prune_source
     from kdcli.errors import UsageError
-    from kdcli.recipe.prune import DEFAULT_ROWS
+    from kdcli.recipe.prune_schema import DEFAULT_ROWS
 
     spec = getattr(recipe.student, "prune", None)
     if spec is None:

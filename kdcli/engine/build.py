@@ -17,8 +17,8 @@ from torch import nn
 from kdcli import data as kdata
 from kdcli import models as kmodels
 from kdcli.engine.devices import Processes, resolve_device, resolve_precision, seed_everything
-from kdcli.engine.loading import load_teachers, tokenizer_ref
 from kdcli.engine.recipe_facts import Mode
+from kdcli.engine.recipe_models import load_teachers, tokenizer_ref
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
 

@@ -13,14 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import models as kmodels
-from kdcli import outdir, report
 from kdcli.engine import build, resume_objective
 from kdcli.engine.blocks import sample_batches
 from kdcli.engine.devices import Processes
-from kdcli.engine.loading import load_models
 from kdcli.engine.optim import (
     follow_learning_rates,
     make_optimizer,
@@ -28,14 +25,17 @@ from kdcli.engine.optim import (
     param_groups,
 )
 from kdcli.engine.recipe_facts import Mode, resume_command
+from kdcli.engine.recipe_models import load_models
 from kdcli.engine.teachers import StudentStep, TeacherLogitCache
+from kdcli.run_files import checkpoint as ckpt
+from kdcli.run_files import outdir, run_log
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdcli.engine.teacher_cache import TeacherDiskCache
 from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
-from kdcli.recipe.prune import DEFAULT_ROWS
+from kdcli.recipe.prune_schema import DEFAULT_ROWS
 from kdcli.tasks import task_for
 
 
@@ -46,7 +46,7 @@ class Console:
     def __init__(self, main: bool, quiet: bool) -> None:
         self.main, self.quiet = main, quiet
         self.warnings: list[str] = []
-        self.progress: report.Progress | None = None
+        self.progress: run_log.Progress | None = None
 
     def say(self, text: str, *, even_if_quiet: bool = False) -> None:
         if self.main and (even_if_quiet or not self.quiet):
@@ -98,8 +98,8 @@ class RunState:
     last_log: dict | None = None
     last_eval: dict | None = None
     teacher_eval: dict | None = None
-    metrics: report.MetricsLog | None = None
-    tb: report.TensorBoard | None = None
+    metrics: run_log.MetricsLog | None = None
+    tb: run_log.TensorBoard | None = None
     samples_this_session: int = 0
     tokens_this_session: int = 0
     #: how `student.init_from_teacher` chose the blocks, when it measured them

@@ -40,7 +40,7 @@ from kdcli.engine.cache_meta import META, load_meta, parse_layout, read_layout, 
 from kdcli.engine.cache_store import RowStore
 from kdcli.errors import RunError
 from kdcli.features import MASK_VALUE, Features
-from kdcli.outdir import TEACHER_CACHE_DIR
+from kdcli.run_files.outdir import TEACHER_CACHE_DIR
 from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
 
 #: the recipe's dtype names and their torch dtypes

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from kdcli import registry
-from kdcli.architectures import ATTENTION_MODEL_TYPES, attention_capture_supported
-from kdcli.modelinfo import (
+from kdcli.facts.architectures import ATTENTION_MODEL_TYPES, attention_capture_supported
+from kdcli.facts.modelinfo import (
     GENERIC_CONFIG_KEYS,
     ConfigUnavailable,
     GGUFFacts,
@@ -46,7 +46,7 @@ def _type_source(facts: ModelFacts) -> str:
 
 def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
     """An attention match on a model whose config.json `model_type` kdcli cannot capture
-    attention scores of (`kdcli.architectures`), as the run would refuse it."""
+    attention scores of (`kdcli.facts.architectures`), as the run would refuse it."""
     out = []
     for who, facts in (("teacher", teacher), ("student", student)):
         if facts is not None and facts.model_type is not None and not attention_capture_supported(facts.model_type):
