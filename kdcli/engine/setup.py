@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedTokenizerBase
 
 from kdcli import data as kdata
 from kdcli import models as kmodels
@@ -31,12 +33,17 @@ from kdcli.run_files import checkpoint as ckpt
 from kdcli.run_files import outdir, run_log
 
 if TYPE_CHECKING:  # pragma: no cover
+    from kdcli.compress.prune import PrunePlan
+    from kdcli.engine.generate import OnPolicy
     from kdcli.engine.teacher_cache import TeacherDiskCache
 from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
+from kdcli.models.block_ranking import BlockRanking
 from kdcli.objective import Objective
 from kdcli.recipe.prune_schema import DEFAULT_ROWS
+from kdcli.recipe.schema import Recipe
 from kdcli.tasks import task_for
+from kdcli.tasks.base import Task
 
 
 class Console:
@@ -66,7 +73,7 @@ class Console:
 class RunState:
     """One run's pieces and where it stands; the loop and its helpers read and update it."""
 
-    recipe: object
+    recipe: Recipe
     mode: Mode
     procs: Processes
     folder: outdir.RunFolder
@@ -74,9 +81,9 @@ class RunState:
     seed: int
     device: torch.device
     precision: str
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     tokenizer_ref: str
-    task: object  # a kdcli.tasks.base.Task
+    task: Task
     data: kdata.TaskData
     collator: kdata.Collator
     teachers: list[nn.Module]
@@ -88,7 +95,7 @@ class RunState:
     step_module: nn.Module
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: LRScheduler
     scaler: torch.amp.GradScaler
     total_steps: int
     command: str
@@ -103,13 +110,13 @@ class RunState:
     samples_this_session: int = 0
     tokens_this_session: int = 0
     #: how `student.init_from_teacher` chose the blocks, when it measured them
-    block_ranking: object = None
+    block_ranking: BlockRanking | None = None
     #: what `student.prune` kept (a `kdcli.compress.prune.PrunePlan`), when it pruned
-    student_prune: object = None
+    student_prune: PrunePlan | None = None
     #: FSDP2 (training.parallel "fsdp" under torchrun): sharded models, DCP checkpoints
     sharded: bool = False
     #: distillation.on_policy (kdcli.engine.generate.OnPolicy)
-    on_policy: object = None
+    on_policy: OnPolicy | None = None
 
     @property
     def autocast_precision(self) -> str:
