@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP     := $(VENV)/.kdcli-installed
 PIP       := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: setup test test-slow lint demo demo-lm bench bench-lm clean
+.PHONY: setup test test-slow lint typecheck demo demo-lm bench bench-lm clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy on engine/, losses/, tasks/, objective.py, features.py ([tool.mypy] in pyproject.toml)
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m kdcli.demo

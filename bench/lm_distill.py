@@ -274,12 +274,12 @@ def attention_flops(model: dict, lengths: list[int], passes: int) -> float:
 def build(recipe_path: Path, folder: Path, steps: int):
     """The run's pieces as `kdcli distill` builds them (kdcli.engine.setup) and the step batches."""
     from kdcli import data as kdata
-    from kdcli import outdir
     from kdcli.engine.devices import Processes
-    from kdcli.engine.outputs import RUN_FILES
     from kdcli.engine.recipe_facts import read_paths
+    from kdcli.engine.run_outputs import RUN_FILES
     from kdcli.engine.setup import setup
     from kdcli.recipe import load_recipe
+    from kdcli.run_files import outdir
 
     recipe = load_recipe(recipe_path, mode="distill")
     out = outdir.RunFolder.open(

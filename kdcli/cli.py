@@ -202,13 +202,12 @@ def _run_recipe(
 ) -> None:
     with _boundary(as_json):
         from kdcli.errors import UsageError
-        from kdcli.recipe import SEED_RANGE, is_device, load_checked
+        from kdcli.recipe import SEED_RANGE, check_max_steps, is_device, load_checked
 
         if device is not None:
             if not is_device(device):
                 raise UsageError(f"--device {device!r} is not a device. Fix: use auto, cpu, cuda, cuda:N or mps")
-        if max_steps is not None and max_steps < 1:
-            raise UsageError(f"--max-steps {max_steps} is not a number of steps. Fix: pass 1 or more")
+        check_max_steps(max_steps)
         if seed is not None and seed not in SEED_RANGE:
             low, high = SEED_RANGE.start, SEED_RANGE.stop - 1
             raise UsageError(
@@ -216,6 +215,7 @@ def _run_recipe(
             )
         recipe = load_checked(recipe_path, mode=mode)
         from kdcli import distill
+        from kdcli.engine.devices import is_main_process
 
         summary = distill.run(
             recipe,
@@ -228,14 +228,14 @@ def _run_recipe(
             overwrite=overwrite,
             quiet=quiet,
         )
-        if not distill.is_main_process():
+        if not is_main_process():
             return
     if as_json:
         _print_json({"ok": True, **summary})
     else:
         from rich.markup import escape
 
-        from kdcli.report import summary_table
+        from kdcli.run_files.run_log import summary_table
 
         out.print(summary_table(summary, title=f"kdcli {mode}: {escape(printable(str(summary['output_dir'])))}"))
 
@@ -364,7 +364,7 @@ def plan(
     if as_json:
         _print_json(doc)
         return
-    from kdcli.plan.render import render_plan
+    from kdcli.plan.tables import render_plan
 
     render_plan(doc, out)
 

@@ -3,9 +3,9 @@
 - `load_table(source)`: a local csv / tsv (tab, no quoting, `quoting=3`) / json / jsonl /
   parquet file, or a hub dataset, through `datasets.load_dataset`. csv/tsv cells are read as
   strings (no NA guessing: a review reading "null" stays text; integer labels are recognised
-  afterwards). csv/tsv files are validated first (`kdcli.tabular`: every record has the
+  afterwards). csv/tsv files are validated first (`kdcli.facts.tabular`: every record has the
   header's fields, no quote left open), so a malformed line is an error naming it.
-- `infer_labels(...)` / `Labels` (from `kdcli.labels`, shared with check-recipe): label ids.
+- `infer_labels(...)` / `Labels` (from `kdcli.facts.labels`, shared with check-recipe): label ids.
   Integer labels ("1", 1, "1.0", 1.0 are one class) keep their values (0..max); string labels
   get ids in sorted order (deterministic); a `ClassLabel` column keeps its names; empty labels,
   scores and ids mixed with names are refused naming the file and row. Computed on the full
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-# DataError, Labels and infer_labels live torch-free in kdcli.labels (check-recipe counts labels
+# DataError, Labels and infer_labels live torch-free in kdcli.facts.labels (check-recipe counts labels
 # with the same code) and are re-exported here.
-from kdcli.labels import DataError, Labels, infer_labels, labels_of_splits  # noqa: F401
-from kdcli.tabular import dialect, validate_table
+from kdcli.facts.labels import DataError, Labels, infer_labels, labels_of_splits  # noqa: F401
+from kdcli.facts.tabular import dialect, validate_table
 from kdcli.tasks import IGNORE_INDEX, TASKS, lm_rows, task_for
 from kdcli.tasks.base import Columns
 
@@ -110,7 +110,7 @@ class TaskData:
 def load_table(source: Source, *, cache_dir: str | None = None, label_column: str | None = None) -> Dataset:
     """One split as a `datasets.Dataset`, columns as in the file (csv/tsv cells as strings).
 
-    A csv/tsv file is first checked record by record (`kdcli.tabular.validate_table`: field
+    A csv/tsv file is first checked record by record (`kdcli.facts.tabular.validate_table`: field
     counts, quotes; `label_column` lets it spot rows merged by an open quote)."""
     import datasets
 

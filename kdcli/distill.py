@@ -13,7 +13,7 @@
     finish    final evaluation, checkpoint, the student (save_pretrained + tokenizer),
               projections.safetensors, summary.json
 
-Output folder (`kdcli.outdir`): checked, created, probed for writing and locked (rank 0)
+Output folder (`kdcli.run_files.outdir`): checked, created, probed for writing and locked (rank 0)
 before anything loads; with --overwrite the previous run is cleared only just before the
 first write, so a run that fails while loading leaves it intact. A full disk while saving is
 one message with the space needed; the last good checkpoint is kept. Resuming with another
@@ -41,16 +41,12 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from kdcli import checkpoint as ckpt
-from kdcli import data as kdata  # noqa: F401  (tests patch kdcli.data through this name)
-from kdcli import models as kmodels  # noqa: F401  (tests patch kdcli.models through this name)
-from kdcli import outdir, report
+from kdcli.engine import build
 from kdcli.engine.batches import BatchStream
-from kdcli.engine.devices import Processes, is_main_process  # noqa: F401  (cli imports it from here)
+from kdcli.engine.devices import Processes
 from kdcli.engine.non_finite import non_finite_error
-from kdcli.engine.outputs import (
+from kdcli.engine.recipe_facts import Mode, read_paths
+from kdcli.engine.run_outputs import (
     RUN_FILES,
     begin_outputs,
     close_all,
@@ -61,10 +57,12 @@ from kdcli.engine.outputs import (
     save_final,
     write_summary,
 )
-from kdcli.engine.recipe_facts import Mode, read_paths
 from kdcli.engine.setup import RunState, setup
 from kdcli.engine.step import StopFlags, StopRequest, optimizer_step, train_step
 from kdcli.errors import Interrupted, RunError, UsageError, first_line
+from kdcli.recipe.schema import check_max_steps
+from kdcli.run_files import checkpoint as ckpt
+from kdcli.run_files import outdir, run_log
 
 
 def run(
@@ -94,21 +92,10 @@ def run(
         raise UsageError(
             "`kdcli distill` needs a recipe with `teacher` and `distillation`. Fix: use `kdcli train` for fine-tuning"
         )
-    if max_steps is not None and max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {max_steps}")
+    check_max_steps(max_steps)
     procs = Processes.from_env()
-    started = False
-    if procs.distributed and not torch.distributed.is_initialized():
-        on_gpu = (device or recipe.training.device).startswith(("cuda", "auto")) and torch.cuda.is_available()
-        if on_gpu:
-            torch.cuda.set_device(procs.local_rank)  # before NCCL initialises
-        torch.distributed.init_process_group(backend="nccl" if on_gpu else "gloo")
-        started = True
-    try:
+    with build.process_group(procs, device or recipe.training.device):
         return _run(recipe, mode, procs, output_dir, max_steps, device, seed, resume, overwrite, quiet)
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
 
 
 def _run(
@@ -170,8 +157,8 @@ def _loop(run: RunState) -> None:
     """Optimizer steps until `total_steps`: each one's micro-batches, the stop checks every
     rank agrees on, the update, then logging, evaluation and checkpoints when due."""
     training, procs, total = run.training, run.procs, run.total_steps
-    run.console.progress = report.Progress(
-        report.progress_mode(run.console.quiet or not run.main),
+    run.console.progress = run_log.Progress(
+        run_log.progress_mode(run.console.quiet or not run.main),
         total,
         initial_step=run.position.step,
         description=run.mode,
@@ -185,7 +172,7 @@ def _loop(run: RunState) -> None:
         procs.world_size,
         run.position,
     )
-    throughput = report.Throughput(run.position.step)
+    throughput = run_log.Throughput(run.position.step)
     with StopRequest() as stop:
         while run.position.step < total:
             chunk = stream.next_chunk(training.gradient_accumulation_steps)

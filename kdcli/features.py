@@ -21,7 +21,7 @@ Numbering follows TextBrewer 0.2.1 and, up to the last block, Hugging Face's `hi
 
 Hooks go on exactly the matched blocks; the model is never asked for
 `output_hidden_states`/`output_attentions`. Where the blocks and projections are comes from
-`kdcli.architectures` (one row per model type). Hidden capture works for any model whose
+`kdcli.facts.architectures` (one row per model type). Hidden capture works for any model whose
 blocks form one `nn.ModuleList` of `num_hidden_layers` entries; attention capture is for the
 rows with `attention_capture` (`ATTENTION_MODEL_TYPES`: BERT and the MiniLM checkpoints,
 RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT), anything else is refused with a
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from kdcli.architectures import ATTENTION_MODEL_TYPES, architecture, attention_capture_supported
 from kdcli.errors import RunError
+from kdcli.facts.architectures import ATTENTION_MODEL_TYPES, architecture, attention_capture_supported
 from kdcli.models import encoder_blocks
 
 #: The additive value at padded key positions (the reference's BERT used -10000).

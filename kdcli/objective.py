@@ -42,7 +42,9 @@ from torch import Tensor, nn
 
 from kdcli import registry
 from kdcli.errors import RunError
-from kdcli.tasks import IGNORE_INDEX, task_for
+from kdcli.recipe.messages import dotted
+from kdcli.recipe.model_rules import proj_size_findings
+from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX, task_for
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class Objective(nn.Module):
             else:
                 seen[name] = 0
             proj = getattr(match, "proj", None)
-            _check_sizes(i, match, proj, hidden_S, hidden_T)
+            _check_sizes(i, match, hidden_S, hidden_T)
             if proj is not None:
                 from kdcli.projections import build_projection
 
@@ -285,7 +287,7 @@ class Objective(nn.Module):
             "bias_S": bias_S,
             "divergence": self.kd_per_token or "forward_kl",
             "divergence_options": self.kd_options,
-            "chunk_size": self.config.chunk_size if distil else 256,
+            "chunk_size": self.config.chunk_size if distil else CHUNK_SIZE,
             "temperature": float(self.config.temperature) if distil else 1.0,
             "kd_weight": self._kd_weight(step_fraction) if distil else 0.0,
             "normaliser": normaliser if normaliser is not None else max(int(targets.numel()), 1),
@@ -397,21 +399,13 @@ def _kd_and_hard_labels(hidden_S, weight_S, teachers, targets, hard_rows, hard_w
     return total, {"kd": parts["kd"], "hard_label": torch.zeros_like(parts["hard_label"])}
 
 
-def _check_sizes(i: int, match, proj, hidden_S: int | None, hidden_T: int | None) -> None:
-    where = f"distillation.intermediate_matches[{i}]"
-    if hidden_S is None or hidden_T is None or match.feature != "hidden":
+def _check_sizes(i: int, match, hidden_S: int | None, hidden_T: int | None) -> None:
+    """The models' hidden sizes against the match's proj: check-recipe's rule, refused as it words it."""
+    if hidden_S is None or hidden_T is None:
         return
-    if proj is not None:
-        if (proj.dim_S, proj.dim_T) != (hidden_S, hidden_T):
-            raise RunError(
-                f"{where}.proj maps {proj.dim_S} -> {proj.dim_T}, but the student's hidden size is "
-                f'{hidden_S} and the teacher\'s {hidden_T}. Fix: write ["{proj.kind}", {hidden_S}, {hidden_T}]'
-            )
-    elif registry.get_loss(match.loss).needs_proj_when_sizes_differ and hidden_S != hidden_T:
-        raise RunError(
-            f"{where}: {match.loss} compares hidden states of sizes {hidden_S} (student) and "
-            f'{hidden_T} (teacher). Fix: add "proj": ["linear", {hidden_S}, {hidden_T}]'
-        )
+    at = ("distillation", "intermediate_matches", i)
+    for f in proj_size_findings(at, match, hidden_S, hidden_T):
+        raise RunError(f"{dotted(f.path)}: {f.message}. Fix: {f.fix}")
 
 
 def _feature(feats, feature: str, layer: int, side: str) -> Tensor:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcli.atomic_files import atomic_write
 from kdcli.errors import KdcliError
+from kdcli.run_files.atomic_files import atomic_write
 
 INSTALL = "pip install 'kdcli[plot]'"
 #: panels a row of the figure holds

@@ -5,7 +5,7 @@ summary.json, compared side by side.
 `report()` returns one document: the runs (status, how much was logged, notes) and the table
 (fields x runs, the numbers as summary.json has them). The PNG holds the curves; the HTML page
 holds the same picture (embedded) and the table. The output is written atomically and an
-existing file is replaced only with `overwrite`. Reading the runs is kdcli.run_metrics';
+existing file is replaced only with `overwrite`. Reading the runs is kdcli.run_files.run_metrics';
 drawing is kdcli.plots'.
 """
 
@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdcli import safe_files
-from kdcli.atomic_files import atomic_write, disk_full_as_error, is_no_space
 from kdcli.errors import UsageError, printable
-from kdcli.run_metrics import Run, read_runs
+from kdcli.facts import safe_files
+from kdcli.run_files.atomic_files import atomic_write, disk_full_as_error, is_no_space
+from kdcli.run_files.run_metrics import Run, read_runs
 
 FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
 #: summary.json fields the table shows, in this order (then eval.*, teacher_eval.*, final_terms.*)

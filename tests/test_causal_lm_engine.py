@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 
 from kdcli import data as kdata
 from kdcli import distill, registry
-from kdcli.checkpoint import load_checkpoint
 from kdcli.engine.optim import param_groups
 from kdcli.errors import Interrupted
 from kdcli.features import FeatureCapture
 from kdcli.losses.divergences import DIVERGENCES
 from kdcli.objective import Objective
 from kdcli.recipe import DistillationConfig, load_recipe
+from kdcli.run_files.checkpoint import load_checkpoint
 from kdcli.tasks import IGNORE_INDEX, task_for
 from kdcli.tasks.causal_lm import evaluate_lm
 from kdcli.tasks.lm_rows import next_token_labels

@@ -788,7 +788,7 @@ def test_label_values_of_files_outside_the_repository_are_not_shown(real: Path) 
 
 def test_attention_match_on_a_model_without_attention_capture(ws: Path) -> None:
     """From config.json alone: an attention match on a model type kdcli cannot capture attention
-    scores of (kdcli.architectures) is refused at the match's feature, naming the fix."""
+    scores of (kdcli.facts.architectures) is refused at the match's feature, naming the fix."""
     gpt2 = {
         "model_type": "gpt2",
         "architectures": ["GPT2ForSequenceClassification"],

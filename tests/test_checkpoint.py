@@ -1,4 +1,4 @@
-"""Atomic files, RNG round trips and checkpoint folders (kdcli/checkpoint.py)."""
+"""Atomic files, RNG round trips and checkpoint folders (kdcli/run_files/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli import checkpoint as ck
 from kdcli.errors import RunError
+from kdcli.run_files import checkpoint as ck
 
 
 def _ckpt(step: int) -> ck.Checkpoint:

@@ -84,7 +84,7 @@ def test_a_pruned_student_exports(world: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdcli.compress.prune import prune_model
-    from kdcli.recipe.prune import PruneSpec
+    from kdcli.recipe.prune_schema import PruneSpec
 
     source = AutoModelForCausalLM.from_pretrained(world / "llama")
     ids = torch.randint(4, 400, (2, 12))

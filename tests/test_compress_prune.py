@@ -20,7 +20,7 @@ from torch import nn
 
 from kdcli.compress.importance import measure_importance
 from kdcli.compress.prune import prune_model
-from kdcli.recipe.prune import PruneSpec
+from kdcli.recipe.prune_schema import PruneSpec
 from tiny import make_tiny_lm, write_lm_rows
 
 

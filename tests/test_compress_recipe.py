@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdcli.recipe import check_file
-from kdcli.recipe.prune import PruneSpec, prune_targets
+from kdcli.recipe.prune_schema import PruneSpec, prune_targets
 from tiny import make_tiny_lm, write_lm_rows
 
 SOURCE = {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kdcli import outdir
 from kdcli.demo import sst2 as demo
+from kdcli.run_files import outdir
 from tiny import REPO, make_tiny_bert, write_sst2_sample
 
 

@@ -22,10 +22,14 @@ import torch
 from safetensors.torch import load_file
 
 import kdcli
-from kdcli import distill, outdir
+from kdcli import data as kdata
+from kdcli import distill
+from kdcli import models as kmodels
 from kdcli.engine import devices, optim, teachers
 from kdcli.errors import Interrupted, NonFiniteLossError, RunError, UsageError
 from kdcli.recipe import load_recipe
+from kdcli.run_files import checkpoint as ckpt
+from kdcli.run_files import outdir
 from tiny import (
     REPO,
     deny_writes,
@@ -394,7 +398,7 @@ def test_resume_with_another_recipe_or_a_hostile_checkpoint_is_refused(world):
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(world / "pwned"),))
 
-    latest = distill.ckpt.latest_checkpoint(out)
+    latest = ckpt.latest_checkpoint(out)
     torch.save({"position": Hostile()}, latest / "state.pt")
     recipe = load_recipe(world / "hostile.json", mode="distill")
     with pytest.raises(distill.RunError, match="cannot read the checkpoint.*weights_only|cannot read the checkpoint"):
@@ -494,8 +498,8 @@ def test_sigint_to_a_subprocess_leaves_a_resumable_checkpoint(world):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert f"Resume with: kdcli distill {path} --output-dir {out} --resume" in stderr
-    latest = distill.ckpt.latest_checkpoint(out)
-    state = distill.ckpt.load_checkpoint(latest)
+    latest = ckpt.latest_checkpoint(out)
+    state = ckpt.load_checkpoint(latest)
     assert state.position.step >= 1 and latest.name == f"step-{state.position.step}"
     assert stdout == ""
 
@@ -541,8 +545,8 @@ def test_an_overwrite_that_fails_before_writing_keeps_the_previous_run(world, mo
         raise UsageError("cannot read the data: broken on purpose")
 
     for target, broken in (
-        (distill.kmodels, ("load_model", bad_model)),
-        (distill.kdata, ("prepare_from_recipe", bad_data)),
+        (kmodels, ("load_model", bad_model)),
+        (kdata, ("prepare_from_recipe", bad_data)),
     ):
         with monkeypatch.context() as patch:
             patch.setattr(target, *broken)
@@ -660,7 +664,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(world, monkeypatc
     path = write_recipe(world, "full", training={"num_steps": 4, "save_every": 1})
     recipe = load_recipe(path, mode="distill")
     out = world / "out-full"
-    _no_space_after(2, distill.ckpt.torch, "save", monkeypatch)
+    _no_space_after(2, ckpt.torch, "save", monkeypatch)
     with pytest.raises(RunError) as err:
         distill.run(recipe, output_dir=out, quiet=True)
     message = str(err.value)
@@ -696,8 +700,8 @@ def test_unwritable_or_too_long_output_folders_are_refused_before_models_load(wo
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded a model before checking the output folder")
 
-    monkeypatch.setattr(distill.kmodels, "load_tokenizer", must_not_load)
-    monkeypatch.setattr(distill.kmodels, "load_model", must_not_load)
+    monkeypatch.setattr(kmodels, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(kmodels, "load_model", must_not_load)
     with pytest.raises(UsageError, match=r"'x{20,}.*' has 300 characters.*Fix:"):
         distill.run(recipe, output_dir=tmp_path / ("x" * 300) / "run", quiet=True)
     ro = tmp_path / "ro"
@@ -742,5 +746,5 @@ def test_resume_follows_a_changed_learning_rate(world, monkeypatch):
         assert lrs[step] == pytest.approx(1e-3 * (6 - step) / 6)
     for step in (4, 5, 6):
         assert lrs[step] == pytest.approx(2e-4 * (6 - step) / 6)
-    groups = distill.ckpt.load_checkpoint(out / "checkpoints" / "step-6").optimizer["param_groups"]
+    groups = ckpt.load_checkpoint(out / "checkpoints" / "step-6").optimizer["param_groups"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([2e-4, 2e-4, 1e-2, 2e-4])

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from kdcli import distill
 from kdcli.recipe import load_recipe
+from kdcli.run_files import checkpoint as ckpt
 from tiny import REPO, make_tiny_bert, write_sst2_sample
 
 
@@ -99,7 +100,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out-")) == ["out-1", "out-2"]
     assert len((double / "metrics.jsonl").read_text().splitlines()) == 4
     assert [p.name for p in (double / "checkpoints").iterdir()] == ["step-4"]
-    state = distill.ckpt.load_checkpoint(double / "checkpoints" / "step-4")
+    state = ckpt.load_checkpoint(double / "checkpoints" / "step-4")
     assert len(state.rng["ranks"]) == 2
 
     assert _losses(double) == pytest.approx(_losses(single), rel=1e-4)

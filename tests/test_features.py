@@ -265,7 +265,7 @@ def test_other_architectures_capture_hidden_states_but_refuse_attention():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_architecture_table_names_the_blocks_and_projections(tiny_dirs, arch):
-    from kdcli.architectures import architecture, attention_capture_supported
+    from kdcli.facts.architectures import architecture, attention_capture_supported
 
     model = load_model(str(tiny_dirs[arch]), SEQ).model
     row = architecture(model.config.model_type)
@@ -278,7 +278,7 @@ def test_architecture_table_names_the_blocks_and_projections(tiny_dirs, arch):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
 def test_decoders_capture_hidden_states_before_the_final_norm(model_type):
-    from kdcli.architectures import architecture, attention_capture_supported
+    from kdcli.facts.architectures import architecture, attention_capture_supported
 
     sizes = {
         "vocab_size": 150,

@@ -1,4 +1,4 @@
-"""kdcli.modelinfo.gguf: GGUF headers read with struct alone (facts, tokens, chat template),
+"""kdcli.facts.modelinfo.gguf: GGUF headers read with struct alone (facts, tokens, chat template),
 checked against the gguf package's writer and reader; truncated, hostile and special files are
 clean GGUFUnreadable errors naming the file."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from gguf_files import CHAT_TEMPLATE, smollm2_path, tokens, write_gguf
-from kdcli.modelinfo import GGUFFacts, GGUFUnreadable, SkippedArray, gguf_facts, read_gguf_header
-from kdcli.modelinfo import gguf as gguf_module
+from kdcli.facts.modelinfo import GGUFFacts, GGUFUnreadable, SkippedArray, gguf_facts, read_gguf_header
+from kdcli.facts.modelinfo import gguf as gguf_module
 
 pytest.importorskip("gguf")
 
@@ -197,7 +197,7 @@ def test_type_sizes_agree_with_the_gguf_package() -> None:
 
 
 def test_import_pulls_in_neither_torch_nor_numpy() -> None:
-    code = "import sys, kdcli.modelinfo.gguf; print(sorted(m for m in ('torch', 'numpy', 'gguf') if m in sys.modules))"
+    code = "import sys, kdcli.facts.modelinfo.gguf; print(sorted(m for m in ('torch', 'numpy', 'gguf') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -1,5 +1,5 @@
-"""kdcli.labels: the one label rule of the run (kdcli.data) and of check-recipe (kdcli.recipe),
-and kdcli.tabular: csv/tsv records checked before datasets reads them. Torch-free."""
+"""kdcli.facts.labels: the one label rule of the run (kdcli.data) and of check-recipe (kdcli.recipe),
+and kdcli.facts.tabular: csv/tsv records checked before datasets reads them. Torch-free."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kdcli import labels
-from kdcli.labels import DataError, Labels, label_key, labels_of_splits
+from kdcli.facts import labels
+from kdcli.facts.labels import DataError, Labels, label_key, labels_of_splits
+from kdcli.facts.tabular import validate_table
 from kdcli.recipe import DataSource, data_rules
-from kdcli.tabular import validate_table
 
 
 def test_one_and_one_point_zero_are_one_class() -> None:
@@ -74,7 +74,7 @@ def test_run_and_check_sides_share_the_code(tmp_path: Path) -> None:
     assert data_rules.count_labels(source, "label") is None
 
 
-# --- kdcli.tabular ---------------------------------------------------------------------------
+# --- kdcli.facts.tabular ---------------------------------------------------------------------------
 
 
 def _csv(tmp_path: Path, text: str, name: str = "d.csv") -> Path:

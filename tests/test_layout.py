@@ -122,7 +122,7 @@ def test_temperature_scheduler_parsed_once_for_both_sides() -> None:
 def test_one_csv_dialect_for_the_run_and_the_check() -> None:
     import csv
 
-    from kdcli.tabular import dialect
+    from kdcli.facts.tabular import dialect
 
     assert dialect("tsv") == dialect("tsv", "\t") == ("\t", csv.QUOTE_NONE)
     assert dialect("csv") == (",", csv.QUOTE_MINIMAL) and dialect("csv", ";") == (";", csv.QUOTE_MINIMAL)
@@ -139,3 +139,69 @@ def test_the_quickstarts_live_in_the_demo_package() -> None:
     makefile = (PACKAGE.parent / "Makefile").read_text(encoding="utf-8")
     assert "-m kdcli.demo\n" in makefile and "-m kdcli.demo.lm\n" in makefile
     assert sst2.RECIPES == lm.RECIPES == PACKAGE.parent / "recipes"
+
+
+def _trees():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE).as_posix(), ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _has_literal(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Constant) and isinstance(n.value, int) for n in ast.walk(node))
+
+
+def test_the_chunk_size_default_and_the_ignore_index_live_in_tasks() -> None:
+    """256 (tokens per chunk) and -100 (no target) are written once, in kdcli/tasks/__init__.py;
+    every other module names CHUNK_SIZE / IGNORE_INDEX."""
+    found = []
+    for where, tree in _trees():
+        if where == "tasks/__init__.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+                if isinstance(node.operand, ast.Constant) and node.operand.value == 100:
+                    found.append(f"{where}:{node.lineno} -100")
+            if isinstance(node, ast.arguments):
+                named = node.posonlyargs + node.args
+                pairs = list(zip(named[len(named) - len(node.defaults) :], node.defaults))
+                pairs += [(a, d) for a, d in zip(node.kwonlyargs, node.kw_defaults) if d is not None]
+                found += [f"{where}:{a.lineno} default" for a, d in pairs if "chunk" in a.arg and _has_literal(d)]
+            if isinstance(node, ast.keyword) and node.arg and "chunk" in node.arg and _has_literal(node.value):
+                found.append(f"{where}:{node.lineno} {node.arg}=")
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if isinstance(key, ast.Constant) and "chunk" in str(key.value) and _has_literal(value):
+                        found.append(f"{where}:{node.lineno} {key.value!r}:")
+    assert found == []
+
+
+def test_the_step_bound_and_the_proj_rule_are_written_once() -> None:
+    """`max_steps < 1` only in recipe.schema.check_max_steps; a proj's dim_S / dim_T compared
+    with a model's hidden size only in recipe.model_rules.proj_size_findings (the run calls it)."""
+    found = []
+    for where, tree in _trees():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            attrs = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            if "max_steps" in names and _has_literal(node) and where != "recipe/schema.py":
+                found.append(f"{where}:{node.lineno} max_steps")
+            if attrs & {"dim_S", "dim_T"} and where != "recipe/model_rules.py":
+                found.append(f"{where}:{node.lineno} proj dims")
+    assert found == []
+
+
+#: the most lines a function (its signature, docstring and body) may have
+FUNCTION_LINES_MAX = 120
+
+
+def test_every_function_is_short() -> None:
+    long = [
+        f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for where, tree in _trees()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > FUNCTION_LINES_MAX
+    ]
+    assert long == []

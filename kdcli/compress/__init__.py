@@ -4,5 +4,5 @@ Modules: `importance` (Minitron activation importance per head, MLP channel and 
 channel), `prune` (the pruned student: kept sets, sliced weights, its config),
 `prune_report` (`kdcli prune`: importances and kept sets without training), `export_gguf`
 (`kdcli export`: a run's student as a GGUF file). The sizes rule itself is torch-free, in
-`kdcli.recipe.prune`.
+`kdcli.recipe.prune_schema`.
 """

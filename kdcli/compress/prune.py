@@ -2,7 +2,7 @@
 
 `prune_model(source, spec, batches)` measures the source (`compress.importance`; the depth
 ranking from `engine.blocks.choose_blocks` when blocks go), chooses what stays (`choose`), and
-builds the student from the source's config with the pruned sizes (`kdcli.recipe.prune`, the
+builds the student from the source's config with the pruned sizes (`kdcli.recipe.prune_schema`, the
 rule check-recipe and `kdcli plan` use) and the source's tensors sliced (`slice_state`):
 
 - embedding channels: the same kept channels in the embeddings, every RMSNorm weight, every
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from kdcli.compress.importance import Importance, measure_importance
 from kdcli.models import ModelError, apply_overrides, encoder_blocks
-from kdcli.recipe.prune import PRUNE_MODEL_TYPES, PRUNE_SIZES, PruneSpec, prune_targets
+from kdcli.recipe.prune_schema import PRUNE_MODEL_TYPES, PRUNE_SIZES, PruneSpec, prune_targets
 
 
 @dataclass

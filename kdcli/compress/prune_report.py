@@ -9,13 +9,12 @@ from collections.abc import Callable
 def prune_recipe(recipe, rows: int | None, warn: Callable[[str], None]) -> dict:
     """The recipe's `student.prune` measured on its first training rows (`rows`, default the
     recipe's), as one JSON document; UsageError when the recipe has no prune."""
-    from kdcli import data as kdata
-    from kdcli import models as kmodels
     from kdcli.compress.prune import prune_model
+    from kdcli.engine import build
     from kdcli.engine.blocks import sample_batches
-    from kdcli.engine.loading import prune_source, tokenizer_ref
+    from kdcli.engine.recipe_models import prune_source
     from kdcli.errors import UsageError
-    from kdcli.recipe.prune import DEFAULT_ROWS
+    from kdcli.recipe.prune_schema import DEFAULT_ROWS
 
     spec = getattr(recipe.student, "prune", None)
     if spec is None:
@@ -23,11 +22,8 @@ def prune_recipe(recipe, rows: int | None, warn: Callable[[str], None]) -> dict:
             'the recipe has no student.prune. Fix: add e.g. "prune": {"hidden_size": 384} to its student '
             "(or use kdcli rank-blocks for depth alone)"
         )
-    tok_ref, tok_revision, tok_trust, tok_gguf = tokenizer_ref(recipe)
-    tokenizer = kmodels.load_tokenizer(
-        tok_ref, revision=tok_revision, trust_remote_code=tok_trust, warn=warn, gguf_file=tok_gguf
-    )
-    task_data = kdata.prepare_from_recipe(recipe, tokenizer)
+    tokenizer, _ = build.tokenizer(recipe, warn)
+    task_data = build.data(recipe, tokenizer, warn)
     count = rows or spec.rows or DEFAULT_ROWS
     if count > len(task_data.train) and (rows or spec.rows):
         raise UsageError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcli.plots import Panel, PlotsUnavailable, draw, save_png
-from kdcli.run_metrics import read_runs
+from kdcli.run_files.run_metrics import read_runs
 
 #: the metrics drawn, and their panels' titles
 METRICS = {"kl": "eval KL(teacher || model)", "perplexity": "eval perplexity of the reference answers"}

@@ -27,6 +27,6 @@ def write_figures(path: Path, doc: dict) -> None:
     """The demo's figures as JSON (with the torch threads they were measured with), atomically."""
     import torch
 
-    from kdcli.atomic_files import atomic_write_json
+    from kdcli.run_files.atomic_files import atomic_write_json
 
     atomic_write_json(path, {**doc, "threads": torch.get_num_threads()})

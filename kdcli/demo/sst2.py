@@ -39,7 +39,7 @@ from rich.table import Table
 
 from kdcli.demo.outputs import RECIPES, RUNS, is_finished, rel, write_figures
 from kdcli.errors import KdcliError
-from kdcli.tabular import dialect
+from kdcli.facts.tabular import dialect
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

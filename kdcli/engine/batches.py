@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kdcli import data as kdata
-from kdcli.checkpoint import Position
+from kdcli.run_files.checkpoint import Position
 
 
 class BatchStream:

@@ -135,12 +135,9 @@ def run_command(recipe_path, output_dir, say: Callable[[str], None], device: str
 def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callable[[str], None] | None = None) -> dict:
     """`kdcli cache-teacher`: every training row's teacher outputs into the recipe's cache."""
     from kdcli import data as kdata
-    from kdcli import models as kmodels
-    from kdcli.engine.devices import Processes, resolve_device, resolve_precision, seed_everything
-    from kdcli.engine.loading import tokenizer_ref
+    from kdcli.engine import build
+    from kdcli.engine.devices import Processes
     from kdcli.errors import UsageError
-    from kdcli.features import FeatureCapture
-    from kdcli.objective import Objective
     from kdcli.tasks import task_for
 
     if recipe.distillation is None or recipe.distillation.teacher_cache is None or not recipe.teachers:
@@ -151,45 +148,14 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
     start = time.perf_counter()
     say = say or (lambda text: None)
     procs = Processes.from_env()
-    started = False
-    if procs.distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="gloo")
-        started = True
-    try:
-        training = recipe.training
-        seed_everything(training.seed)
-        device = resolve_device(device_name or training.device, procs)
-        precision = resolve_precision(training.precision, device)
-        ref, revision, trust, gguf = tokenizer_ref(recipe)
-        tokenizer = kmodels.load_tokenizer(ref, revision=revision, trust_remote_code=trust, gguf_file=gguf)
-        task_data = kdata.prepare_from_recipe(recipe, tokenizer)
-        task = task_for(recipe.task)
-        labels = task_data.labels
-        teachers = []
-        for t in recipe.teachers:
-            loaded = kmodels.load_model(
-                t.model,
-                recipe.task,
-                id2label=labels.id2label if labels is not None else None,
-                revision=t.revision,
-                trust_remote_code=t.trust_remote_code,
-                role="teacher",
-                resize_head=not recipe.distillation.uses_teacher_logits,
-                gguf_file=t.gguf_file,
-            )
-            teachers.append(loaded.model.eval().requires_grad_(False).to(device))
-        objective = Objective(recipe.distillation, task=task)
-        token_level = objective.token_level
-        captures = [
-            FeatureCapture(
-                m,
-                objective.hidden_layers("T") if i == 0 else (),
-                objective.attention_layers("T") if i == 0 else (),
-                role="teacher",
-                final_hidden=token_level,
-            )
-            for i, m in enumerate(teachers)
-        ]
+    training = recipe.training
+    with build.process_group(procs, device_name or training.device):
+        _, device, precision = build.devices(training, procs, device_name, None)
+        tokenizer, ref = build.tokenizer(recipe, say)
+        task_data = build.data(recipe, tokenizer, say, procs)
+        teachers = [t.to(device) for t in build.teachers(recipe, task_data.labels, say)]
+        objective = build.objective(recipe, "distill", task_for(recipe.task), None, teachers)
+        _, captures = build.captures(objective, teachers)
         out = output_dir or training.output_dir
         cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs, out, say)
         try:
@@ -216,9 +182,6 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
             "bytes": size,
             "seconds": round(time.perf_counter() - start, 3),
         }
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
 
 
 def _claim(cache: TeacherDiskCache) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kdcli import data as kdata
 from kdcli.engine.blocks import choose_blocks, sample_batches
 
 
@@ -14,7 +13,7 @@ def rank_recipe_blocks(recipe, keep: int | None, rows: int | None, warn: Callabl
     document. `keep` default: the recipe's `init_from_teacher` count (or
     `overrides.num_hidden_layers`); `rows` default: the recipe's measurement rows (else 32)."""
     from kdcli import models as kmodels
-    from kdcli.engine.loading import tokenizer_ref
+    from kdcli.engine import build
     from kdcli.errors import UsageError
     from kdcli.recipe.sources import INIT_MEASURES, ConfigStudent
 
@@ -34,11 +33,8 @@ def rank_recipe_blocks(recipe, keep: int | None, rows: int | None, warn: Callabl
         ref, revision, trust, gguf = student.config, student.revision, student.trust_remote_code, student.gguf_file
     else:
         ref, revision, trust, gguf = student.model, student.revision, student.trust_remote_code, student.gguf_file
-    tok_ref, tok_revision, tok_trust, tok_gguf = tokenizer_ref(recipe)
-    tokenizer = kmodels.load_tokenizer(
-        tok_ref, revision=tok_revision, trust_remote_code=tok_trust, warn=warn, gguf_file=tok_gguf
-    )
-    task_data = kdata.prepare_from_recipe(recipe, tokenizer)
+    tokenizer, _ = build.tokenizer(recipe, warn)
+    task_data = build.data(recipe, tokenizer, warn)
     labels = task_data.labels
     model = kmodels.load_model(
         ref,

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdcli.checkpoint_layout import META_FILE
 from kdcli.errors import UsageError
+from kdcli.run_files.checkpoint_layout import META_FILE
 
 #: the `distillation` fields that define what the loss terms measure
 OBJECTIVE_FIELDS = ("kd_loss_type", "kd_loss_options", "temperature", "temperature_scheduler", "probability_shift")

@@ -12,20 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedTokenizerBase
 
-from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
 from kdcli import models as kmodels
-from kdcli import outdir, report
-from kdcli.engine import resume_objective
+from kdcli.engine import build, resume_objective
 from kdcli.engine.blocks import sample_batches
-from kdcli.engine.devices import (
-    Processes,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
-from kdcli.engine.loading import load_models, tokenizer_ref
+from kdcli.engine.devices import Processes
 from kdcli.engine.optim import (
     follow_learning_rates,
     make_optimizer,
@@ -33,15 +27,23 @@ from kdcli.engine.optim import (
     param_groups,
 )
 from kdcli.engine.recipe_facts import Mode, resume_command
+from kdcli.engine.recipe_models import load_models
 from kdcli.engine.teachers import StudentStep, TeacherLogitCache
+from kdcli.run_files import checkpoint as ckpt
+from kdcli.run_files import outdir, run_log
 
 if TYPE_CHECKING:  # pragma: no cover
+    from kdcli.compress.prune import PrunePlan
+    from kdcli.engine.generate import OnPolicy
     from kdcli.engine.teacher_cache import TeacherDiskCache
 from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
+from kdcli.models.block_ranking import BlockRanking
 from kdcli.objective import Objective
-from kdcli.recipe.prune import DEFAULT_ROWS
+from kdcli.recipe.prune_schema import DEFAULT_ROWS
+from kdcli.recipe.schema import Recipe
 from kdcli.tasks import task_for
+from kdcli.tasks.base import Task
 
 
 class Console:
@@ -51,7 +53,7 @@ class Console:
     def __init__(self, main: bool, quiet: bool) -> None:
         self.main, self.quiet = main, quiet
         self.warnings: list[str] = []
-        self.progress: report.Progress | None = None
+        self.progress: run_log.Progress | None = None
 
     def say(self, text: str, *, even_if_quiet: bool = False) -> None:
         if self.main and (even_if_quiet or not self.quiet):
@@ -71,7 +73,7 @@ class Console:
 class RunState:
     """One run's pieces and where it stands; the loop and its helpers read and update it."""
 
-    recipe: object
+    recipe: Recipe
     mode: Mode
     procs: Processes
     folder: outdir.RunFolder
@@ -79,9 +81,9 @@ class RunState:
     seed: int
     device: torch.device
     precision: str
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     tokenizer_ref: str
-    task: object  # a kdcli.tasks.base.Task
+    task: Task
     data: kdata.TaskData
     collator: kdata.Collator
     teachers: list[nn.Module]
@@ -93,7 +95,7 @@ class RunState:
     step_module: nn.Module
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: LRScheduler
     scaler: torch.amp.GradScaler
     total_steps: int
     command: str
@@ -103,18 +105,18 @@ class RunState:
     last_log: dict | None = None
     last_eval: dict | None = None
     teacher_eval: dict | None = None
-    metrics: report.MetricsLog | None = None
-    tb: report.TensorBoard | None = None
+    metrics: run_log.MetricsLog | None = None
+    tb: run_log.TensorBoard | None = None
     samples_this_session: int = 0
     tokens_this_session: int = 0
     #: how `student.init_from_teacher` chose the blocks, when it measured them
-    block_ranking: object = None
+    block_ranking: BlockRanking | None = None
     #: what `student.prune` kept (a `kdcli.compress.prune.PrunePlan`), when it pruned
-    student_prune: object = None
+    student_prune: PrunePlan | None = None
     #: FSDP2 (training.parallel "fsdp" under torchrun): sharded models, DCP checkpoints
     sharded: bool = False
     #: distillation.on_policy (kdcli.engine.generate.OnPolicy)
-    on_policy: object = None
+    on_policy: OnPolicy | None = None
 
     @property
     def autocast_precision(self) -> str:
@@ -169,27 +171,9 @@ def setup(
             f"warning: cannot lock {folder.path} (its file system has no file locks); make sure no other run writes there"
         )
     resume_objective.check_resume(folder.latest, recipe)  # before anything loads
-    run_seed = training.seed if seed is None else seed
-    seed_everything(run_seed)
-    device = resolve_device(device_name or training.device, procs)
-    precision = resolve_precision(training.precision, device)
-
-    # tokenizer and data (rank 0 tokenises first; the others read datasets' cache)
-    ref, revision, trust, gguf = tokenizer_ref(recipe)
-    tokenizer = kmodels.load_tokenizer(
-        ref, revision=revision, trust_remote_code=trust, warn=console.warn, gguf_file=gguf
-    )
-    if not main:
-        procs.barrier()
-    task_data = _quietly(kdata.prepare_from_recipe, recipe, tokenizer)
-    if main:
-        procs.barrier()
-    for split, count in task_data.dropped.items():
-        if count:
-            console.warn(
-                f"warning: dropped {count} {split} row{'s' * (count != 1)} with no target token left "
-                f"(empty, or cut away by data.max_length {recipe.data.max_length})"
-            )
+    run_seed, device, precision = build.devices(training, procs, device_name, seed)
+    tokenizer, ref = build.tokenizer(recipe, console.warn)
+    task_data = build.data(recipe, tokenizer, console.warn, procs)
 
     # models, objective, captures
     task = task_for(recipe.task)
@@ -209,35 +193,12 @@ def setup(
         [("teacher", t.model, m) for t, m in zip(recipe.teachers, teachers)]
         + [("student", getattr(recipe.student, "model", None), student)],
     )
-    objective = Objective(
-        recipe.distillation if mode == "distill" else None,
-        hidden_S=kmodels.model_dims(student).hidden_size,
-        hidden_T=kmodels.model_dims(teachers[0]).hidden_size if teachers else None,
-        task=task,
-    )
-    if objective.token_level and teachers:  # padded vocabularies: the ids every head has
-        objective.shared_vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, *teachers))
+    objective = build.objective(recipe, mode, task, student, teachers)
     teachers = [t.to(device) for t in teachers]
     student.to(device).train()
     objective.to(device)
-    token_level = objective.token_level  # causal LMs: final hidden states and heads, never full logits
-    capture_S = FeatureCapture(
-        student,
-        objective.hidden_layers("S"),
-        objective.attention_layers("S"),
-        role="student",
-        final_hidden=token_level,
-    )
-    captures_T = [
-        FeatureCapture(
-            t,
-            objective.hidden_layers("T") if i == 0 else (),
-            objective.attention_layers("T") if i == 0 else (),
-            role=f"teacher {i + 1}" if len(teachers) > 1 else "teacher",
-            final_hidden=token_level,
-        )
-        for i, t in enumerate(teachers)
-    ]
+    capture_S, captures_T = build.captures(objective, teachers, student)
+    assert capture_S is not None
     cache = _logit_cache(recipe, mode, objective, task, console)
     if mode == "distill" and recipe.distillation.teacher_cache is not None:
         cache = _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console)
@@ -405,19 +366,6 @@ def resume(run: RunState) -> None:
         )
     run.position = state.position
     run.console.say(f"resuming from {resume_from} (step {run.position.step} of {run.total_steps})")
-
-
-def _quietly(fn, *args):
-    """Call `fn` with datasets' own progress bars off (kdcli shows its own progress)."""
-    import datasets
-
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return fn(*args)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
 
 
 def to_cpu(state):

@@ -40,7 +40,8 @@ from kdcli.engine.cache_meta import META, load_meta, parse_layout, read_layout, 
 from kdcli.engine.cache_store import RowStore
 from kdcli.errors import RunError
 from kdcli.features import MASK_VALUE, Features
-from kdcli.outdir import TEACHER_CACHE_DIR
+from kdcli.run_files.outdir import TEACHER_CACHE_DIR
+from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
 
 #: the recipe's dtype names and their torch dtypes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -78,7 +79,7 @@ class TeacherDiskCache:
         causal: bool = False,
         top_k: int | None = None,
         temperature: float = 1.0,
-        chunk_size: int = 256,
+        chunk_size: int = CHUNK_SIZE,
         sync: bool = True,
         collective: bool = False,
     ) -> None:
@@ -321,7 +322,6 @@ class TeacherDiskCache:
 
 
 def _row_targets(labels: Tensor) -> Tensor:
-    from kdcli.tasks import IGNORE_INDEX
     from kdcli.tasks.lm_rows import next_token_labels
 
     return (next_token_labels(labels) != IGNORE_INDEX).sum(dim=1).cpu()

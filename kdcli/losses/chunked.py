@@ -12,19 +12,33 @@ constant (detached). `bench/lm_loss.py` measures the peak memory against full lo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
+
 from .divergences import DIVERGENCES, CachedTopK
 from .inputs import _ndim, _shape, _tensor, compute_dtype
 
-#: labels with this value mark rows that are no target (prompt, padding): they contribute nothing
-IGNORE_INDEX = -100
 _LOSS = "chunked_kd_loss"
+
+
+class _Settings(NamedTuple):
+    """What `_ChunkedKD` reads besides tensors (one argument of `apply`)."""
+
+    fn: Callable[..., Tensor]
+    options: dict[str, Any]
+    chunk_size: int
+    temperature: float
+    kd_weight: float
+    hard_weight: float
+    parts: bool
+    cached_T: CachedTopK | None
+    shared: int
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -118,7 +132,7 @@ def chunked_kd_loss(
     bias_T: Tensor | None | Sequence[Tensor | None] = None,
     divergence: str | Callable[..., Tensor] = "forward_kl",
     divergence_options: Mapping[str, Any] | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = CHUNK_SIZE,
     temperature: float = 1.0,
     hard_label_weight: float = 0.0,
     labels: Tensor | None = None,
@@ -183,6 +197,44 @@ def chunked_kd_loss(
             f"{_LOSS}: one head_T (and bias_T) per hidden_T: got {len(hiddens_T)} hidden_T, "
             f"{len(heads_T)} head_T, {len(biases_T)} bias_T"
         )
+    hidden_S, head_S = _checked_shapes(hidden_S, head_S, bias_S, hiddens_T, heads_T, biases_T)
+    n, vocab_S = hidden_S.shape[0], head_S.shape[0]
+    fn, vocab = _checked_options(divergence, vocab, chunk_size, kd_weight, hard_label_weight, vocab_S, heads_T)
+    if labels is not None:
+        _tensor(_LOSS, "labels", labels)
+        if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"{_LOSS}: labels must be integer of shape (N,) = {(n,)}, got {labels.dtype} {_shape(labels)}"
+            )
+        labels = labels.to(hidden_S.device)
+    elif hard_label_weight:
+        raise ValueError(f"{_LOSS}: hard_label_weight = {hard_label_weight} needs labels")
+    if normaliser is None:
+        normaliser = (labels != IGNORE_INDEX).sum().clamp_min(1) if labels is not None else max(n, 1)
+    elif isinstance(normaliser, bool) or not isinstance(normaliser, (int, float, Tensor)) or not normaliser > 0:
+        raise ValueError(f"{_LOSS}: normaliser must be > 0 (the step's number of target tokens), got {normaliser!r}")
+    settings = _Settings(
+        fn,
+        dict(divergence_options or {}),
+        chunk_size,
+        temperature,
+        float(kd_weight),
+        float(hard_label_weight),
+        return_parts,
+        cached_T,
+        vocab,
+    )
+    teachers = []  # each head cut to the shared ids (a view: no copy)
+    for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):
+        teachers += [h_T.detach(), w_T.detach()[:vocab], None if b_T is None else b_T.detach()[:vocab]]
+    total, sums = _ChunkedKD.apply(hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers)
+    if return_parts:
+        return total, {"kd": sums[0], "hard_label": sums[1]}
+    return total
+
+
+def _checked_shapes(hidden_S, head_S, bias_S, hiddens_T, heads_T, biases_T) -> tuple[Tensor, Tensor]:
+    """(hidden_S, head_S) checked; every input's sizes against the others (ValueError naming both)."""
     hidden_S = _check("hidden_S", hidden_S, (2,), "(N, D_S)")
     head_S = _check("head_S", head_S, (2,), "(V, D_S)")
     n, vocab_S = hidden_S.shape[0], head_S.shape[0]
@@ -202,6 +254,11 @@ def chunked_kd_loss(
                 f"(hidden_S {_shape(hidden_S)}, head_S {_shape(head_S)}, hidden_T {_shape(hiddens_T[0])}, "
                 f"head_T {_shape(heads_T[0])})"
             )
+    return hidden_S, head_S
+
+
+def _checked_options(divergence, vocab, chunk_size, kd_weight, hard_label_weight, vocab_S, heads_T):
+    """(divergence function, compared ids) with the scalar options checked (ValueError)."""
     smallest = min([vocab_S, *(w.shape[0] for w in heads_T)])
     if vocab is None:
         vocab = smallest
@@ -215,34 +272,4 @@ def chunked_kd_loss(
     for name, weight in (("hard_label_weight", hard_label_weight), ("kd_weight", kd_weight)):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"{_LOSS}: {name} must be a number >= 0, got {weight!r}")
-    if labels is not None:
-        _tensor(_LOSS, "labels", labels)
-        if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(
-                f"{_LOSS}: labels must be integer of shape (N,) = {(n,)}, got {labels.dtype} {_shape(labels)}"
-            )
-        labels = labels.to(hidden_S.device)
-    elif hard_label_weight:
-        raise ValueError(f"{_LOSS}: hard_label_weight = {hard_label_weight} needs labels")
-    if normaliser is None:
-        normaliser = (labels != IGNORE_INDEX).sum().clamp_min(1) if labels is not None else max(n, 1)
-    elif isinstance(normaliser, bool) or not isinstance(normaliser, (int, float, Tensor)) or not normaliser > 0:
-        raise ValueError(f"{_LOSS}: normaliser must be > 0 (the step's number of target tokens), got {normaliser!r}")
-    settings = (
-        fn,
-        dict(divergence_options or {}),
-        chunk_size,
-        temperature,
-        float(kd_weight),
-        float(hard_label_weight),
-        return_parts,
-        cached_T,
-        vocab,
-    )
-    teachers = []  # each head cut to the shared ids (a view: no copy)
-    for h_T, w_T, b_T in zip(hiddens_T, heads_T, biases_T):
-        teachers += [h_T.detach(), w_T.detach()[:vocab], None if b_T is None else b_T.detach()[:vocab]]
-    total, sums = _ChunkedKD.apply(hidden_S, head_S, bias_S, labels, normaliser, settings, *teachers)
-    if return_parts:
-        return total, {"kd": sums[0], "hard_label": sums[1]}
-    return total
+    return fn, vocab

@@ -8,7 +8,7 @@
   passes `resize_head=False` (its trained head must fit the labels: `HeadMismatch`). Nothing
   else may start at random: a config.json that disagrees with the weights (other sizes, layers
   missing or left over, per transformers' loading info) is a `ModelError` naming the tensors
-  with both shapes. Weight files are checked first without torch (`kdcli.modelinfo`: damaged
+  with both shapes. Weight files are checked first without torch (`kdcli.facts.modelinfo`: damaged
   safetensors, pickles that call more than tensor constructors), and `warn` gets a
   trust_remote_code warning naming the folder's .py files before anything is loaded.
 - `check_vocabularies(tokenizer, ref, models)`: every model reads the run's token ids as its
@@ -19,7 +19,7 @@
   students from `bert-base` layers (e.g. T4 from layers [3, 6, 9, 12]). Any shape that
   disagrees is a `ModelError` naming both parameters.
 - `load_tokenizer(ref)`, `model_dims(model)`, `encoder_blocks(model)` (the transformer block
-  list, from `kdcli.architectures` or found generically) and
+  list, from `kdcli.facts.architectures` or found generically) and
   `resolve_model_ref("pkg:<package>/<folder>")`.
 
 Modules: `common` (errors, records, references), `loading` (pretrained models, tokenizers),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import RunError
-from kdcli.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
+from kdcli.facts.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
 from kdcli.tasks import TASKS, task_for
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import first_line
-from kdcli.modelinfo import (
+from kdcli.facts.modelinfo import (
     PICKLE_FIX,
     WeightsUnreadable,
     check_pickles,

@@ -23,13 +23,13 @@ def model_dims(model: PreTrainedModel) -> Dims:
 
 
 def encoder_blocks(model: nn.Module) -> Blocks:
-    """The model's transformer blocks: the list `kdcli.architectures` names for its model
+    """The model's transformer blocks: the list `kdcli.facts.architectures` names for its model
     type (BERT `bert.encoder.layer`, DistilBERT `distilbert.transformer.layer`, ...), else the
     first `nn.ModuleList` whose length is `config.num_hidden_layers`. `ModelError` when there
     is none (e.g. ALBERT's shared layers)."""
     from torch import nn
 
-    from kdcli.architectures import architecture
+    from kdcli.facts.architectures import architecture
 
     config = getattr(model, "config", None)
     count = getattr(config, "num_hidden_layers", None)

@@ -17,13 +17,13 @@ from kdcli.models.loading import load_tokenizer
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from kdcli.vocab import Vocab
+    from kdcli.facts.vocab import Vocab
 
 
 def _own_vocab(ref: str) -> Vocab | None:
     """The vocabulary a model was trained with, from its folder's tokenizer files (or its hub
     tokenizer); None when it cannot be had."""
-    from kdcli.vocab import read_vocab, vocab_of
+    from kdcli.facts.vocab import read_vocab, vocab_of
 
     ref = resolve_model_ref(ref)
     folder = Path(ref).expanduser()
@@ -51,7 +51,7 @@ def check_vocabularies(
     embeddings as the tokenizer has ids, and a pretrained one must have been trained with the
     same vocabulary (every id both have maps to the same token; a padded vocabulary is fine).
     `ModelError` naming the model, an id that differs and the fix."""
-    from kdcli.vocab import VOCAB_FIX, vocab_of, vocabulary_problem
+    from kdcli.facts.vocab import VOCAB_FIX, vocab_of, vocabulary_problem
 
     used = vocab_of(tokenizer.get_vocab(), "get_vocab()")
     own_path = str(Path(resolve_model_ref(tokenizer_ref)).expanduser())

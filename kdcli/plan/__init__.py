@@ -20,6 +20,7 @@ from kdcli.plan.configs import Configs, gguf_config
 from kdcli.plan.generation import generation_plan
 from kdcli.plan.memory import Setup, flops, kd_logit_bytes, memory, suggestions
 from kdcli.plan.params import SUPPORTED, ModelShape, shape_of
+from kdcli.tasks import CHUNK_SIZE
 
 __all__ = [
     "SUPPORTED",
@@ -138,7 +139,7 @@ def plan_recipe(
         batch_size=training.batch_size,
         max_length=recipe.data.max_length,
         accumulation=training.gradient_accumulation_steps,
-        chunk_size=dist.chunk_size if dist is not None else 256,
+        chunk_size=dist.chunk_size if dist is not None else CHUNK_SIZE,
         precision=_precision(training),
         world_size=world_size,
         parallel=parallel,

@@ -1,7 +1,7 @@
 """The config.json (as a dict) of every model a recipe names, without torch: local folders,
 `pkg:` folders (already absolute in a loaded recipe), the Hugging Face cache or hub, folders
 another recipe produces (its student's config plus overrides), and GGUF headers (the facts
-`kdcli.modelinfo.gguf` reads, spelled as transformers' config keys)."""
+`kdcli.facts.modelinfo.gguf` reads, spelled as transformers' config keys)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 from kdcli.errors import UsageError
-from kdcli.modelinfo import ConfigUnavailable, GGUFUnreadable, cached_hub_config, cached_hub_file, gguf_facts
-from kdcli.modelinfo.config import read_config
-from kdcli.modelinfo.hub import _offline, fetch_hub_config
+from kdcli.facts.modelinfo import ConfigUnavailable, GGUFUnreadable, cached_hub_config, cached_hub_file, gguf_facts
+from kdcli.facts.modelinfo.config import read_config
+from kdcli.facts.modelinfo.hub import _offline, fetch_hub_config
 from kdcli.recipe.load import read_recipe
 from kdcli.recipe.loaded import display_name
-from kdcli.recipe.prune import prune_targets
+from kdcli.recipe.prune_schema import prune_targets
 from kdcli.recipe.sources import PretrainedModel
 
 _FIX = "Fix: make its config.json available (a local folder, the Hugging Face cache, or network access)"
@@ -87,7 +87,7 @@ class Configs:
         if not student.config:
             raise UsageError(f"{role}: no config to start from. Fix: set student.config")
         base = self.model(student.config, student.revision, student.gguf_file, f"{role} config")
-        if student.prune is not None:  # the pruned sizes, head_dim kept (one rule: kdcli.recipe.prune)
+        if student.prune is not None:  # the pruned sizes, head_dim kept (one rule: kdcli.recipe.prune_schema)
             return {**base, **student.overrides, **prune_targets(base, student.prune)[0]}
         return {**base, **student.overrides}
 

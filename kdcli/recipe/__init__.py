@@ -24,6 +24,7 @@ paths / sources + schema / translate / rules / discover / loaded / files / load 
 resolve / data_files / data_rules / model_rules / check / render.
 """
 
+from kdcli.facts.safe_files import NotRegularFile, is_file, open_regular
 from kdcli.recipe.check import check_file, check_loaded, check_paths, load_checked
 from kdcli.recipe.data_files import DataHeader, DataUnreadable, read_header
 from kdcli.recipe.data_rules import LabelScan, count_labels, data_findings, scan_labels
@@ -58,13 +59,13 @@ from kdcli.recipe.schema import (
     Proj,
     Recipe,
     TrainingSection,
+    check_max_steps,
     is_device,
     recipe_json_schema,
 )
 from kdcli.recipe.sources import ConfigStudent, DataSection, DataSource, PretrainedModel
 from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
 from kdcli.recipe.validation import DataFormat, Mode, Task
-from kdcli.safe_files import NotRegularFile, is_file, open_regular
 
 __all__ = [
     "DATA_EXTENSIONS",
@@ -72,6 +73,7 @@ __all__ = [
     "RECIPE_MAX_BYTES",
     "DEVICE_PATTERN",
     "SEED_RANGE",
+    "check_max_steps",
     "CheckReport",
     "ConfigStudent",
     "DataFormat",

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kdcli.facts.safe_files import NotRegularFile, open_regular
+from kdcli.facts.tabular import dialect
 from kdcli.recipe.sources import DataSource
-from kdcli.safe_files import NotRegularFile, open_regular
-from kdcli.tabular import dialect
 
 
 class DataUnreadable(Exception):

@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from kdcli.labels import DataError, Labels, labels_of_splits
+from kdcli.facts.labels import DataError, Labels, labels_of_splits
+from kdcli.facts.safe_files import is_file
+from kdcli.facts.tabular import dialect, validate_table
 from kdcli.recipe.data_files import DataHeader, DataUnreadable, label_values, read_header
 from kdcli.recipe.lm_data import messages_findings
 from kdcli.recipe.loaded import LoadedRecipe
@@ -14,8 +16,6 @@ from kdcli.recipe.messages import JsonPath, show, suggest
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import DataSource
-from kdcli.safe_files import is_file
-from kdcli.tabular import dialect, validate_table
 
 #: data files larger than this are not scanned for their labels (headers are always read)
 LABEL_SCAN_LIMIT_BYTES = 64 * 1024 * 1024
@@ -24,7 +24,7 @@ LABEL_SCAN_LIMIT_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True)
 class LabelScan:
     """The labels of a recipe's local data files, counted as `kdcli.data` counts them (the same
-    `kdcli.labels` code). `labels` None: unknown or refused; `complete`: every split was read
+    `kdcli.facts.labels` code). `labels` None: unknown or refused; `complete`: every split was read
     (else `labels` is a lower bound); `error`: why a file (at `where`) or its labels are refused."""
 
     labels: Labels | None = None
@@ -56,8 +56,8 @@ def values_shown(recipe: Recipe, loaded: LoadedRecipe) -> bool:
 
 
 def scan_labels(splits: list[tuple[str, DataSource]], column: str) -> LabelScan:
-    """Validate each local csv/tsv split (`kdcli.tabular`) and count the labels of all splits
-    together (`kdcli.labels`), as a run does; hub data, files over LABEL_SCAN_LIMIT_BYTES and
+    """Validate each local csv/tsv split (`kdcli.facts.tabular`) and count the labels of all splits
+    together (`kdcli.facts.labels`), as a run does; hub data, files over LABEL_SCAN_LIMIT_BYTES and
     files whose header lacks the column are skipped (other rules report those)."""
     values: list[tuple[str, list[Any]]] = []
     complete = True

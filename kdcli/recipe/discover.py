@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kdcli.errors import UsageError
+from kdcli.facts.safe_files import NotRegularFile, is_dir, open_regular
 from kdcli.recipe.paths import default_output_dir, local_path
-from kdcli.safe_files import NotRegularFile, is_dir, open_regular
 
 #: JSON files larger than this are not considered when looking for recipes among siblings
 #: (recipes are a few KiB; a data file next to them may be gigabytes)

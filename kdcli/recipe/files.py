@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kdcli.facts.safe_files import exists, is_dir, is_file
 from kdcli.recipe.discover import sniff_json
 from kdcli.recipe.loaded import LoadedRecipe, display_name
 from kdcli.recipe.messages import JsonPath, dotted, show, suggest
 from kdcli.recipe.sources import ConfigStudent, PretrainedModel
 from kdcli.recipe.validation import Mode, kind_of
-from kdcli.safe_files import exists, is_dir, is_file
 
 
 def close_names(missing: Path, want_dir: bool, outside: bool = False) -> str:

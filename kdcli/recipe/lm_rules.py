@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdcli.modelinfo import GGUF_FIX, GGUFFacts
+from kdcli.facts.modelinfo import GGUF_FIX, GGUFFacts
+from kdcli.facts.safe_files import exists, is_dir, read_small
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.messages import JsonPath, show
 from kdcli.recipe.on_policy_rules import AT, NO_END_FIX, NO_GENERATION_PROMPT_FIX
@@ -18,7 +19,6 @@ from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import PretrainedModel
 from kdcli.recipe.vocab_rules import TokenizerSource, run_tokenizer
-from kdcli.safe_files import exists, is_dir, read_small
 
 #: GGUF files named in a fix, at most
 LISTED_GGUF_MAX = 10

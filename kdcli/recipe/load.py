@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 from kdcli.errors import Problem, RecipeError, UsageError
+from kdcli.facts.safe_files import NotRegularFile, exists, is_dir, open_regular
 from kdcli.recipe.discover import RECIPE_MAX_BYTES, find_producers
 from kdcli.recipe.files import check_files
 from kdcli.recipe.jsonpos import JsonSyntaxError, SourceMap, parse_json
@@ -23,7 +24,6 @@ from kdcli.recipe.schema import DistillationConfig, Match, Recipe, TrainingSecti
 from kdcli.recipe.sources import DataSection, Student, Teacher
 from kdcli.recipe.translate import describe_error
 from kdcli.recipe.validation import Mode, RecipeContext
-from kdcli.safe_files import NotRegularFile, exists, is_dir, open_regular
 from kdcli.tasks import TASKS
 
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from kdcli import registry
-from kdcli.architectures import ATTENTION_MODEL_TYPES, attention_capture_supported
-from kdcli.modelinfo import (
+from kdcli.facts.architectures import ATTENTION_MODEL_TYPES, attention_capture_supported
+from kdcli.facts.modelinfo import (
     GENERIC_CONFIG_KEYS,
     ConfigUnavailable,
     GGUFFacts,
@@ -46,7 +46,7 @@ def _type_source(facts: ModelFacts) -> str:
 
 def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, student: ModelFacts | None) -> list[Finding]:
     """An attention match on a model whose config.json `model_type` kdcli cannot capture
-    attention scores of (`kdcli.architectures`), as the run would refuse it."""
+    attention scores of (`kdcli.facts.architectures`), as the run would refuse it."""
     out = []
     for who, facts in (("teacher", teacher), ("student", student)):
         if facts is not None and facts.model_type is not None and not attention_capture_supported(facts.model_type):
@@ -59,6 +59,34 @@ def _attention_capture_findings(at: JsonPath, teacher: ModelFacts | None, studen
                     f"or use a {who} of one of those types",
                 )
             )
+    return out
+
+
+def proj_size_findings(at: JsonPath, match: Match, d_s: int | None, d_t: int | None) -> list[Finding]:
+    """THE proj rule (check-recipe and the run's `Objective`): a hidden match's `proj` maps the
+    student's hidden size to the teacher's; a loss that needs equal sizes gets a proj when they differ."""
+    out: list[Finding] = []
+    if match.feature != "hidden":
+        return out
+    proj = match.proj
+    if proj is not None:
+        fixed = [proj.kind, d_s or proj.dim_S, d_t or proj.dim_T]
+        for pos, name, written, size, who in (
+            (1, "dim_S", proj.dim_S, d_s, "student"),
+            (2, "dim_T", proj.dim_T, d_t, "teacher"),
+        ):
+            if size is not None and written != size:
+                message = f"proj {name} is {written} but the {who}'s hidden size is {size}"
+                out.append(Finding(at + ("proj", pos), message, f"write {show(fixed)}"))
+    elif match.spec.needs_proj_when_sizes_differ and d_s is not None and d_t is not None and d_s != d_t:
+        free = "/".join(registry.loss_names_where(feature="hidden", same_size=None))
+        out.append(
+            Finding(
+                at + ("proj",),
+                f"{match.loss} needs equal hidden sizes, but the student's is {d_s} and the teacher's {d_t}",
+                f'add "proj": {show(["linear", d_s, d_t])} ({free} accept different sizes)',
+            )
+        )
     return out
 
 
@@ -89,32 +117,7 @@ def match_model_findings(
             out.extend(_attention_capture_findings(at, teacher, student))
         d_s = student.hidden_size if student else None
         d_t = teacher.hidden_size if teacher else None
-        if match.feature == "hidden" and match.proj is not None:
-            if d_s is not None and match.proj.dim_S != d_s:
-                out.append(
-                    Finding(
-                        at + ("proj", 1),
-                        f"proj dim_S is {match.proj.dim_S} but the student's hidden size is {d_s}",
-                        f"write {show([match.proj.kind, d_s, d_t or match.proj.dim_T])}",
-                    )
-                )
-            if d_t is not None and match.proj.dim_T != d_t:
-                out.append(
-                    Finding(
-                        at + ("proj", 2),
-                        f"proj dim_T is {match.proj.dim_T} but the teacher's hidden size is {d_t}",
-                        f"write {show([match.proj.kind, d_s or match.proj.dim_S, d_t])}",
-                    )
-                )
-        if match.feature == "hidden" and match.proj is None and spec.needs_proj_when_sizes_differ:
-            if d_s is not None and d_t is not None and d_s != d_t:
-                out.append(
-                    Finding(
-                        at + ("proj",),
-                        f"{match.loss} needs equal hidden sizes, but the student's is {d_s} and the teacher's {d_t}",
-                        f'add "proj": {show(["linear", d_s, d_t])} ({"/".join(registry.loss_names_where(feature="hidden", same_size=None))} accept different sizes)',
-                    )
-                )
+        out.extend(proj_size_findings(at, match, d_s, d_t))
         if spec.same_size == "heads" and student and teacher:
             h_s, h_t = student.num_attention_heads, teacher.num_attention_heads
             if h_s is not None and h_t is not None and h_s != h_t:

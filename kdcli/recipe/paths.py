@@ -8,10 +8,10 @@ from pathlib import Path
 
 from pydantic import ValidationInfo
 
-from kdcli.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
+from kdcli.facts.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
+from kdcli.facts.safe_files import _probe, exists, is_dir
 from kdcli.recipe.messages import show
 from kdcli.recipe.validation import context_of, recipe_error
-from kdcli.safe_files import _probe, exists, is_dir
 
 #: data file extensions and the format each implies
 DATA_EXTENSIONS: dict[str, str] = {

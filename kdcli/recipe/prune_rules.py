@@ -1,11 +1,11 @@
 """check-recipe's `student.prune` rules: the source can be pruned to those sizes (the one rule
-in `kdcli.recipe.prune`), the task is causal-lm, and the calibration rows exist."""
+in `kdcli.recipe.prune_schema`), the task is causal-lm, and the calibration rows exist."""
 
 from __future__ import annotations
 
 from kdcli.recipe.cache_rules import count_rows
 from kdcli.recipe.loaded import LoadedRecipe
-from kdcli.recipe.prune import prune_targets
+from kdcli.recipe.prune_schema import prune_targets
 from kdcli.recipe.resolve import Models
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe

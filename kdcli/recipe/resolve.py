@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.errors import UsageError
-from kdcli.modelinfo import (
+from kdcli.facts.modelinfo import (
     ConfigUnavailable,
     GGUFUnreadable,
     ModelFacts,
@@ -19,13 +19,13 @@ from kdcli.modelinfo import (
     local_facts,
     with_overrides,
 )
+from kdcli.facts.safe_files import exists
 from kdcli.recipe.data_rules import LabelScan, scan_labels
 from kdcli.recipe.load import read_recipe
 from kdcli.recipe.loaded import LoadedRecipe, display_name
 from kdcli.recipe.messages import JsonPath
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import PretrainedModel
-from kdcli.safe_files import exists
 
 
 @dataclass(frozen=True)

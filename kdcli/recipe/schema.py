@@ -24,6 +24,7 @@ from kdcli.recipe.paths import check_path_text, default_output_dir, local_path, 
 from kdcli.recipe.sources import ConfigStudent, DataSection, PretrainedModel, Student, Teacher
 from kdcli.recipe.temperature import TemperatureSpecError, parse_temperature_scheduler
 from kdcli.recipe.validation import Mode, RecipeContext, Section, Task, context_of, is_int, kind_of, recipe_error
+from kdcli.tasks import CHUNK_SIZE
 
 #: keys of a match's `proj[3]` (options of the projection's optimizer parameter group)
 PROJ_OPTION_KEYS = ("lr", "weight_decay", "betas", "eps")
@@ -40,6 +41,14 @@ def is_device(text: str) -> bool:
 
 #: the seeds training.seed (and the --seed flag) accept: what torch and numpy seed from
 SEED_RANGE = range(0, 2**32)
+
+
+def check_max_steps(max_steps: int | None) -> None:
+    """THE step bound of `--max-steps` (`kdcli distill/train`, `distill.run(max_steps=)`): 1 or more."""
+    if max_steps is not None and max_steps < 1:
+        from kdcli.errors import UsageError
+
+        raise UsageError(f"--max-steps {max_steps} is not a number of steps. Fix: pass 1 or more")
 
 
 class TrainingSection(Section):
@@ -269,7 +278,7 @@ class DistillationConfig(Section):
         description="Options of the KD loss (kdcli list-losses): beta (jsd), alpha (skew_kl), t_squared, top_k, top_k_mode, normalise.",
     )
     chunk_size: int = Field(
-        256, ge=1, description="causal-lm: tokens per chunk of the KD loss (full-vocabulary logits never exist)."
+        CHUNK_SIZE, ge=1, description="causal-lm: tokens per chunk of the KD loss (full-vocabulary logits never exist)."
     )
     kd_loss_weight: float = Field(1, ge=0, allow_inf_nan=False)
     kd_loss_weight_scheduler: WeightScheduler = "none"

@@ -17,7 +17,7 @@ from pydantic import (
 
 from kdcli.recipe.messages import show
 from kdcli.recipe.paths import check_path_text, data_format_of, local_path, looks_local_data, model_ref
-from kdcli.recipe.prune import PruneSpec
+from kdcli.recipe.prune_schema import PruneSpec
 from kdcli.recipe.validation import DataFormat, RowFormat, Section, context_of, recipe_error
 
 #: model config fields that `student.overrides` must give as positive integers

@@ -1,5 +1,5 @@
 """check-recipe's vocabulary rules: every model reads the run's token ids as its own tokens,
-compared from tokenizer files and GGUF headers before any model loads (`kdcli.vocab`)."""
+compared from tokenizer files and GGUF headers before any model loads (`kdcli.facts.vocab`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcli.modelinfo import GGUFFacts, ModelFacts, cached_hub_config, cached_hub_file
+from kdcli.facts.modelinfo import GGUFFacts, ModelFacts, cached_hub_config, cached_hub_file
+from kdcli.facts.safe_files import is_dir
+from kdcli.facts.vocab import VOCAB_FIX, Vocab, chat_template_of, read_vocab, vocab_of_tokens, vocabulary_problem
 from kdcli.recipe.loaded import LoadedRecipe
 from kdcli.recipe.resolve import Models, gguf_file_at, student_ref_path
 from kdcli.recipe.rules import Finding
 from kdcli.recipe.schema import Recipe
 from kdcli.recipe.sources import PretrainedModel
-from kdcli.safe_files import is_dir
-from kdcli.vocab import VOCAB_FIX, Vocab, chat_template_of, read_vocab, vocab_of_tokens, vocabulary_problem
 
 
 def model_folder(ref: str | None, revision: str | None = None, gguf_file: str | None = None) -> Path | None:
@@ -86,7 +86,7 @@ def run_tokenizer(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> Token
 
 
 def vocab_findings(recipe: Recipe, loaded: LoadedRecipe, models: Models) -> tuple[list[Finding], bool]:
-    """Every model reads the run's tokenizer ids as its own tokens (`kdcli.vocab`, as the run
+    """Every model reads the run's tokenizer ids as its own tokens (`kdcli.facts.vocab`, as the run
     checks them): enough token embeddings, and a pretrained model's own tokenizer (files, or
     its GGUF header's token list) agrees with the run's on every id both have (a padded
     vocabulary agrees). Also returns whether the tokens could be compared for every model

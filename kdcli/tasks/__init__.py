@@ -19,6 +19,10 @@ ROW_FORMATS = ("text", "prompt-completion", "messages")
 #: label id of positions no loss or metric reads (padding, special tokens, non-first sub-words)
 IGNORE_INDEX = -100
 
+#: causal-lm: target tokens per chunk of the output head + loss (KD, evaluation, the teacher
+#: cache's top-k), so full-vocabulary logits never exist; `distillation.chunk_size`'s default
+CHUNK_SIZE = 256
+
 #: the module of each task (`kdcli/tasks/<module>.py`, holding `TASK`, a `tasks.base.Task`)
 _MODULES = {
     "sequence-classification": "sequence_classification",

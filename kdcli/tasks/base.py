@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
-    from kdcli.labels import Labels
+    from kdcli.facts.labels import Labels
 
 #: A `datasets.map(batched=True)` function: columns of raw rows -> columns of encoded rows
 #: (input_ids, attention_mask, [token_type_ids], labels, length).

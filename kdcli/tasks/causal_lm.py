@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli.errors import RunError
-from kdcli.tasks import IGNORE_INDEX
+from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
 from kdcli.tasks.base import Columns, Encoder
 from kdcli.tasks.lm_rows import encoder as rows_encoder
 from kdcli.tasks.lm_rows import next_token_labels
@@ -31,7 +31,6 @@ from kdcli.tasks.lm_rows import next_token_labels
 #: (soft-capping, scaling): the chunked loss would compare other numbers than the model's
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 #: target tokens per chunk in evaluation (the eval logits of one chunk at a time)
-EVAL_CHUNK = 256
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -106,7 +105,7 @@ TASK = CausalLM()
 
 @torch.no_grad()
 def evaluate_lm(
-    student_features: Iterable[tuple[object, Sequence[object] | None, Tensor]], *, chunk_size: int = EVAL_CHUNK
+    student_features: Iterable[tuple[object, Sequence[object] | None, Tensor]], *, chunk_size: int = CHUNK_SIZE
 ) -> dict[str, float]:
     """Eval metrics over the target tokens of every batch, computed chunk by chunk.
 

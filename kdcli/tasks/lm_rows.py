@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from kdcli.labels import DataError
+from kdcli.facts.labels import DataError
 from kdcli.tasks import IGNORE_INDEX, ROW_FORMATS
 from kdcli.tasks.base import Columns, Encoder
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kdcli.labels import DataError, Labels
-from kdcli.report import classification_metrics
+from kdcli.facts.labels import DataError, Labels
 from kdcli.tasks.base import ENCODED_KEYS, Columns, Encoder, text_values
+from kdcli.tasks.classification_metrics import classification_metrics
 
 
 class SequenceClassification:

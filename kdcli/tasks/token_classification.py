@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kdcli.labels import DataError, Labels
-from kdcli.report import classification_metrics
+from kdcli.facts.labels import DataError, Labels
 from kdcli.tasks import IGNORE_INDEX
 from kdcli.tasks.base import ENCODED_KEYS, Columns, Encoder
+from kdcli.tasks.classification_metrics import classification_metrics
 
 
 class TokenClassification:

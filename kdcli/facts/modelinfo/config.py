@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kdcli.safe_files import NotRegularFile, read_regular_text
+from kdcli.facts.safe_files import NotRegularFile, read_regular_text
 from kdcli.tasks import TASKS
 
 # The spellings of each fact across architectures (first found wins).

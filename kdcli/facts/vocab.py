@@ -16,7 +16,7 @@ fails mid-run (IndexError). `check-recipe` and the run both compare vocabularies
   padded vocabulary, larger than its tokenizer, agrees with it); else the first id that differs.
 
 - `vocab_of_tokens(tokens, source)`: the same from a token list in id order (a GGUF header's
-  `tokenizer.ggml.tokens`, `kdcli.modelinfo.gguf`).
+  `tokenizer.ggml.tokens`, `kdcli.facts.modelinfo.gguf`).
 - `chat_template_of(folder)`: the chat template a tokenizer folder ships (tokenizer_config.json
   `chat_template`, chat_template.jinja, chat_template.json), or None.
 
@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcli.safe_files import NotRegularFile, read_regular_bytes, read_regular_text, read_small
+from kdcli.facts.safe_files import NotRegularFile, read_regular_bytes, read_regular_text, read_small
 
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 #: tokenizer files larger than this are not read (the largest real ones are a few tens of MB)

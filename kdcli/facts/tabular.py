@@ -30,8 +30,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcli.labels import DataError, LabelValueError, label_key
-from kdcli.safe_files import NotRegularFile, open_regular_text
+from kdcli.facts.labels import DataError, LabelValueError, label_key
+from kdcli.facts.safe_files import NotRegularFile, open_regular_text
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "bar"}

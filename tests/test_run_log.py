@@ -1,4 +1,4 @@
-"""Progress lines, metrics.jsonl, metrics and the summary table (kdcli/report.py)."""
+"""Progress lines, metrics.jsonl, metrics and the summary table (kdcli/run_files/run_log.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 import pytest
 from rich.console import Console
 
-from kdcli import report
+from kdcli.run_files import run_log
 
 
-def _info(step: int = 3) -> report.StepInfo:
-    return report.StepInfo(
+def _info(step: int = 3) -> run_log.StepInfo:
+    return run_log.StepInfo(
         step=step,
         total_steps=10,
         epoch=0.75,
@@ -30,13 +30,13 @@ def test_progress_mode():
         def isatty(self):
             return True
 
-    assert report.progress_mode(True, Tty()) == "off"
-    assert report.progress_mode(False, Tty()) == "rich"
-    assert report.progress_mode(False, io.StringIO()) == "plain"
+    assert run_log.progress_mode(True, Tty()) == "off"
+    assert run_log.progress_mode(False, Tty()) == "rich"
+    assert run_log.progress_mode(False, io.StringIO()) == "plain"
 
 
 def test_plain_progress_prints_every_term(capsys):
-    progress = report.Progress("plain", 10)
+    progress = run_log.Progress("plain", 10)
     progress.show(_info())
     progress.message("eval accuracy 0.5")
     progress.close()
@@ -48,7 +48,7 @@ def test_plain_progress_prints_every_term(capsys):
 
 
 def test_quiet_progress_prints_nothing(capsys):
-    progress = report.Progress("off", 10)
+    progress = run_log.Progress("off", 10)
     progress.show(_info())
     progress.message("x")
     progress.close()
@@ -57,7 +57,7 @@ def test_quiet_progress_prints_nothing(capsys):
 
 def test_metrics_log_writes_lines_and_truncates_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    log = report.MetricsLog(path)
+    log = run_log.MetricsLog(path)
     for step in (1, 2, 3, 4):
         log.write(_info(step).record())
     log.close()
@@ -67,38 +67,22 @@ def test_metrics_log_writes_lines_and_truncates_on_resume(tmp_path):
 
     with open(path, "a") as f:
         f.write('{"step": 5, "lo')  # cut short by a crash
-    resumed = report.MetricsLog(path, resume_step=2)
+    resumed = run_log.MetricsLog(path, resume_step=2)
     resumed.write(_info(3).record())
     resumed.close()
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
 
-    fresh = report.MetricsLog(path)  # a new run starts a new file
+    fresh = run_log.MetricsLog(path)  # a new run starts a new file
     fresh.close()
     assert path.read_text() == ""
 
 
-def test_classification_metrics_accuracy_ignores_minus_100():
-    m = report.classification_metrics([1, 0, 1, 1], [1, 1, -100, 1])
-    assert m["accuracy"] == pytest.approx(2 / 3)
-    assert m["examples"] == 3
-    assert "f1" not in m
-
-
-def test_classification_metrics_micro_f1_over_non_o_tags():
-    # O = 0. labels: B-PER(1) O B-LOC(2) O ; predictions: B-PER O O B-LOC
-    m = report.classification_metrics([1, 0, 0, 2], [1, 0, 2, 0], outside_id=0)
-    assert m["precision"] == pytest.approx(1 / 2)  # 2 predicted non-O, 1 right
-    assert m["recall"] == pytest.approx(1 / 2)  # 2 actual non-O, 1 found
-    assert m["f1"] == pytest.approx(1 / 2)
-    assert m["accuracy"] == pytest.approx(2 / 4)
-
-
 def test_peak_memory_is_positive():
-    assert report.peak_memory_mb("cpu") > 10
+    assert run_log.peak_memory_mb("cpu") > 10
 
 
 def test_summary_table_flattens_nested_fields():
-    table = report.summary_table({"steps": 4, "eval": {"accuracy": 0.875}, "files": ["a", "b"]})
+    table = run_log.summary_table({"steps": 4, "eval": {"accuracy": 0.875}, "files": ["a", "b"]})
     console = Console(file=io.StringIO(), width=120)
     console.print(table)
     text = console.file.getvalue()
@@ -106,14 +90,14 @@ def test_summary_table_flattens_nested_fields():
 
 
 def test_throughput_rate_and_eta():
-    t = report.Throughput(step=0)
+    t = run_log.Throughput(step=0)
     t.add(64)
     rate, eta = t.read(step=2, total_steps=10)
     assert rate > 0 and eta >= 0
 
 
 def test_rich_progress_shows_losses_and_messages_after_close(capsys):
-    progress = report.Progress("rich", 10, description="distill")
+    progress = run_log.Progress("rich", 10, description="distill")
     progress.advance(2)
     progress.show(_info())
     progress.message("checkpoint written")
@@ -128,8 +112,8 @@ def test_eta_is_stable_when_windows_alternate_fast_and_slow(monkeypatch):
     """Length grouping makes consecutive windows alternate between short and long batches;
     the ETA comes from the whole session's rate, so it does not jump between log lines."""
     clock = {"t": 1000.0}
-    monkeypatch.setattr(report.time, "perf_counter", lambda: clock["t"])
-    t = report.Throughput(step=0)
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: clock["t"])
+    t = run_log.Throughput(step=0)
     etas, rates = [], []
     for i in range(1, 21):  # 20 log windows of 5 steps: 1 s, then 19 s, then 1 s, ...
         clock["t"] += 1.0 if i % 2 else 19.0
@@ -148,8 +132,8 @@ def test_eta_is_stable_when_windows_alternate_fast_and_slow(monkeypatch):
 
 def test_throughput_after_resume_counts_only_this_session(monkeypatch):
     clock = {"t": 50.0}
-    monkeypatch.setattr(report.time, "perf_counter", lambda: clock["t"])
-    t = report.Throughput(step=30)
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: clock["t"])
+    t = run_log.Throughput(step=30)
     clock["t"] += 10
     t.add(100)
     rate, eta = t.read(step=40, total_steps=50)
@@ -158,14 +142,14 @@ def test_throughput_after_resume_counts_only_this_session(monkeypatch):
 
 def test_metrics_log_on_resume_drops_later_evals_and_never_repeats_one(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    log = report.MetricsLog(path)
+    log = run_log.MetricsLog(path)
     for step in (1, 2, 3, 4):
         log.write(_info(step).record())
         if step % 2 == 0:
             log.write({"step": step, "eval/accuracy": 0.5})
     log.close()
 
-    resumed = report.MetricsLog(path, resume_step=2)  # the checkpoint was at step 2
+    resumed = run_log.MetricsLog(path, resume_step=2)  # the checkpoint was at step 2
     resumed.write({"step": 2, "eval/accuracy": 0.5})  # the same evaluation again: not repeated
     resumed.write(_info(3).record())
     resumed.write({"step": 4, "eval/accuracy": 0.75})

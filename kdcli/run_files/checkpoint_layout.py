@@ -1,5 +1,5 @@
 """Where checkpoints live inside an output folder, and which of them are complete. Torch-free:
-the output-folder guard (kdcli.outdir) and the checkpoint writer (kdcli.checkpoint) both read it.
+the output-folder guard (kdcli.run_files.outdir) and the checkpoint writer (kdcli.run_files.checkpoint) both read it.
 
     <output>/checkpoints/step-N/state.pt    the state (torch.save, read with weights_only=True)
     <output>/checkpoints/step-N/meta.json   the data position, written last

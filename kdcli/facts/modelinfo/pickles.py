@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcli.modelinfo.weights import MAX_HEADER_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, WeightsUnreadable
+from kdcli.facts.modelinfo.weights import MAX_HEADER_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, WeightsUnreadable
 
 #: what a plain tensor pickle calls (torch's weights-only loader accepts these and little else)
 _SAFE_GLOBAL_MODULES = ("torch", "collections", "_codecs")

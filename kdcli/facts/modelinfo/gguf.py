@@ -8,7 +8,7 @@ offset), then the aligned tensor data. `read_gguf_header` reads all of it but th
 past big arrays nobody asked for (`tokenizer.ggml.merges`, scores, token types) instead of
 building them. Every count and length is bounded (by a limit and by the bytes left in the file),
 so a truncated, random or hostile file is `GGUFUnreadable` naming the file, never a MemoryError
-or a struct.error. Files are opened through `kdcli.safe_files` (no FIFO, device or /proc file).
+or a struct.error. Files are opened through `kdcli.facts.safe_files` (no FIFO, device or /proc file).
 
 `gguf_facts(path)` gives the `ModelFacts` transformers would derive from the header
 (`{arch}.block_count`, `{arch}.embedding_length`, ...), as `GGUFFacts`, which adds the token
@@ -24,8 +24,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from kdcli.modelinfo.config import ModelFacts
-from kdcli.safe_files import NotRegularFile, open_regular
+from kdcli.facts.modelinfo.config import ModelFacts
+from kdcli.facts.safe_files import NotRegularFile, open_regular
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

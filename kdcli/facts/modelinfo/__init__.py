@@ -32,7 +32,7 @@ Modules: `config` (facts from a config.json), `hub` (pkg: folders, the cache, th
 `gguf` (GGUF headers).
 """
 
-from kdcli.modelinfo.config import (
+from kdcli.facts.modelinfo.config import (
     GENERIC_CONFIG_KEYS,
     ConfigUnavailable,
     ModelFacts,
@@ -42,7 +42,7 @@ from kdcli.modelinfo.config import (
     read_config,
     with_overrides,
 )
-from kdcli.modelinfo.gguf import (
+from kdcli.facts.modelinfo.gguf import (
     GGUF_FIX,
     GGUFFacts,
     GGUFHeader,
@@ -51,7 +51,7 @@ from kdcli.modelinfo.gguf import (
     gguf_facts,
     read_gguf_header,
 )
-from kdcli.modelinfo.hub import (
+from kdcli.facts.modelinfo.hub import (
     HUB_TIMEOUT_S,
     PACKAGE_PREFIX,
     PackageRefError,
@@ -60,8 +60,8 @@ from kdcli.modelinfo.hub import (
     hub_facts,
     package_folder,
 )
-from kdcli.modelinfo.pickles import PICKLE_FIX, check_pickles, pickle_calls, pickled_weight_files, refused_pickle
-from kdcli.modelinfo.weights import (
+from kdcli.facts.modelinfo.pickles import PICKLE_FIX, check_pickles, pickle_calls, pickled_weight_files, refused_pickle
+from kdcli.facts.modelinfo.weights import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
     WEIGHT_FILES,

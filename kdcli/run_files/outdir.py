@@ -33,8 +33,8 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from kdcli.checkpoint_layout import CHECKPOINTS, latest_checkpoint
 from kdcli.errors import UsageError
+from kdcli.run_files.checkpoint_layout import CHECKPOINTS, latest_checkpoint
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl

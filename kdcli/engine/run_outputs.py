@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kdcli import checkpoint as ckpt
 from kdcli import data as kdata
-from kdcli import report
 from kdcli.engine import resume_objective
 from kdcli.engine.devices import autocast
 from kdcli.engine.recipe_facts import recipe_sha256
 from kdcli.engine.setup import RunState, to_cpu
 from kdcli.engine.teachers import logits_fn
 from kdcli.errors import NonFiniteLossError, RunError
+from kdcli.run_files import checkpoint as ckpt
+from kdcli.run_files import run_log
 
 PROJECTIONS_FILE = "projections.safetensors"
 #: Files and folders a run writes into its output folder (besides the model's own files):
@@ -33,15 +33,15 @@ def begin_outputs(run: RunState) -> None:
         return
     recipe, out = run.recipe, run.out
     run.folder.begin({"recipe_sha256": recipe_sha256(recipe), "mode": run.mode})
-    run.metrics = report.MetricsLog(out / "metrics.jsonl", resume_step=run.position.step if run.resume_from else None)
-    run.tb = report.TensorBoard(out / "tensorboard")
+    run.metrics = run_log.MetricsLog(out / "metrics.jsonl", resume_step=run.position.step if run.resume_from else None)
+    run.tb = run_log.TensorBoard(out / "tensorboard")
     if recipe.source is not None:
         ckpt.atomic_write_text(out / "recipe.json", Path(recipe.source).read_text(encoding="utf-8"))
     else:
         ckpt.atomic_write_text(out / "recipe.json", recipe.model_dump_json(indent=2, by_alias=True))
 
 
-def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Throughput) -> None:
+def log_step(run: RunState, terms: dict[str, Tensor], throughput: run_log.Throughput) -> None:
     """The step's terms averaged over ranks: progress line, metrics.jsonl and TensorBoard."""
     step, total_steps = run.position.step, run.total_steps
     names = list(terms)
@@ -51,7 +51,7 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Through
         values /= run.procs.world_size
     numbers = dict(zip(names, values.tolist()))
     rate, eta = throughput.read(step, total_steps)
-    info = report.StepInfo(
+    info = run_log.StepInfo(
         step=step,
         total_steps=total_steps,
         epoch=run.position.samples_seen / max(1, len(run.train_set)),
@@ -62,7 +62,7 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: report.Through
         eta_s=eta,
         weights=run.objective.weights(step / total_steps),
         tokens_per_s=throughput.tokens_per_s() if run.objective.token_level else None,
-        memory_mb=report.peak_memory_mb(run.device.type) if run.objective.token_level else None,
+        memory_mb=run_log.peak_memory_mb(run.device.type) if run.objective.token_level else None,
     )
     generates = run.on_policy is not None and run.on_policy.generates
     generation = run.on_policy.read_figures(run.procs, run.device) if generates else {}
@@ -310,7 +310,7 @@ def write_summary(run: RunState, *, start_step: int, train_time: float, wall_sta
         "samples_per_s": round(run.samples_this_session / train_time, 3)
         if train_time > 0 and position.step > start_step
         else None,
-        "peak_memory_mb": round(report.peak_memory_mb(run.device.type), 1),
+        "peak_memory_mb": round(run_log.peak_memory_mb(run.device.type), 1),
         "checkpoint": str(run.last_saved) if run.last_saved else None,
         "teacher_cache_rows": len(run.cache) if run.cache is not None else None,
         "warnings": run.console.warnings,

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcli import safe_files
 from kdcli.errors import UsageError, printable
+from kdcli.facts import safe_files
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcli.atomic_files import (  # noqa: F401  (re-exported: kdcli's atomic files and full-disk errors)
+from kdcli.run_files.atomic_files import (  # noqa: F401  (re-exported: kdcli's atomic files and full-disk errors)
     DiskFullError,
     atomic_write,
     atomic_write_json,
@@ -40,8 +40,8 @@ from kdcli.atomic_files import (  # noqa: F401  (re-exported: kdcli's atomic fil
     format_bytes,
     is_no_space,
 )
-from kdcli.atomic_files import ordinary_mode as _ordinary_mode
-from kdcli.checkpoint_layout import (  # noqa: F401  (re-exported: the layout's names)
+from kdcli.run_files.atomic_files import ordinary_mode as _ordinary_mode
+from kdcli.run_files.checkpoint_layout import (  # noqa: F401  (re-exported: the layout's names)
     CHECKPOINTS,
     META_FILE,
     STATE_FILE,

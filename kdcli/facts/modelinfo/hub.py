@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from kdcli.modelinfo.config import ConfigUnavailable, ModelFacts, facts_from_config
+from kdcli.facts.modelinfo.config import ConfigUnavailable, ModelFacts, facts_from_config
 
 #: the package-folder reference prefix: `pkg:<python package>/<sub/folder>`
 PACKAGE_PREFIX = "pkg:"

@@ -9,8 +9,6 @@
 - `Throughput`: samples/s and the ETA from the session's average rate (stable when
   consecutive log windows differ, as they do under length grouping).
 - `TensorBoard`: scalars to TensorBoard event files when `torch.utils.tensorboard` imports.
-- `classification_metrics`: accuracy, and for token classification micro F1 over the
-  non-O tags, from predictions and labels (-100 ignored).
 - `summary_table`: the final summary as a rich table for the CLI.
 - `peak_memory_mb`: peak RSS on CPU, peak allocated memory on CUDA.
 """
@@ -22,7 +20,6 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,7 +27,7 @@ from typing import Literal
 from rich.console import Console
 from rich.table import Table
 
-from kdcli.checkpoint import atomic_write_text
+from kdcli.run_files.checkpoint import atomic_write_text
 
 ProgressMode = Literal["rich", "plain", "off"]
 
@@ -271,30 +268,6 @@ class Throughput:
     def tokens_per_s(self) -> float:
         """Real (non-padding) tokens per second over this session."""
         return self._tokens / max(time.perf_counter() - self.start, 1e-9)
-
-
-def classification_metrics(
-    predictions: Sequence[int], labels: Sequence[int], *, outside_id: int | None = None
-) -> dict[str, float]:
-    """Accuracy over positions whose label is not -100; with `outside_id` (the "O" tag of a
-    token-classification task) also micro precision/recall/F1 over the non-O tags:
-    a prediction counts as a true positive when it equals a non-O label.
-
-    predictions, labels: flat sequences of the same length.
-    """
-    pairs = [(int(p), int(y)) for p, y in zip(predictions, labels) if int(y) != -100]
-    n = len(pairs)
-    out: dict[str, float] = {"accuracy": (sum(p == y for p, y in pairs) / n) if n else 0.0, "examples": n}
-    if outside_id is not None:
-        tp = sum(1 for p, y in pairs if p == y and y != outside_id)
-        predicted = sum(1 for p, _ in pairs if p != outside_id)
-        actual = sum(1 for _, y in pairs if y != outside_id)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        out["precision"] = precision
-        out["recall"] = recall
-        out["f1"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return out
 
 
 def peak_memory_mb(device_type: str = "cpu") -> float:

@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from kdcli.modelinfo.config import facts_from_config, int_or_none
-from kdcli.safe_files import NotRegularFile, open_regular, read_regular_text
+from kdcli.facts.modelinfo.config import facts_from_config, int_or_none
+from kdcli.facts.safe_files import NotRegularFile, open_regular, read_regular_text
 
 #: bytes per element of each safetensors dtype
 _DTYPE_BYTES = {

@@ -25,29 +25,7 @@ def load_models(
     task = recipe.task
     id2label = labels.id2label if labels is not None else None
     num_labels = labels.num_labels if labels is not None else None
-    teachers = []
-    if mode == "distill":
-        # a teacher whose logits are used must keep its head, of the data's size
-        uses_logits = recipe.distillation.uses_teacher_logits
-        for ref in recipe.teachers:
-            loaded = kmodels.load_model(
-                ref.model,
-                task,
-                id2label=id2label,
-                revision=ref.revision,
-                trust_remote_code=ref.trust_remote_code,
-                role="teacher",
-                resize_head=not uses_logits,
-                warn=warn,
-                gguf_file=ref.gguf_file,
-            )
-            if loaded.new_head and labels is not None:
-                warn(
-                    f"warning: teacher {ref.model} has no trained {labels.num_labels}-way head (a new "
-                    "one was initialised at random), so its logits teach nothing. Fine-tune it first "
-                    "with `kdcli train`"
-                )
-            teachers.append(loaded.model.eval().requires_grad_(False))
+    teachers = load_teachers(recipe, labels, warn) if mode == "distill" else []
     student_ref = recipe.student
     if isinstance(student_ref, PretrainedModel):
         loaded = kmodels.load_model(
@@ -106,6 +84,34 @@ def load_models(
 
         student.generation_config = copy.deepcopy(source.generation_config)
     return teachers, student, ranking
+
+
+def load_teachers(recipe, labels: kdata.Labels | None, warn: Callable[[str], None]) -> list:
+    """The recipe's teachers (eval mode, frozen) for its task and labels; a teacher whose logits
+    are used keeps its head, of the data's size (a new random head is warned about)."""
+    id2label = labels.id2label if labels is not None else None
+    uses_logits = recipe.distillation.uses_teacher_logits
+    teachers = []
+    for ref in recipe.teachers:
+        loaded = kmodels.load_model(
+            ref.model,
+            recipe.task,
+            id2label=id2label,
+            revision=ref.revision,
+            trust_remote_code=ref.trust_remote_code,
+            role="teacher",
+            resize_head=not uses_logits,
+            warn=warn,
+            gguf_file=ref.gguf_file,
+        )
+        if loaded.new_head and labels is not None:
+            warn(
+                f"warning: teacher {ref.model} has no trained {labels.num_labels}-way head (a new "
+                "one was initialised at random), so its logits teach nothing. Fine-tune it first "
+                "with `kdcli train`"
+            )
+        teachers.append(loaded.model.eval().requires_grad_(False))
+    return teachers
 
 
 def prune_source(recipe, teachers: list, warn: Callable[[str], None]):
