@@ -34,6 +34,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,9 @@ from torch import Tensor, nn
 from kdcli.errors import RunError
 from kdcli.facts.architectures import ATTENTION_MODEL_TYPES, architecture, attention_capture_supported
 from kdcli.models import encoder_blocks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 #: The additive value at padded key positions (the reference's BERT used -10000).
 MASK_VALUE = -10000.0
@@ -184,7 +188,7 @@ class FeatureCapture:
         self._heads: dict[int, int] = {}
         if not self.hidden_layers and not self.attention_layers:
             return
-        config = model.config
+        config = cast("PreTrainedConfig", model.config)
         blocks = encoder_blocks(model)
         count = len(blocks)
         for i in self.hidden_layers:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ def hard_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _as_tuple(layer: int | Sequence[int]) -> tuple[int, ...]:
-    return tuple(layer) if isinstance(layer, (list, tuple)) else (int(layer),)
+    return tuple(layer) if isinstance(layer, (list, tuple)) else (int(cast(int, layer)),)
 
 
 class Objective(nn.Module):
@@ -329,7 +330,9 @@ class Objective(nn.Module):
             raise ValueError("distillation needs at least one teacher's features")
         logits_S, labels_sel = self._kd_logits(feats_S.logits.float(), labels)
         teacher_logits = [self._kd_logits(f.logits.float(), labels)[0] for f in feats_T]
-        logits_T = teacher_logits[0] if len(teacher_logits) == 1 else sum(teacher_logits) / len(teacher_logits)
+        logits_T = (
+            teacher_logits[0] if len(teacher_logits) == 1 else cast(Tensor, sum(teacher_logits)) / len(teacher_logits)
+        )
         if self.config.probability_shift:
             if labels_sel is None:
                 raise RunError("probability_shift needs labels, but the batch has none")
@@ -338,6 +341,7 @@ class Objective(nn.Module):
             temperature = self.temperature_scheduler(logits_S, logits_T, self.config.temperature)
         else:
             temperature = self.config.temperature
+        assert self.kd_fn is not None  # set with the config, from the same `distillation`
         kd = self.kd_fn(logits_S, logits_T, temperature, **self.kd_options)
         terms["kd"] = kd
         total = self._kd_weight(step_fraction) * kd

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from kdcli.engine.recipe_facts import Mode
 from kdcli.engine.recipe_models import load_teachers, tokenizer_ref
 from kdcli.features import FeatureCapture
 from kdcli.objective import Objective
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @contextmanager
@@ -84,13 +88,18 @@ def objective(recipe, mode: Mode, task, student: nn.Module | None, teachers: Seq
     hidden sizes; causal LMs with padded vocabularies score the ids every head has."""
     built = Objective(
         recipe.distillation if mode == "distill" else None,
-        hidden_S=kmodels.model_dims(student).hidden_size if student is not None else None,
-        hidden_T=kmodels.model_dims(teachers[0]).hidden_size if teachers and student is not None else None,
+        hidden_S=kmodels.model_dims(_hf(student)).hidden_size if student is not None else None,
+        hidden_T=kmodels.model_dims(_hf(teachers[0])).hidden_size if teachers and student is not None else None,
         task=task,
     )
     if built.token_level and teachers and student is not None:
-        built.shared_vocab = min(m.get_output_embeddings().weight.shape[0] for m in (student, *teachers))
+        built.shared_vocab = min(_hf(m).get_output_embeddings().weight.shape[0] for m in (student, *teachers))
     return built
+
+
+def _hf(model: nn.Module) -> PreTrainedModel:
+    """The run's models are Hugging Face models (`kdcli.models.load_model`), held as nn.Module."""
+    return cast("PreTrainedModel", model)
 
 
 def captures(

@@ -209,6 +209,7 @@ class RowStore:
             self._open_for_writing()
         if self.read_only:
             return 0
+        assert self._data_fd is not None and self._index_fd is not None  # opened for writing above
         records, offset = [], self._data_end
         blob = b"".join(data for _, data, _, _ in rows)
         _write_all(self._data_fd, blob, offset)
@@ -256,7 +257,7 @@ class RowStore:
         while True:
             entry = self.entries[row]
             raw = self._bytes(entry)
-            if raw is not None and zlib.crc32(raw) == entry.crc:
+            if raw is not None and zlib.crc32(raw.data) == entry.crc:
                 return raw, entry
             self._bad.add(entry)
             spares = self._spares.get(row)

@@ -22,14 +22,18 @@ DDP does, so the loss normalisation is the same.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from kdcli.features import FeatureCapture, Features
 from kdcli.models import encoder_blocks
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 def _api():
@@ -52,7 +56,8 @@ class ShardedTeacher(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor] | None, generation: dict | None = None) -> Features:
         if generation is not None:  # on_policy: `generate` through the root (its hooks gather the head)
-            return self.teacher.generate(**generation)
+            return cast("Callable[..., Any]", self.teacher.generate)(**generation)
+        assert batch is not None  # a forward without `generation` reads a batch
         return self._capture.run(batch)
 
     def run_teacher(self, batch: Mapping[str, Tensor]) -> Features:
@@ -96,11 +101,11 @@ def reshard_teachers(captures_T: list) -> None:
     """Free the teachers' gathered root parameters once the step's loss has read their heads."""
     for teacher in captures_T:
         if isinstance(teacher, ShardedTeacher):
-            teacher.reshard()
+            cast("FSDPModule", teacher).reshard()  # `shard` made it an FSDP root
 
 
 def set_gradient_sync(step_module: nn.Module, sync: bool) -> None:
-    step_module.set_requires_gradient_sync(sync)
+    cast("FSDPModule", step_module).set_requires_gradient_sync(sync)  # sharded by `shard`
 
 
 def local_values(module: nn.Module) -> list[Tensor]:
@@ -134,7 +139,7 @@ def load_shards(step_module: nn.Module, optimizer, folder: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(step_module, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder / SHARDS))
     set_state_dict(step_module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -152,7 +157,8 @@ def full_student(step_module: nn.Module, student: nn.Module, main: bool) -> nn.M
     with torch.device("meta"):
         copy = type(student)(student.config)
     copy.load_state_dict(weights, strict=False, assign=True)
-    copy.tie_weights()  # assign=True loaded tied tensors as two; tie them again (as the student)
+    # assign=True loaded tied tensors as two; tie them again (as the student)
+    cast("Callable[[], None]", copy.tie_weights)()
     missing = [n for n, p in copy.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"the gathered student lacks {missing[:3]}")
@@ -175,11 +181,11 @@ class ShardedStudentStep(nn.Module):
 
     @property
     def student(self) -> nn.Module:
-        return self.step.student
+        return cast(nn.Module, self.step.student)  # a `StudentStep`'s student
 
     def forward(self, batch, feats_T, step_fraction: float, *, features_only: bool = False, generation=None, **kwargs):
         if generation is not None:  # on_policy: the student's `generate` through the root
-            return self.step.student.generate(**generation)
+            return cast("Callable[..., Any]", self.student.generate)(**generation)
         if features_only:
-            return self.step._capture.run(batch)
+            return cast(FeatureCapture, self.step._capture).run(batch)
         return self.step(batch, feats_T, step_fraction, **kwargs)

@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +145,11 @@ def complete(
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             arguments = {"input_ids": ids, "attention_mask": mask, "generation_config": generation}
-            out = model.generate(**arguments) if root is None else root({**arguments, "synced_gpus": True})
+            out = (
+                cast("Callable[..., Tensor]", model.generate)(**arguments)
+                if root is None
+                else root({**arguments, "synced_gpus": True})
+            )
     finally:
         model.train(was_training)
     return _cut(out[:, width:].tolist(), set(stops))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdcli.objective import Objective
@@ -45,7 +45,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
-def follow_learning_rates(optimizer: torch.optim.Optimizer, scheduler, base_lrs: Sequence[float]) -> None:
+def follow_learning_rates(optimizer: torch.optim.Optimizer, scheduler, base_lrs: Sequence[float | Tensor]) -> None:
     """After a checkpoint's optimizer and scheduler states are loaded: continue the schedule
     from `base_lrs` (the resuming recipe's rates) at the checkpoint's step, instead of the
     rates the checkpoint's run started with."""

@@ -60,6 +60,7 @@ def load_models(
     if measure is not None:
         from kdcli.engine.blocks import choose_blocks
 
+        assert init_from is not None and sample_batches is not None  # set above; a measure comes with data
         ranking = choose_blocks(init_from, sample_batches, measure.keep, measure.by)
         layers = list(ranking.kept)
         if say is not None:

@@ -57,16 +57,18 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: run_log.Throug
         epoch=run.position.samples_seen / max(1, len(run.train_set)),
         loss=numbers.pop("loss"),
         terms=numbers,
-        lr=run.scheduler.get_last_lr()[0],
+        lr=float(run.scheduler.get_last_lr()[0]),
         samples_per_s=rate,
         eta_s=eta,
         weights=run.objective.weights(step / total_steps),
         tokens_per_s=throughput.tokens_per_s() if run.objective.token_level else None,
         memory_mb=run_log.peak_memory_mb(run.device.type) if run.objective.token_level else None,
     )
-    generates = run.on_policy is not None and run.on_policy.generates
-    generation = run.on_policy.read_figures(run.procs, run.device) if generates else {}
+    on_policy = run.on_policy
+    generation = on_policy.read_figures(run.procs, run.device) if on_policy is not None and on_policy.generates else {}
     if run.main:
+        # rank 0 opened them: `begin_outputs` (metrics, TensorBoard), the train loop (progress)
+        assert run.console.progress is not None and run.metrics is not None and run.tb is not None
         run.console.progress.show(info)
         record = {**info.record(), **generation}
         run.metrics.write(record)
@@ -86,6 +88,7 @@ def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) ->
             logits = logits_of(batch)
             predictions += logits.argmax(dim=-1).reshape(-1).tolist()
             gold += batch["labels"].reshape(-1).tolist()
+    assert run.data.labels is not None  # tasks evaluated on logits are labelled
     return run.task.metrics(predictions, gold, run.data.labels)
 
 
@@ -175,6 +178,8 @@ def evaluate_student(run: RunState) -> None:
         finally:
             student.train(was_training)
     if run.main:
+        # set above (rank 0 always evaluates); opened by `begin_outputs`
+        assert run.last_eval is not None and run.metrics is not None and run.tb is not None
         step = run.position.step
         record = {"step": step, **{f"eval/{k}": v for k, v in run.last_eval.items()}}
         run.metrics.write(record)
@@ -249,7 +254,7 @@ def save_final(run: RunState) -> None:
     if run.eval_set is not None:
         evaluate_student(run)
     save_checkpoint(run)
-    student = run.student
+    student: nn.Module | None = run.student
     if run.sharded:  # every rank joins the gather; rank 0 gets the whole student on its CPU
         from kdcli.engine import fsdp
 

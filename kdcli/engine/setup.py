@@ -319,6 +319,7 @@ def resume(run: RunState) -> None:
     """Load the latest checkpoint into the run's models, optimizer, schedule, scaler and RNGs.
     With another learning rate than the checkpoint's run, the schedule continues at the new one."""
     resume_from, procs = run.resume_from, run.procs
+    assert resume_from is not None  # called only when resuming
     recipe_lrs = list(run.scheduler.base_lrs)  # this recipe's rates, before the checkpoint's
     try:
         state = ckpt.load_checkpoint(resume_from, map_location=run.device)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -130,6 +131,7 @@ class TeacherDiskCache:
             return None
         self.hits += 1
         width = batch["input_ids"].size(1)
+        assert per_row is not None  # a hit here is a hit on every rank
         tensors = self._decode(per_row, width)
         mask = batch["attention_mask"]
         tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
@@ -182,6 +184,7 @@ class TeacherDiskCache:
         """A row's entry agrees with the batch row and the layout (and its ids with the vocabulary)."""
         if entry.length != length or entry.targets != targets:
             return False
+        assert self.layout is not None  # rows are checked once the layout is known
         spans, at = {}, 0
         for name, dtype_name, template in self.layout:
             shape = [entry.length if d == "L" else entry.targets if d == "N" else d for d in template]
@@ -198,6 +201,7 @@ class TeacherDiskCache:
 
     def _decode(self, per_row: list, width: int) -> dict[str, Tensor]:
         """The batch's cached fields, padded to `width` tokens (float32; ids int32)."""
+        assert self.layout is not None  # rows are decoded once the layout is known
         out: dict[str, Tensor] = {}
         for name, dtype_name, template in self.layout:
             dtype = _STORED[dtype_name]
@@ -221,7 +225,8 @@ class TeacherDiskCache:
                 if "N" in template:
                     pieces[name].append(value)
                 else:
-                    out[name][(b, *(slice(0, s) for s in shape))] = value
+                    index: tuple[int | slice, ...] = (b, *(slice(0, s) for s in shape))
+                    out[name][index] = value
         for name, values in pieces.items():
             if values:
                 out[name] = torch.cat(values)
@@ -246,7 +251,7 @@ class TeacherDiskCache:
             if i in self.rows:
                 continue
             parts = []
-            for name, _, template in self.layout:
+            for name, _, template in layout:  # == self.layout (written above when it differed)
                 tensor = fields[name][0]
                 if "N" in template:
                     value = tensor[starts[b] : starts[b + 1]]
@@ -286,6 +291,7 @@ class TeacherDiskCache:
         """(batch tensor on the CPU in the storage dtype, per-row shape template) per field."""
         out: dict[str, tuple[Tensor, list]] = {}
         for t, f in enumerate(feats_T):
+            assert f.logits is not None  # encoder tasks' models return logits
             logits = f.logits.detach()
             out[f"logits.{t}"] = (
                 self._cpu(logits),
@@ -305,10 +311,14 @@ class TeacherDiskCache:
         from kdcli.tasks.causal_lm import target_rows
 
         labels = batch["labels"]
-        teachers = [(target_rows(f, labels)[0], *f.head) for f in feats_T]
+        teachers: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        for f in feats_T:
+            assert f.head is not None  # causal-LM features carry the output head
+            teachers.append((target_rows(f, labels)[0], *f.head))
+        assert self.top_k is not None  # a causal-LM cache keeps the teachers' top-k
         ids, values, tails = top_k_rows(teachers, self.top_k, self.temperature, self.chunk_size)
         k = ids.size(1)
-        out = {
+        out: dict[str, tuple[Tensor, list]] = {
             "topk.ids": (ids.to("cpu", torch.int32), ["N", k]),
             "topk.values": (values.to("cpu", self.store_dtype), ["N", k]),
             "topk.tail": (tails.to("cpu", torch.float32), ["N"]),
@@ -337,7 +347,7 @@ def top_k_rows(
     ids, values, tails = [], [], []
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
-        z = sum(F.linear(h[rows], w, b) for h, w, b in teachers)
+        z = cast(Tensor, sum(F.linear(h[rows], w, b) for h, w, b in teachers))  # >= 1 teacher
         if len(teachers) > 1:
             z = z / len(teachers)
         z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z

@@ -43,6 +43,11 @@ class StudentStep(nn.Module):
         )
 
 
+def _logits(features: Features) -> Tensor:
+    assert features.logits is not None  # the in-memory cache is for tasks whose models return logits
+    return features.logits
+
+
 class TeacherLogitCache:
     """Teacher logits per training row (CPU, float32), keyed by the row's index.
 
@@ -66,7 +71,7 @@ class TeacherLogitCache:
         return [Features(logits=logits[t], mask=batch["attention_mask"]) for t in range(logits.size(0))]
 
     def store(self, indices: Sequence[int], feats_T: list[Features], batch: dict[str, Tensor]) -> None:
-        stacked = torch.stack([f.logits.detach().float() for f in feats_T]).cpu()
+        stacked = torch.stack([_logits(f).detach().float() for f in feats_T]).cpu()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         for b, i in enumerate(indices):
             self._rows[i] = self._task.cache_row(stacked[:, b], int(lengths[b])).clone()

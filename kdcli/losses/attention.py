@@ -64,8 +64,8 @@ def _att_mse(S: Tensor, T: Tensor, m: _Mask | None) -> Tensor:
 def _att_ce(S: Tensor, T: Tensor, m: _Mask | None) -> Tensor:
     """Soft cross-entropy over the last dim of (B, H, L, L) or (B, L, L); see `att_ce_loss`."""
     if m is None:
-        rows = S.numel() // S.shape[-1]
-        return _soft_cross_entropy_sum(S, T, threshold=NO_MASK_THRESHOLD) / rows
+        n_rows = S.numel() // S.shape[-1]
+        return _soft_cross_entropy_sum(S, T, threshold=NO_MASK_THRESHOLD) / n_rows
     heads = S.shape[1] if S.dim() == 4 else 1
     rows, cols = _row_col_weights(m, S.dim() == 4)
     return _soft_cross_entropy_sum(S, T, (rows.unsqueeze(-1), cols)) / (m.weight.sum() * heads)

@@ -12,7 +12,7 @@ constant (detached). `bench/lm_loss.py` measures the peak memory against full lo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +117,9 @@ class _ChunkedKD(torch.autograd.Function):
 
 
 def _check(name: str, x: object, dims: tuple[int, ...], what: str) -> Tensor:
-    _tensor(_LOSS, name, x)
-    _ndim(_LOSS, name, x, dims, what)
-    return x
+    t = _tensor(_LOSS, name, x)
+    _ndim(_LOSS, name, t, dims, what)
+    return t
 
 
 def chunked_kd_loss(
@@ -182,10 +182,11 @@ def chunked_kd_loss(
     loss and the gradient sums in float32 for half inputs (float64 stays float64); the
     gradients are returned in each input's dtype.
     """
-    several = isinstance(hidden_T, (list, tuple))
-    hiddens_T = list(hidden_T) if several else [hidden_T]
-    heads_T = list(head_T) if isinstance(head_T, (list, tuple)) else [head_T]
-    biases_T = list(bias_T) if isinstance(bias_T, (list, tuple)) else [bias_T] * len(hiddens_T)
+    hiddens_T: list[Tensor] = list(hidden_T) if isinstance(hidden_T, (list, tuple)) else [cast(Tensor, hidden_T)]
+    heads_T: list[Tensor] = list(head_T) if isinstance(head_T, (list, tuple)) else [cast(Tensor, head_T)]
+    biases_T: list[Tensor | None] = (
+        list(bias_T) if isinstance(bias_T, (list, tuple)) else [cast("Tensor | None", bias_T)] * len(hiddens_T)
+    )
     if cached_T is not None and (hiddens_T or cached_T.ids.shape[0] != hidden_S.shape[0]):
         raise ValueError(f"{_LOSS}: cached_T replaces the teachers and has one row per row of hidden_S")
     if (

@@ -61,12 +61,12 @@ def _unit(loss: str, name: str, value: object) -> float:
 
 
 def _check_logits(loss: str, student_logits: object, teacher_logits: object) -> None:
-    _tensor(loss, "student_logits", student_logits)
-    _tensor(loss, "teacher_logits", teacher_logits)
-    _ndim(loss, "student_logits", student_logits, (2,), "(N, V): one row of vocabulary logits per token")
-    _same_shape(loss, "student_logits", student_logits, "teacher_logits", teacher_logits)
-    if student_logits.shape[-1] == 0:
-        raise ValueError(f"{loss}: the vocabulary is empty (student_logits has shape {_shape(student_logits)})")
+    s = _tensor(loss, "student_logits", student_logits)
+    t = _tensor(loss, "teacher_logits", teacher_logits)
+    _ndim(loss, "student_logits", s, (2,), "(N, V): one row of vocabulary logits per token")
+    _same_shape(loss, "student_logits", s, "teacher_logits", t)
+    if s.shape[-1] == 0:
+        raise ValueError(f"{loss}: the vocabulary is empty (student_logits has shape {_shape(s)})")
 
 
 def top_k_log_probs(

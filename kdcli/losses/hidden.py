@@ -159,7 +159,7 @@ def fsp_loss(state_S: Sequence[Tensor], state_T: Sequence[Tensor], mask: Tensor 
     dtype = compute_dtype(S0, S1, T0, T1)
     S0, S1, T0, T1 = (x.to(dtype) for x in (S0, S1, T0, T1))
     if mask is None:
-        scale = 1.0 / S1.shape[1]
+        scale: float | Tensor = 1.0 / S1.shape[1]
         return F.mse_loss(_gram_dd(S0, S1, scale), _gram_dd(T0, T1, scale))
     m = _mask(loss, mask, S0.shape[0], S0.shape[1], S0)
     # Zeroing both layers and dividing by the length == weighting X_1 by m^2 / sum m.

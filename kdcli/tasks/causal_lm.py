@@ -15,7 +15,8 @@ into micro-batches or across processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +51,13 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
+            assert config is not None  # the value was read from it
             raise RunError(
                 f"a {config.model_type} model transforms its logits after the head ({name} = {value}); "
                 "kdcli's chunked KD loss does not reproduce that. Fix: use a llama, qwen2, mistral or gpt2 model"
             )
-    head = model.get_output_embeddings()
+    # nn.Module types its attributes Tensor | Module: the Hugging Face method, typed by hand
+    head = cast("Callable[[], nn.Module | None]", model.get_output_embeddings)()
     if not isinstance(head, nn.Linear):
         raise RunError(f"{type(model).__name__}'s output head is a {type(head).__name__}, not a linear layer")
     return head.weight, head.bias
@@ -105,7 +108,7 @@ TASK = CausalLM()
 
 @torch.no_grad()
 def evaluate_lm(
-    student_features: Iterable[tuple[object, Sequence[object] | None, Tensor]], *, chunk_size: int = CHUNK_SIZE
+    student_features: Iterable[tuple[Any, Sequence[Any] | None, Tensor]], *, chunk_size: int = CHUNK_SIZE
 ) -> dict[str, float]:
     """Eval metrics over the target tokens of every batch, computed chunk by chunk.
 
@@ -134,8 +137,12 @@ def evaluate_lm(
             nll += float(-log_q.gather(-1, y[:, None]).sum(dtype=torch.float64))
             if teacher_rows:  # as the KD term: on the ids every head has (padded rows left out)
                 shared = min(weight_S.shape[0], *(w.shape[0] for _, w, _ in teacher_rows))
-                z_T = sum(
-                    F.linear(h[rows], w[:shared], None if b is None else b[:shared]).float() for h, w, b in teacher_rows
+                z_T = cast(  # a sum of >= 1 tensors: a tensor
+                    Tensor,
+                    sum(
+                        F.linear(h[rows], w[:shared], None if b is None else b[:shared]).float()
+                        for h, w, b in teacher_rows
+                    ),
                 )
                 z_T, z_kd = z_T / len(teacher_rows), z_S[:, :shared]
                 log_q_kd = log_q if shared == z_S.shape[1] else F.log_softmax(z_kd, dim=-1)
