@@ -32,10 +32,11 @@ test: lint
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Lint and format checks ([tool.ruff] in pyproject.toml); `make test` runs them first.
+# Lint, format and type checks ([tool.ruff], [tool.mypy] in pyproject.toml); `make test` runs them first.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # mypy on engine/, losses/, tasks/, objective.py, features.py ([tool.mypy] in pyproject.toml)
 typecheck: $(STAMP)
