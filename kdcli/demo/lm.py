@@ -43,7 +43,6 @@ from kdcli.demo.lm_bench import (
     Bench,
     completion_figures,
     file_mb,
-    generate,
     load_bench,
     load_folder,
     parameters,
@@ -133,10 +132,11 @@ def _figures(key: str, title: str, model, bench: Bench, settings: Settings, *, a
         parameters=total,
         non_embedding_parameters=non_embedding,
     )
-    generated = completion_figures(model, bench, settings.gen_rows, settings.max_new_tokens, with_kl=key != "teacher")
+    rows = max(settings.gen_rows, settings.questions)
+    generated = completion_figures(model, bench, rows, settings.max_new_tokens, with_kl=key != "teacher")
+    answers.by_model[key] = generated.pop("answers")[: settings.questions]
     for name, value in generated.items():
         setattr(fig, name, value)
-    answers.by_model[key], fig.tokens_per_s = generate(model, bench.tokenizer, bench.questions, settings.max_new_tokens)
     return fig
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,39 +168,12 @@ def load_checkpoint_weights(model: nn.Module, checkpoint: Path) -> nn.Module:
     return model.eval()
 
 
-def generate(model: nn.Module, tokenizer, questions: Sequence[str], max_new_tokens: int) -> tuple[list[str], float]:
-    """Greedy answers to `questions` (one at a time, chat template) and the CPU tokens/s of
-    the whole generation (new tokens / seconds)."""
-    import torch
-
-    answers, new_tokens, seconds = [], 0, 0.0
-    eos = tokenizer.eos_token_id
-    for question in questions:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
-            )
-        seconds += time.perf_counter() - start
-        new = out[0, ids.shape[1] :]
-        new_tokens += int(new.numel())
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return answers, new_tokens / max(seconds, 1e-9)
-
-
 def completion_figures(model: nn.Module, bench: Bench, rows: int, max_new_tokens: int, *, with_kl: bool = True):
-    """On the prompts of the first `rows` eval rows (batched, left-padded): the greedy
+    """On the prompts of the first `rows` eval rows (one left-padded batch): the greedy
     completions' share of repeated 4-grams, share that end (an end marker before
-    `max_new_tokens`) and mean length; and (`with_kl`) the on-policy KL: KL(teacher || model) per
-    token on the model's own completions sampled at temperature 1 (fixed seed)."""
+    `max_new_tokens`), mean length and CPU tokens/s (new tokens / seconds of the batch), the
+    decoded greedy answers; and (`with_kl`) the on-policy KL: KL(teacher || model) per token on
+    the model's own completions sampled at temperature 1 (fixed seed)."""
     import torch
 
     from kdcli.engine.generate import complete, stop_ids
@@ -220,11 +192,16 @@ def completion_figures(model: nn.Module, bench: Bench, rows: int, max_new_tokens
             model, prompts, config=config, stops=stops, pad_id=int(pad), device=cpu, seed=SAMPLE_SEED, sample=sample
         )
 
+    start = time.perf_counter()
     greedy = run(False)
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(c) for c in greedy.ids)
     out = {
         "repetition_4gram": repetition(greedy.ids),
         "ended": sum(greedy.ended) / max(len(greedy.ended), 1),
-        "mean_length": sum(len(c) for c in greedy.ids) / max(len(greedy.ids), 1),
+        "mean_length": new_tokens / max(len(greedy.ids), 1),
+        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+        "answers": [bench.tokenizer.decode(c, skip_special_tokens=True).strip() for c in greedy.ids],
     }
     if with_kl:
         sampled = run(True)

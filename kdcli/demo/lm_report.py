@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 #: tokens each greedy answer may have (the table says it)
-MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS = 96
 #: the demo's size and fidelity targets
 MAX_PARAMETER_SHARE = 0.6
 MAX_GGUF_KL_GAP = 0.02
@@ -133,7 +133,7 @@ def table(figures: dict[str, Figures], rows: int, gen_rows: int, max_new_tokens:
         "where the model's most likely next token is the teacher's; ppl: perplexity of the reference answers; "
         f"on the first {gen_rows} eval prompts, at most {max_new_tokens} new tokens: on-pol KL on the model's own "
         "sampled completions, rep 4g / ended / len of its greedy ones; non-emb: parameters outside the embeddings; "
-        "MB: the file (bf16 safetensors; GGUF); tok/s: CPU greedy generation, batch 1",
+        "MB: the file (bf16 safetensors; GGUF); tok/s: CPU greedy generation of those prompts, one batch",
     )
     for name in COLUMNS:
         out.add_column(name, justify="left" if name == "model" else "right", no_wrap=name == "model")
