@@ -247,7 +247,9 @@ def test_demo_program_on_a_tiny_llama(tmp_path: Path, capsys) -> None:
     _png_size(plot.read_bytes())
     # re-runnable: the second run overwrites the demo's own folders; --reuse only re-measures
     assert demo_lm.main([*argv, "--reuse"]) == 0
-    assert json.loads(summary.read_text())["models"]["onpolicy"]["reused"] is True
+    again = json.loads(summary.read_text())
+    assert again["models"]["onpolicy"]["reused"] is True
+    assert again["targets"]["wall_s"]["met"] is False and "reused" in again["targets"]["wall_s"]["note"]
 
 
 @pytest.mark.slow

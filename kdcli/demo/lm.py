@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     wall, cpu = time.perf_counter() - started, _cpu_s() - cpu0
     load = [round(x, 2) for x in (*load0, *os.getloadavg())]
-    verdict = targets(figures, wall)
+    verdict = targets(figures, wall, trained=not any(run.reused for run in runs.values()))
     out = Console()
     if not out.is_terminal:  # a pipe or log file has no width: keep the table's columns whole
         out = Console(width=180)
