@@ -7,7 +7,7 @@ Each λ is recipes/lm-onpolicy.json with `distillation.on_policy.student_share` 
 rows, steps, lr, seed), trained into runs/bench-lm-lambda/lam<λ> through kdcli's API, then
 measured exactly as `make demo-lm` measures its arms (kdcli.demo.lm_bench): KL / top-1 /
 perplexity on every eval row, on-policy KL, 4-gram repetition, ended share and mean length of
-the greedy completions of the first 16 eval prompts (at most 128 new tokens). λ = 0 is the
+the greedy completions of the first 16 eval prompts (at most 96 new tokens). λ = 0 is the
 demo's off-policy arm and λ = 0.5 its on-policy arm (their rows come from runs/demo-lm-summary.json).
 One JSON line per λ on stdout; the table on stderr.
 """
@@ -53,7 +53,9 @@ def main() -> int:
     for share, (folder, seconds) in done.items():
         model = load_folder(folder)
         row = {"student_share": share, "train_s": round(seconds, 1), **score(model, bench)}
-        row.update(completion_figures(model, bench, GEN_ROWS, MAX_NEW_TOKENS))
+        generated = completion_figures(model, bench, GEN_ROWS, MAX_NEW_TOKENS)
+        generated.pop("answers")
+        row.update(generated)
         print(json.dumps(row), flush=True)
     return 0
 

@@ -19,8 +19,8 @@ same 16 training chats, so the same initialisation), the same rows, steps and le
    transformers, the on-policy student exported to GGUF q8_0 (`kdcli export`) and loaded back, and
    the untrained pruned student are scored on the same rows: KL(teacher || model), top-1
    agreement, perplexity of the reference answers; on the first eval prompts, the on-policy KL and
-   the greedy completions' 4-gram repetition, share that end and mean length; parameters, files,
-   CPU tokens/s; three questions answered side by side; the curves (`runs/demo-lm-curves.png`,
+   the greedy completions' 4-gram repetition, share that end, mean length and CPU tokens/s (one
+   batch); parameters, files; three of those answers side by side; the curves (`runs/demo-lm-curves.png`,
    the controls' KL from their checkpoints). Figures go to `runs/demo-lm-summary.json`; progress
    goes to stderr, the tables to stdout.
 """
