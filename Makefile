@@ -45,7 +45,7 @@ typecheck: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m kdcli.demo
 
-# The LM quickstart: distil SmolLM2-135M-Instruct (GGUF) into 25 of its 30 blocks, compare (docs/demo-lm.md).
+# The LM quickstart: distil SmolLM2-135M-Instruct (GGUF) into a copy pruned to half its non-embedding parameters, off- and on-policy, vs CE controls (docs/demo-lm.md).
 demo-lm: $(STAMP)
 	$(BIN)/python -m kdcli.demo.lm
 

