@@ -9,7 +9,7 @@
               (eval, inference_mode, or the logit cache), the student + objective, backward;
               then the non-finite / Ctrl-C checks, clipping (student + projections), the
               optimizer and scheduler step (engine.step); log, evaluate and checkpoint every
-              N steps (engine.outputs)
+              N steps (engine.run_outputs)
     finish    final evaluation, checkpoint, the student (save_pretrained + tokenizer),
               projections.safetensors, summary.json
 

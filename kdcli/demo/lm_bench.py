@@ -161,7 +161,7 @@ def load_folder(folder: Path, gguf_file: str | None = None) -> nn.Module:
 
 def load_checkpoint_weights(model: nn.Module, checkpoint: Path) -> nn.Module:
     """`model` with the student weights of a training checkpoint (checkpoints/step-N)."""
-    from kdcli.checkpoint import load_checkpoint
+    from kdcli.run_files.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint).student
     model.load_state_dict(state, strict=False)

@@ -42,8 +42,8 @@ def run_curves(metrics_files: dict[str, Path], step0: dict[str, float]) -> dict[
 def control_kl_curves(output_dir: Path, bench, step0: dict[str, float]) -> list[tuple[int, float]]:
     """A run without a teacher (a control) has no eval KL: its checkpoints (checkpoints/step-N),
     scored against the teacher on the runs' eval rows, from step 0 (the untrained student)."""
-    from kdcli.checkpoint_layout import list_checkpoints
     from kdcli.demo.lm_bench import load_checkpoint_weights, load_folder, score
+    from kdcli.run_files.checkpoint_layout import list_checkpoints
 
     points = [(0, step0["kl"])] if "kl" in step0 else []
     model = load_folder(output_dir)
