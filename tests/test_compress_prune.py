@@ -57,7 +57,9 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(IDS).logits
 
 
-@pytest.mark.parametrize(("arch", "tie", "kv"), [("llama", True, 2), ("llama", False, 4), ("qwen2", False, 1)])
+@pytest.mark.parametrize(
+    ("arch", "tie", "kv"), [("llama", True, 2), ("llama", False, 4), ("qwen2", False, 1), ("mistral", False, 2)]
+)
 def test_keeping_everything_is_the_source(arch: str, tie: bool, kv: int) -> None:
     source = _model(arch, tie=tie, kv=kv)
     student, plan = prune_model(source, PruneSpec(), _batches())
@@ -83,8 +85,9 @@ def _zeroed(source: nn.Module, keep: dict) -> nn.Module:
     return model
 
 
-def test_pruning_mlp_channels_equals_zeroing_them() -> None:
-    source = _model()
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_pruning_mlp_channels_equals_zeroing_them(arch: str) -> None:
+    source = _model(arch)
     student, plan = prune_model(source, PruneSpec(intermediate_size=40), _batches())
     assert [len(m) for m in plan.mlp] == [40, 40, 40]
     assert student.model.layers[0].mlp.down_proj.weight.shape == (32, 40)
@@ -123,6 +126,16 @@ def test_hidden_channels_slice_embeddings_norms_and_head(tie: bool) -> None:
     assert torch.equal(block_s.mlp.gate_proj.weight, block_t.mlp.gate_proj.weight[:, kept])
     assert (student.lm_head.weight is student.model.embed_tokens.weight) == tie
     assert plan.summary["hidden_kept_share"] < 1.0
+
+
+def test_mistral_heads_and_kv_groups_equal_zeroing_them() -> None:
+    """Mistral shares Llama's block layout (q/k/v/o, gate/up/down, RMSNorm): dropping a KV group
+    with its query heads equals zeroing those heads' o_proj columns in the source."""
+    source = _model("mistral", heads=4, kv=2)
+    assert source.config.model_type == "mistral"
+    student, plan = prune_model(source, PruneSpec(num_attention_heads=2, num_key_value_heads=1), _batches())
+    assert type(student).__name__ == "MistralForCausalLM" and student.config.num_key_value_heads == 1
+    assert torch.allclose(_logits(student), _logits(_zeroed(source, {"heads": plan.heads})), atol=1e-5, rtol=0)
 
 
 def test_depth_and_width_together() -> None:
