@@ -205,3 +205,20 @@ def test_every_function_is_short() -> None:
         and node.end_lineno - node.lineno + 1 > FUNCTION_LINES_MAX
     ]
     assert long == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A `_name` is its module's own: what another module needs is public (`from kdcli.x import _y`
+    was how models/loading reached into models/common)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kdcli"):
+                found += [
+                    f"{path.relative_to(PACKAGE)}: {node.module}.{a.name}" for a in node.names if _private(a.name)
+                ]
+    assert found == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")

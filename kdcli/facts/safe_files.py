@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 
-def _probe(test, path: str | Path) -> bool:
+def probe_path(test, path: str | Path) -> bool:
     """A file-system test that answers False instead of raising (permissions, odd names)."""
     try:
         return bool(test(Path(path)))
@@ -23,15 +23,15 @@ def _probe(test, path: str | Path) -> bool:
 
 
 def is_dir(path: str | Path) -> bool:
-    return _probe(Path.is_dir, path)
+    return probe_path(Path.is_dir, path)
 
 
 def is_file(path: str | Path) -> bool:
-    return _probe(Path.is_file, path)
+    return probe_path(Path.is_file, path)
 
 
 def exists(path: str | Path) -> bool:
-    return _probe(Path.exists, path)
+    return probe_path(Path.exists, path)
 
 
 #: folders whose files are never read, whatever a recipe says (kernel, process and device files)

@@ -29,7 +29,7 @@ _DTYPES = {
     "fp16": "float16",
     "float16": "float16",
 }
-_REDOWNLOAD = "re-download the model, or save it again with save_pretrained"
+REDOWNLOAD_FIX = "re-download the model, or save it again with save_pretrained"
 #: Files of which a local folder must hold at least one to count as having a tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -134,13 +134,13 @@ def resolve_model_ref(ref: str) -> str:
     return str(path)
 
 
-def _check_local(ref: str, role: str) -> None:
+def check_local_folder(ref: str, role: str) -> None:
     looks_local = ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
     if looks_local and not Path(ref).expanduser().exists():
         raise ModelError(f"{role} {ref!r}: no such folder. Fix: give an existing model folder or a hub id")
 
 
-def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def as_torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     import torch
 
     if dtype is None:
@@ -152,7 +152,7 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return getattr(torch, _DTYPES[dtype])
 
 
-def _auto_class(task: str):
+def auto_model_class(task: str):
     """The transformers Auto class of a task (`kdcli.tasks`)."""
     import transformers
 
@@ -161,7 +161,7 @@ def _auto_class(task: str):
     return getattr(transformers, task_for(task).auto_class)
 
 
-def _label_kwargs(num_labels: int | None, id2label: dict | None) -> dict[str, Any]:
+def label_kwargs(num_labels: int | None, id2label: dict | None) -> dict[str, Any]:
     if id2label is not None:
         id2label = {int(k): str(v) for k, v in id2label.items()}
         if num_labels is not None and num_labels != len(id2label):
@@ -174,7 +174,7 @@ def _label_kwargs(num_labels: int | None, id2label: dict | None) -> dict[str, An
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' own load report and progress bars (LoadedModel.describe() and the
     run log say what matters), restoring the previous settings afterwards."""
     from transformers.utils import logging as hf_logging
@@ -190,7 +190,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _has_safetensors(ref: str) -> bool:
+def has_safetensors(ref: str) -> bool:
     folder = Path(ref).expanduser()
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 

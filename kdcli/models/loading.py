@@ -19,17 +19,17 @@ from kdcli.facts.modelinfo import (
     weight_shapes,
 )
 from kdcli.models.common import (
-    _REDOWNLOAD,
+    REDOWNLOAD_FIX,
     TOKENIZER_FILES,
     HeadMismatch,
     LoadedModel,
     ModelError,
-    _auto_class,
-    _check_local,
-    _has_safetensors,
-    _label_kwargs,
-    _quiet_transformers,
-    _torch_dtype,
+    as_torch_dtype,
+    auto_model_class,
+    check_local_folder,
+    has_safetensors,
+    label_kwargs,
+    quiet_transformers,
     remote_code_notice,
     resolve_model_ref,
 )
@@ -58,7 +58,7 @@ def _load_failure(exc: BaseException, ref: str, role: str, task: str) -> ModelEr
     text = str(exc)
     folder = Path(ref).expanduser()
     bins = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    pickled = bool(bins) and not _has_safetensors(ref)
+    pickled = bool(bins) and not has_safetensors(ref)
     file = bins[0] if bins else "pytorch_model.bin"
     if "GLOBAL" in text and ("Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError)):
         called = re.search(r"GLOBAL ([\w.]+)", text)
@@ -67,7 +67,7 @@ def _load_failure(exc: BaseException, ref: str, role: str, task: str) -> ModelEr
         )
     if type(exc).__name__ == "SafetensorError":
         return ModelError(
-            f"{role} {ref!r}: its safetensors weights cannot be read ({first_line(exc)}). Fix: {_REDOWNLOAD}"
+            f"{role} {ref!r}: its safetensors weights cannot be read ({first_line(exc)}). Fix: {REDOWNLOAD_FIX}"
         )
     missing_file = "does not appear to have" in text or "no file named" in text.lower()
     if pickled and not missing_file and isinstance(exc, (OSError, RuntimeError, EOFError, pickle.UnpicklingError)):
@@ -179,25 +179,25 @@ def load_model(
     (the weights are plain tensors now, and a student saved from it must not claim otherwise).
     """
     ref = resolve_model_ref(ref)
-    _check_local(ref, role)
-    auto = _auto_class(task)
+    check_local_folder(ref, role)
+    auto = auto_model_class(task)
     if trust_remote_code and warn is not None:
         warn(remote_code_notice(ref, role))
-    kwargs: dict[str, Any] = dict(_label_kwargs(num_labels, id2label))
+    kwargs: dict[str, Any] = dict(label_kwargs(num_labels, id2label))
     if gguf_file is not None:
         _check_gguf_file(ref, gguf_file, role)
         kwargs["gguf_file"] = gguf_file
     else:
         _check_weight_files(ref, role)
-        if _has_safetensors(ref):
+        if has_safetensors(ref):
             kwargs["use_safetensors"] = True
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = auto.from_pretrained(
                 ref,
                 revision=revision,
                 trust_remote_code=trust_remote_code,
-                dtype=_torch_dtype(dtype),
+                dtype=as_torch_dtype(dtype),
                 ignore_mismatched_sizes=True,
                 output_loading_info=True,
                 **kwargs,
@@ -264,7 +264,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     ref = resolve_model_ref(ref)
-    _check_local(ref, role)
+    check_local_folder(ref, role)
     if trust_remote_code and warn is not None:
         warn(remote_code_notice(ref, role))
     folder = Path(ref).expanduser()
@@ -273,7 +273,7 @@ def load_tokenizer(
         from kdcli.models.gguf_tokenizer import without_unlisted_tokens
 
         try:
-            with _quiet_transformers():  # exactly the file's ids (no <|endoftext|> added by transformers)
+            with quiet_transformers():  # exactly the file's ids (no <|endoftext|> added by transformers)
                 return without_unlisted_tokens(
                     AutoTokenizer.from_pretrained(ref, revision=revision, gguf_file=gguf_file)
                 )

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 from kdcli.errors import first_line
 from kdcli.models.common import (
     ModelError,
-    _auto_class,
-    _check_local,
-    _label_kwargs,
-    _quiet_transformers,
-    _torch_dtype,
+    as_torch_dtype,
+    auto_model_class,
+    check_local_folder,
+    label_kwargs,
+    quiet_transformers,
     remote_code_notice,
     resolve_model_ref,
 )
@@ -40,12 +40,12 @@ def load_config(
     from kdcli.models.loading import drop_quantization_config
 
     ref = resolve_model_ref(config_ref)
-    _check_local(ref, "student config")
+    check_local_folder(ref, "student config")
     if trust_remote_code and warn is not None:
         warn(remote_code_notice(ref, "student config"))
     try:
         if gguf_file is not None:
-            with _quiet_transformers():
+            with quiet_transformers():
                 config = AutoConfig.from_pretrained(ref, revision=revision, gguf_file=gguf_file)
             drop_quantization_config(config)
             return config
@@ -105,10 +105,10 @@ def build_student(
     source_types = getattr(config, "layer_types", None)
     apply_overrides(config, dict(overrides or {}))
     _fit_layer_types(config, source_types, init_layers)
-    for key, value in _label_kwargs(num_labels, id2label).items():
+    for key, value in label_kwargs(num_labels, id2label).items():
         setattr(config, key, value)
-    auto = _auto_class(task)
-    torch_dtype = _torch_dtype(dtype)
+    auto = auto_model_class(task)
+    torch_dtype = as_torch_dtype(dtype)
     try:
         try:  # SDPA as from_pretrained picks it (some transformers versions default to eager here)
             model = auto.from_config(

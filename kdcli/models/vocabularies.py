@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from kdcli.models.common import (
     TOKENIZER_FILES,
     ModelError,
-    _quiet_transformers,
+    quiet_transformers,
     resolve_model_ref,
 )
 from kdcli.models.loading import load_tokenizer
@@ -34,7 +34,7 @@ def _own_vocab(ref: str) -> Vocab | None:
         if not any((folder / name).exists() for name in TOKENIZER_FILES):
             return None
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = load_tokenizer(ref)
     except ModelError:
         return None

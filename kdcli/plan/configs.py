@@ -11,7 +11,7 @@ from pathlib import Path
 from kdcli.errors import UsageError
 from kdcli.facts.modelinfo import ConfigUnavailable, GGUFUnreadable, cached_hub_config, cached_hub_file, gguf_facts
 from kdcli.facts.modelinfo.config import read_config
-from kdcli.facts.modelinfo.hub import _offline, fetch_hub_config
+from kdcli.facts.modelinfo.hub import fetch_hub_config, is_offline
 from kdcli.recipe.load import read_recipe
 from kdcli.recipe.loaded import display_name
 from kdcli.recipe.prune_schema import prune_targets
@@ -61,7 +61,7 @@ class Configs:
         cached = cached_hub_config(ref, revision)
         if cached is not None:
             return cached[0]
-        if _offline():
+        if is_offline():
             raise UsageError(f"{role} {ref} is not in the Hugging Face cache and HF_HUB_OFFLINE is set. {_FIX}")
         try:
             return fetch_hub_config(ref, revision or "main")[0]

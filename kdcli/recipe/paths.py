@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationInfo
 
 from kdcli.facts.modelinfo import PACKAGE_PREFIX, PackageRefError, package_folder
-from kdcli.facts.safe_files import _probe, exists, is_dir
+from kdcli.facts.safe_files import exists, is_dir, probe_path
 from kdcli.recipe.messages import show
 from kdcli.recipe.validation import context_of, recipe_error
 
@@ -68,7 +68,7 @@ def repository_root(recipe_file: Path) -> Path:
     """The nearest folder above the recipe holding a `.git` entry, else the recipe's own folder."""
     folder = Path(os.path.abspath(recipe_file)).parent
     for candidate in (folder, *folder.parents):
-        if _probe(lambda p: os.path.lexists(p / ".git"), candidate):
+        if probe_path(lambda p: os.path.lexists(p / ".git"), candidate):
             return candidate
     return folder
 

@@ -104,7 +104,7 @@ def cached_hub_config(model_id: str, revision: str | None = None) -> tuple[dict,
     return None
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
     return any(
         os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -137,7 +137,7 @@ def hub_facts(model_id: str, revision: str | None = None) -> ModelFacts:
     cached = cached_hub_config(model_id, revision)
     if cached is not None:
         return facts_from_config(cached[0], cached[1])
-    if _offline():
+    if is_offline():
         raise ConfigUnavailable("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
     config, url = fetch_hub_config(model_id, revision or "main")
     return facts_from_config(config, url)
