@@ -27,18 +27,22 @@ def load_models(
     num_labels = labels.num_labels if labels is not None else None
     teachers = load_teachers(recipe, labels, warn) if mode == "distill" else []
     student_ref = recipe.student
-    if isinstance(student_ref, PretrainedModel):
-        loaded = kmodels.load_model(
-            student_ref.model,
+
+    def load_student_side(ref: str, role: str):
+        """The student's weights (`role` "student") or the model its config comes from ("student.config")."""
+        return kmodels.load_model(
+            ref,
             task,
             id2label=id2label,
             revision=student_ref.revision,
             trust_remote_code=student_ref.trust_remote_code,
-            role="student",
+            role=role,
             warn=warn,
             gguf_file=student_ref.gguf_file,
-        )
-        return teachers, loaded.model, None
+        ).model
+
+    if isinstance(student_ref, PretrainedModel):
+        return teachers, load_student_side(student_ref.model, "student"), None
     if student_ref.prune is not None:
         return teachers, *_pruned_student(recipe, teachers, id2label, warn, sample_batches, say)
     init_from, layers, ranking = None, student_ref.init_blocks, None
@@ -47,16 +51,7 @@ def load_models(
         if teachers:
             init_from = teachers[0]
         else:  # train mode: copy from the model the student's config comes from
-            init_from = kmodels.load_model(
-                recipe.init_source,
-                task,
-                id2label=id2label,
-                revision=student_ref.revision,
-                trust_remote_code=student_ref.trust_remote_code,
-                role="student.config",
-                warn=warn,
-                gguf_file=student_ref.gguf_file,
-            ).model
+            init_from = load_student_side(recipe.init_source, "student.config")
     if measure is not None:
         from kdcli.engine.blocks import choose_blocks
 
