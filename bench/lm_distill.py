@@ -234,7 +234,7 @@ def matmul_rate(device, precision: str, quick: bool = False) -> float:
 
 def model_facts(model) -> dict:
     """Parameters without the input embedding and the output head, the head's shape, blocks."""
-    from kdcli.tasks.causal_lm import output_head
+    from kdcli.features import output_head
 
     weight, _ = output_head(model)
     excluded = {id(model.get_input_embeddings().weight), id(weight)}
@@ -375,7 +375,7 @@ def measure_side(side: str, recipe_path: Path, warmup: int, steps: int, quick: b
     """One side's figures (run in its own process for the real measurement)."""
     import torch
 
-    from kdcli.tasks.causal_lm import count_targets
+    from kdcli.tasks.lm_kd import count_targets
 
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix=f"lm-distill-{side}-") as tmp:

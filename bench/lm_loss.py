@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdcli import registry  # noqa: E402
 from kdcli.losses.chunked import chunked_kd_loss  # noqa: E402
 
 try:
@@ -122,7 +123,7 @@ def make_step(impl: str, divergence: str, h_S, W_S, h_T, W_T, chunk: int = KDCLI
             W_S,
             h_T,
             W_T,
-            divergence=divergence,
+            divergence=registry.get_loss(divergence).token_fn(),
             divergence_options=options,
             temperature=TEMPERATURE,
             chunk_size=chunk,

@@ -156,15 +156,78 @@ def _num_heads(attention: nn.Module, config) -> int:
     return int(config.num_attention_heads)
 
 
+#: config fields of architectures whose forward changes the head's logits after the matmul
+#: (soft-capping, scaling): the chunked loss would compare other numbers than the model's
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder under a `...ForCausalLM` (Llama's `model`, GPT-2's `transformer`): its forward
+    returns the final hidden states, after the final norm, without the head."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise RunError(f"{type(model).__name__} has no base model under its LM head; kdcli cannot distil it")
+    return base
+
+
+def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The output head as (weight (V, D), bias (V,) or None): the logits are `h @ W.T + b`.
+    `RunError` for architectures that transform the logits after the head (soft-capping,
+    scaling), which the chunked loss does not reproduce."""
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            assert config is not None  # the value was read from it
+            raise RunError(
+                f"a {config.model_type} model transforms its logits after the head ({name} = {value}); "
+                "kdcli's chunked KD loss does not reproduce that. Fix: use a llama, qwen2, mistral or gpt2 model"
+            )
+    # nn.Module types its attributes Tensor | Module: the Hugging Face method, typed by hand
+    head = cast("Callable[[], nn.Module | None]", model.get_output_embeddings)()
+    if not isinstance(head, nn.Linear):
+        raise RunError(f"{type(model).__name__}'s output head is a {type(head).__name__}, not a linear layer")
+    return head.weight, head.bias
+
+
+class Readout:
+    """What a forward returns to the objective: the model's logits (`LOGITS`, encoders).
+    A task names its readout (`Task.readout`); every capture of its run uses it."""
+
+    def target(self, model: nn.Module) -> nn.Module:
+        """The module whose forward runs (the model itself)."""
+        return model
+
+    def read(self, output, model: nn.Module) -> dict:
+        """`Features` fields from the forward's output."""
+        return {"logits": output.logits}
+
+
+class HeadReadout(Readout):
+    """`HEAD` (causal LMs): the base model's final hidden states and the output head, never full
+    logits (the chunked KD loss computes them a chunk of tokens at a time)."""
+
+    def target(self, model: nn.Module) -> nn.Module:
+        return base_model(model)
+
+    def read(self, output, model: nn.Module) -> dict:
+        return {"logits": None, "final_hidden": output.last_hidden_state, "head": output_head(model)}
+
+
+LOGITS = Readout()
+HEAD = HeadReadout()
+
+
 class FeatureCapture:
     """Forward hooks on exactly the layers the matches use; `run(batch)` returns `Features`.
 
     hidden_layers: hidden_states indices 0..N (0 = embeddings output); attention_layers:
     blocks 1..N. Hooks record only inside `run`, so other forwards of the same model (eval)
     are unaffected. Use as a context manager, or call `close()` to remove the hooks.
-    `role` ("teacher", "student") names the model in error messages. `final_hidden=True` (causal
-    LMs): the forward runs the base model only, and `Features` carries its final hidden states
-    and the output head instead of logits (`kdcli.tasks.causal_lm.output_head`).
+    `role` ("teacher", "student") names the model in error messages. `readout` is the task's
+    (`Task.readout`): `LOGITS`, or `HEAD` (causal LMs: the forward runs the base model only, and
+    `Features` carries its final hidden states and the output head instead of logits).
+    `final_hidden=True` is `readout=HEAD` for callers outside a run (benches, the LM demo).
     """
 
     def __init__(
@@ -174,11 +237,12 @@ class FeatureCapture:
         attention_layers: Iterable[int] = (),
         *,
         role: str = "model",
+        readout: Readout = LOGITS,
         final_hidden: bool = False,
     ) -> None:
         self.model = model
         self.role = role
-        self.final_hidden = final_hidden
+        self.readout = HEAD if final_hidden else readout
         self.hidden_layers = tuple(sorted({int(i) for i in hidden_layers}))
         self.attention_layers = tuple(sorted({int(i) for i in attention_layers}))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -255,11 +319,7 @@ class FeatureCapture:
         DistributedDataParallel wrapper (the hooks sit on the wrapped module).
         Runs under whatever grad/inference/autocast mode the caller set.
         """
-        target = self.model
-        if self.final_hidden and forward is None:
-            from kdcli.tasks.causal_lm import base_model
-
-            target = base_model(self.model)
+        target = self.readout.target(self.model) if forward is None else self.model
         inputs = model_inputs(target, batch)
         self._hidden, self._qk = {}, {}
         self._active = True
@@ -276,15 +336,8 @@ class FeatureCapture:
         missing += [i for i in self.attention_layers if (i, "q") not in qk or (i, "k") not in qk]
         if missing:
             raise FeatureError(f"{self.role}: the forward pass did not reach layer(s) {missing}")
-        head = None
-        if self.final_hidden:
-            from kdcli.tasks.causal_lm import output_head
-
-            head = output_head(self.model)
         return Features(
-            logits=None if self.final_hidden else output.logits,
-            final_hidden=output.last_hidden_state if self.final_hidden else None,
-            head=head,
+            **self.readout.read(output, self.model),
             hidden={i: hidden[i] for i in self.hidden_layers},
             scores={
                 i: attention_scores(qk[(i, "q")], qk[(i, "k")], mask, self._heads[i]) for i in self.attention_layers

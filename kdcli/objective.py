@@ -37,15 +37,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli import registry
 from kdcli.errors import RunError
 from kdcli.recipe.messages import dotted
 from kdcli.recipe.model_rules import proj_size_findings
-from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX, task_for
+from kdcli.tasks.base import KDTerm
+from kdcli.tasks.logits_kd import LogitsKD
 
 
 @dataclass(frozen=True)
@@ -76,44 +75,6 @@ def term_name(loss: str, layer_T: int | Sequence[int], layer_S: int | Sequence[i
     return f"{loss}[{spell(layer_T)}->{spell(layer_S)}]"
 
 
-def select_labelled(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Token-level logits (B, L, C) -> (N, C) at the N positions where labels != -100.
-
-    Sequence-level logits (B, C) pass through unchanged (the reference's
-    `select_logits_with_mask`). Returns the selected labels (N,) too, or (B,) unchanged.
-    The task is told by the logits' shape; an `Objective` given its `task` asks it instead.
-    """
-    task = "token-classification" if logits.dim() == 3 else "sequence-classification"
-    return task_for(task).kd_logits(logits, labels)
-
-
-def probability_shift(logits_T: Tensor, labels: Tensor) -> Tensor:
-    """Swap each row's largest logit with the label's logit (out of place).
-
-    logits_T: (N, C); labels: (N,) class ids (negative ids leave the row unchanged).
-    Wen et al. 2019, "Preparing Lessons", arXiv:1911.07471; reference: `probability_shift_`.
-    """
-    if logits_T.dim() != 2:
-        raise ValueError(f"probability_shift expects (N, C) logits, got {tuple(logits_T.shape)}")
-    top = logits_T.argmax(dim=-1)
-    target = torch.where(labels < 0, top, labels)
-    rows = torch.arange(logits_T.size(0), device=logits_T.device)
-    top_value = logits_T[rows, top]
-    target_value = logits_T[rows, target]
-    shifted = logits_T.clone()
-    shifted[rows, top] = target_value
-    shifted[rows, target] = top_value
-    return shifted
-
-
-def hard_label_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of logits (B, C) or (B, L, C) against labels (B,) or (B, L).
-
-    Positions labelled -100 are ignored; mean over the rest (Hugging Face's `loss`).
-    """
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 def _as_tuple(layer: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(layer) if isinstance(layer, (list, tuple)) else (int(cast(int, layer)),)
 
@@ -132,38 +93,22 @@ class Objective(nn.Module):
     """
 
     def __init__(
-        self, distillation=None, *, hidden_S: int | None = None, hidden_T: int | None = None, task=None
+        self, distillation=None, *, hidden_S: int | None = None, hidden_T: int | None = None, kd_term=None
     ) -> None:
         super().__init__()
         self.config = distillation
-        # the task's choice of the logits the KD and hard-label terms compare (kdcli.tasks)
-        self._kd_logits = task.kd_logits if task is not None else select_labelled
-        # causal LMs: terms summed over the step's target tokens, from hidden states and heads
-        self.token_level = bool(getattr(task, "token_level", False))
-        self.kd_per_token: Callable[..., Tensor] | None = None
-        #: causal LMs: the token ids the KD term compares (the smallest output head's rows; None:
-        #: the heads' own sizes), so a padded vocabulary's extra rows are left out
-        self.shared_vocab: int | None = None
-        self.kd_options: dict = {}
+        #: the task's KD and hard-label terms (`Task.kd_term`, built once at setup); default the
+        #: logits KD of the encoder tasks, selecting token-level logits by their shape
+        self.kd_term: KDTerm = kd_term if kd_term is not None else LogitsKD(distillation)
         self.projections = nn.ModuleDict()
         self.matches: list[MatchPlan] = []
-        self.kd_fn: Callable[..., Tensor] | None = None
-        self.temperature_scheduler = None
         self.kd_weight_scheduler = None
         self.hl_weight_scheduler = None
         if distillation is None:
             return
 
-        from kdcli.schedules import build_temperature_scheduler, build_weight_scheduler
+        from kdcli.schedules import build_weight_scheduler
 
-        self.kd_fn = registry.get_loss(distillation.kd_loss_type).fn()
-        self.kd_options = dict(distillation.kd_loss_options)
-        if self.token_level:
-            from kdcli.losses.divergences import DIVERGENCES
-
-            self.kd_per_token = DIVERGENCES[distillation.kd_loss_type]
-            self.kd_options = distillation.kd_options
-        self.temperature_scheduler = build_temperature_scheduler(distillation.temperature_scheduler)
         self.kd_weight_scheduler = build_weight_scheduler(distillation.kd_loss_weight_scheduler)
         self.hl_weight_scheduler = build_weight_scheduler(distillation.hard_label_weight_scheduler)
 
@@ -257,54 +202,27 @@ class Objective(nn.Module):
         generated: Tensor | None = None,
     ):
         """This micro-batch's share of the step's loss: `(total, terms)` such that summing over
-        the step's `micro_batches` gives the step's value. Encoders: each term is its batch mean
-        divided by `micro_batches`. Causal LMs: the KD and hard-label terms are sums over the
-        batch's target tokens divided by `normaliser`, the step's target tokens (over every
-        micro-batch and process, divided by the process count as DDP averages), default this
-        batch's; the intermediate matches are batch means divided by `micro_batches`.
-        `generated` (B,) bool, causal LMs: rows whose completion was generated (on_policy); the
-        hard-label term leaves their tokens out (a CE on a model's own samples teaches nothing)."""
-        if feats_S.final_hidden is not None:
-            hard_rows = _dataset_targets(labels, generated)
-            return self._token_level(step_fraction, feats_S, feats_T, labels, micro_batches, normaliser, hard_rows)
-        total, terms = self._mean_terms(step_fraction, feats_S, feats_T, labels)
-        if micro_batches == 1:
-            return total, terms
-        return total / micro_batches, {k: v / micro_batches for k, v in terms.items()}
-
-    def _token_level(self, step_fraction, feats_S, feats_T, labels, micro_batches: int, normaliser, hard_rows):
-        from kdcli.tasks.causal_lm import target_rows
-
-        if labels is None:
-            raise RunError("causal-lm training needs the rows' labels (the target tokens), but the batch has none")
-        hidden_S, targets = target_rows(feats_S, labels)
-        weight_S, bias_S = feats_S.head
-        distil = self.config is not None
-        if distil and not feats_T:
-            raise ValueError("distillation needs at least one teacher's features")
-        cached = feats_T[0].top_k if distil else None  # the teacher cache's top-k, for the target rows
-        teachers = [(target_rows(f, labels)[0], *f.head) for f in feats_T] if distil and cached is None else []
-        settings = {
-            "bias_S": bias_S,
-            "divergence": self.kd_per_token or "forward_kl",
-            "divergence_options": self.kd_options,
-            "chunk_size": self.config.chunk_size if distil else CHUNK_SIZE,
-            "temperature": float(self.config.temperature) if distil else 1.0,
-            "kd_weight": self._kd_weight(step_fraction) if distil else 0.0,
-            "normaliser": normaliser if normaliser is not None else max(int(targets.numel()), 1),
-            "return_parts": True,
-            "vocab": self.shared_vocab,
-        }
-        hard_weight = self._hl_weight(step_fraction) if distil else 1.0
-        total, parts = _kd_and_hard_labels(
-            hidden_S, weight_S, teachers, targets, hard_rows, hard_weight, cached, settings
-        )
-        terms = {"kd": parts["kd"]} if distil else {}
+        the step's `micro_batches` gives the step's value. The task's KD term gives the KD and
+        hard-label terms (encoders: batch means divided by `micro_batches`; causal LMs: sums over
+        the batch's target tokens divided by `normaliser`, the step's target tokens per process);
+        the intermediate matches are batch means divided by `micro_batches`. `generated` (B,)
+        bool, causal LMs: rows whose completion was generated (on_policy); the hard-label term
+        leaves their tokens out (a CE on a model's own samples teaches nothing)."""
+        weights = (self._kd_weight(step_fraction), self._hl_weight(step_fraction)) if self.config else (0.0, 1.0)
+        share = {"micro_batches": micro_batches, "normaliser": normaliser, "generated": generated}
+        weighted, out = self.kd_term(feats_S, feats_T, labels, weights, **share)
+        total: Tensor | None = weighted.get("kd")
+        terms = {"kd": out["kd"]} if "kd" in out else {}
         for m in self.matches:
-            value = self._match_value(m, feats_S, feats_T[0]) / micro_batches
+            value = self._match_value(m, feats_S, feats_T[0])
+            value = value if micro_batches == 1 else value / micro_batches
             terms[m.name] = value
-            total = total + m.weight * value
-        terms["hard_label"] = parts["hard_label"]
+            total = m.weight * value if total is None else total + m.weight * value
+        if "hard_label" in out:
+            terms["hard_label"] = out["hard_label"]
+        if "hard_label" in weighted:
+            total = weighted["hard_label"] if total is None else total + weighted["hard_label"]
+        assert total is not None  # every KD term gives the KD or the hard-label term
         return total, terms
 
     def _match_value(self, m: MatchPlan, feats_S, first) -> Tensor:
@@ -316,91 +234,6 @@ class Objective(nn.Module):
         if m.is_pair:
             return m.loss_fn(inter_S, inter_T, mask=feats_S.mask)
         return m.loss_fn(inter_S[0], inter_T[0], mask=feats_S.mask)
-
-    def _mean_terms(self, step_fraction: float, feats_S, feats_T: Sequence, labels: Tensor | None):
-        terms: dict[str, Tensor] = {}
-        if self.config is None:
-            if labels is None:
-                raise RunError("training needs labels, but the batch has none")
-            ce = hard_label_loss(feats_S.logits, labels)
-            terms["hard_label"] = ce
-            return ce, terms
-
-        if not feats_T:
-            raise ValueError("distillation needs at least one teacher's features")
-        logits_S, labels_sel = self._kd_logits(feats_S.logits.float(), labels)
-        teacher_logits = [self._kd_logits(f.logits.float(), labels)[0] for f in feats_T]
-        logits_T = (
-            teacher_logits[0] if len(teacher_logits) == 1 else cast(Tensor, sum(teacher_logits)) / len(teacher_logits)
-        )
-        if self.config.probability_shift:
-            if labels_sel is None:
-                raise RunError("probability_shift needs labels, but the batch has none")
-            logits_T = probability_shift(logits_T, labels_sel)
-        if self.temperature_scheduler is not None:
-            temperature = self.temperature_scheduler(logits_S, logits_T, self.config.temperature)
-        else:
-            temperature = self.config.temperature
-        assert self.kd_fn is not None  # set with the config, from the same `distillation`
-        kd = self.kd_fn(logits_S, logits_T, temperature, **self.kd_options)
-        terms["kd"] = kd
-        total = self._kd_weight(step_fraction) * kd
-
-        for m in self.matches:
-            value = self._match_value(m, feats_S, feats_T[0])
-            terms[m.name] = value
-            total = total + m.weight * value
-
-        hl_weight = self._hl_weight(step_fraction)
-        if labels is not None:
-            ce = hard_label_loss(feats_S.logits, labels)
-            terms["hard_label"] = ce
-            if hl_weight != 0.0:
-                total = total + hl_weight * ce
-        return total, terms
-
-
-def _dataset_targets(labels: Tensor | None, generated: Tensor | None) -> Tensor | None:
-    """(N,) bool over a batch's target tokens: from a dataset row (not generated); None when
-    every row is a dataset row."""
-    if labels is None or generated is None or not bool(generated.any()):
-        return None
-    from kdcli.tasks.lm_rows import next_token_labels
-
-    keep = next_token_labels(labels) != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-    return ~generated.to(labels.device)[rows[keep]]
-
-
-def _kd_and_hard_labels(hidden_S, weight_S, teachers, targets, hard_rows, hard_weight, cached, settings):
-    """`chunked_kd_loss` over the target rows; with generated rows (`hard_rows` False there), the
-    dataset rows and the generated rows in two calls, the hard-label term on the former only
-    (same normaliser: the sum is the step's)."""
-    from kdcli.losses.chunked import chunked_kd_loss
-
-    def call(rows, weight):
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        return chunked_kd_loss(
-            pick(hidden_S),
-            weight_S,
-            [pick(h) for h, _, _ in teachers],
-            [w for _, w, _ in teachers],
-            bias_T=[b for _, _, b in teachers],
-            hard_label_weight=weight,
-            labels=pick(targets),
-            cached_T=cached,
-            **settings,
-        )
-
-    if hard_rows is None:
-        return call(None, hard_weight)
-    if cached is not None:
-        raise ValueError("the teacher cache serves dataset rows only; a batch with generated rows runs the teachers")
-    total, parts = call(~hard_rows, 0.0)
-    if bool(hard_rows.any()):
-        total_d, parts_d = call(hard_rows, hard_weight)
-        return total + total_d, {"kd": parts["kd"] + parts_d["kd"], "hard_label": parts_d["hard_label"]}
-    return total, {"kd": parts["kd"], "hard_label": torch.zeros_like(parts["hard_label"])}
 
 
 def _check_sizes(i: int, match, hidden_S: int | None, hidden_T: int | None) -> None:

@@ -50,6 +50,9 @@ class LossSpec:
     same_size: Literal["hidden", "heads"] | None = None
     #: the options `distillation.kd_loss_options` may set for this loss
     options: tuple[OptionSpec, ...] = ()
+    #: kd losses: its per-token form (N, V) -> (N,), an attribute of kdcli.losses.divergences
+    #: (what a causal-lm run computes chunk by chunk)
+    per_token: str | None = None
 
     def option(self, name: str) -> OptionSpec | None:
         return next((o for o in self.options if o.name == name), None)
@@ -64,6 +67,12 @@ class LossSpec:
     def fn(self) -> Callable:
         """The loss function, imported from kdcli.losses on first use (imports torch)."""
         return getattr(importlib.import_module("kdcli.losses"), self.function)
+
+    def token_fn(self) -> Callable:
+        """The per-token form of a kd loss (imports torch); `ValueError` for a match loss."""
+        if self.per_token is None:
+            raise ValueError(f"{self.name} is a {self.kind} loss: it has no per-token form")
+        return getattr(importlib.import_module("kdcli.losses.divergences"), self.per_token)
 
     def to_dict(self) -> dict:
         return {
@@ -147,6 +156,7 @@ LOSSES: tuple[LossSpec, ...] = (
         shapes="(B, C) or (B, L, C); T a float or a tensor (B,) / (B, L)",
         mask="none (token-level logits are selected by the caller)",
         paper=_PAPER_HINTON,
+        per_token="ce_per_token",
     ),
     LossSpec(
         name="mse",
@@ -157,6 +167,7 @@ LOSSES: tuple[LossSpec, ...] = (
         shapes="(B, C) or (B, L, C); T a float or a tensor (B,) / (B, L)",
         mask="none (token-level logits are selected by the caller)",
         paper="Ba & Caruana 2014, Do Deep Nets Really Need to be Deep?, arXiv:1312.6184",
+        per_token="mse_per_token",
     ),
     *(
         LossSpec(
@@ -169,6 +180,7 @@ LOSSES: tuple[LossSpec, ...] = (
             mask=_TOKEN_MASK,
             paper=paper,
             options=extra + DIVERGENCE_OPTIONS,
+            per_token=name,
         )
         for name, formula, paper, extra in (
             ("forward_kl", "sum_v p (log p - log q); p = softmax(z_T/T), q = softmax(z_S/T)", _PAPER_HINTON, ()),

@@ -30,7 +30,6 @@ from kdcli import distill, registry
 from kdcli.engine.optim import param_groups
 from kdcli.errors import Interrupted
 from kdcli.features import FeatureCapture
-from kdcli.losses.divergences import DIVERGENCES
 from kdcli.objective import Objective
 from kdcli.recipe import DistillationConfig, load_recipe
 from kdcli.run_files.checkpoint import load_checkpoint
@@ -186,7 +185,9 @@ def _sums(student, teachers, batch, kd="forward_kl", options=None):
         logits_T = sum(_logits(t, batch) for t in teachers) / len(teachers)
     targets = next_token_labels(batch["labels"])
     keep = targets != IGNORE_INDEX
-    per_token = DIVERGENCES[kd](logits_S[keep], logits_T[keep], temperature=TEMPERATURE, **_options(kd, options or {}))
+    per_token = registry.get_loss(kd).token_fn()(
+        logits_S[keep], logits_T[keep], temperature=TEMPERATURE, **_options(kd, options or {})
+    )
     ce = F.cross_entropy(logits_S[keep], targets[keep], reduction="sum")
     return per_token.sum(), ce, int(keep.sum())
 
@@ -338,7 +339,7 @@ def _objective(kd: str, options: dict, chunk_size: int = 5) -> Objective:
             "chunk_size": chunk_size,
         }
     )
-    return Objective(config, task=task_for("causal-lm"))
+    return Objective(config, kd_term=task_for("causal-lm").kd_term(config))
 
 
 @pytest.fixture(scope="module")

@@ -324,7 +324,7 @@ def test_non_finite_loss_stops_naming_term_step_and_batch_and_keeps_checkpoint(w
         world, "nan", training={"num_steps": 6, "save_every": 1}, distillation={"hard_label_weight": 0.5}
     )
     recipe = load_recipe(path, mode="distill")
-    from kdcli import objective as objective_module
+    from kdcli.tasks import logits_kd as objective_module
 
     calls = {"n": 0}
     real = objective_module.hard_label_loss

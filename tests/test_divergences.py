@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdcli import registry
 from kdcli.losses.chunked import IGNORE_INDEX, chunked_kd_loss
 from kdcli.losses.divergences import (
-    DIVERGENCES,
     forward_kl,
     jsd,
     reverse_kl,
@@ -22,6 +22,13 @@ from kdcli.losses.divergences import (
 )
 
 F64 = torch.float64
+
+
+def per_token(name: str):
+    """The per-token form of a kd loss, as the run looks it up (the registry)."""
+    return registry.get_loss(name).token_fn()
+
+
 #: (name, options) covering every divergence and its parameters
 CASES = [
     ("forward_kl", {}),
@@ -83,7 +90,7 @@ def _hand(name, opts):
 @pytest.mark.parametrize("name,opts", CASES, ids=IDS)
 @pytest.mark.parametrize("t_squared", [False, True])
 def test_hand_values(name, opts, t_squared):
-    got = DIVERGENCES[name](
+    got = per_token(name)(
         torch.tensor([ZS], dtype=F64), torch.tensor([ZT], dtype=F64), temperature=T, t_squared=t_squared, **opts
     )
     want = _hand(name, opts) * (T**2 if t_squared else 1)
@@ -97,13 +104,13 @@ def test_gradcheck(name, opts, top_k):
     S, Tt = _pair()
     S.requires_grad_(True)
     kw = {} if top_k is None else {"top_k": top_k[0], "top_k_mode": top_k[1]}
-    assert torch.autograd.gradcheck(lambda s: DIVERGENCES[name](s, Tt, temperature=1.5, **opts, **kw), (S,))
+    assert torch.autograd.gradcheck(lambda s: per_token(name)(s, Tt, temperature=1.5, **opts, **kw), (S,))
 
 
 @pytest.mark.parametrize("name,opts", CASES, ids=IDS)
 def test_zero_when_equal_and_nonnegative(name, opts):
     S, Tt = _pair(n=8, v=10)
-    fn = DIVERGENCES[name]
+    fn = per_token(name)
     assert (fn(S, Tt, **opts) >= 0).all()
     assert fn(Tt, Tt, **opts).abs().max() < 1e-14
 
@@ -176,10 +183,10 @@ def test_minus_inf_logits_give_finite_losses_and_gradients():
     Tt[:, -2:] = float("-inf")
     for name, opts in CASES:
         s = S.clone().requires_grad_(True)
-        loss = DIVERGENCES[name](s, Tt, **opts)
+        loss = per_token(name)(s, Tt, **opts)
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all(), name
-        torch.testing.assert_close(loss, DIVERGENCES[name](S[:, :-2], Tt[:, :-2], **opts), msg=name)
+        torch.testing.assert_close(loss, per_token(name)(S[:, :-2], Tt[:, :-2], **opts), msg=name)
 
 
 # ---- top-k ----------------------------------------------------------------------------------
@@ -189,7 +196,7 @@ def test_minus_inf_logits_give_finite_losses_and_gradients():
 @pytest.mark.parametrize("mode", ["renormalise", "tail"])
 def test_top_k_equal_to_vocab_is_the_full_divergence(name, opts, mode):
     S, Tt = _pair(n=4, v=6)
-    fn = DIVERGENCES[name]
+    fn = per_token(name)
     full = fn(S, Tt, temperature=1.3, **opts)
     for k in (6, 100):
         torch.testing.assert_close(fn(S, Tt, temperature=1.3, top_k=k, top_k_mode=mode, **opts), full)
@@ -219,9 +226,9 @@ def test_half_inputs_give_float32(name, opts, dtype):
     S, Tt = _pair(n=4, v=50, dtype=torch.float32)
     S, Tt = S.to(dtype), Tt.to(dtype)
     for kw in ({}, {"top_k": 5, "top_k_mode": "tail"}):
-        got = DIVERGENCES[name](S, Tt, **opts, **kw)
+        got = per_token(name)(S, Tt, **opts, **kw)
         assert got.dtype == torch.float32
-        torch.testing.assert_close(got, DIVERGENCES[name](S.float(), Tt.float(), **opts, **kw))
+        torch.testing.assert_close(got, per_token(name)(S.float(), Tt.float(), **opts, **kw))
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -244,7 +251,7 @@ def test_half_inputs_give_float32(name, opts, dtype):
 def test_range_errors(name, kwargs, match):
     S, Tt = _pair()
     with pytest.raises(ValueError, match=match):
-        DIVERGENCES[name](S, Tt, **kwargs)
+        per_token(name)(S, Tt, **kwargs)
 
 
 def test_shape_errors():
@@ -270,7 +277,7 @@ def _full(h_S, W_S, b_S, h_T, W_T, b_T, labels, name, opts, temperature, weight,
     """The plain implementation: full (N, V) logits, masked mean."""
     z_S, z_T = F.linear(h_S, W_S, b_S), F.linear(h_T, W_T, b_T).detach()
     keep = labels != IGNORE_INDEX
-    per = DIVERGENCES[name](z_S, z_T, temperature=temperature, **opts)
+    per = per_token(name)(z_S, z_T, temperature=temperature, **opts)
     total = per[keep].sum() + weight * F.cross_entropy(z_S.to(per.dtype), labels, reduction="sum")
     return total / (keep.sum() if normaliser is None else normaliser)
 
@@ -292,7 +299,7 @@ def test_chunked_equals_full_logits(name, opts, chunk_size):
     ref_grads = torch.autograd.grad(ref, leaves)
     mine = [x.clone().requires_grad_(True) for x in (h_S, W_S, b_S)]
     got = chunked_kd_loss(
-        mine[0], mine[1], h_T, W_T, bias_S=mine[2], bias_T=b_T, divergence=name, divergence_options=opts,
+        mine[0], mine[1], h_T, W_T, bias_S=mine[2], bias_T=b_T, divergence=per_token(name), divergence_options=opts,
         chunk_size=chunk_size, temperature=2.0, hard_label_weight=0.5, labels=labels,
     )  # fmt: skip
     got_grads = torch.autograd.grad(got, mine)
@@ -324,7 +331,7 @@ def test_chunked_gradcheck():
 
     def f(h, W, b):
         return chunked_kd_loss(
-            h, W, h_T, W_T, bias_S=b, divergence="jsd", divergence_options={"beta": 0.3, "top_k": 4},
+            h, W, h_T, W_T, bias_S=b, divergence=jsd, divergence_options={"beta": 0.3, "top_k": 4},
             chunk_size=3, temperature=1.5, hard_label_weight=0.7, labels=labels,
         )  # fmt: skip
 
@@ -361,7 +368,7 @@ def test_chunked_ignored_rows_and_normaliser():
         ({"bias_S": torch.zeros(8, dtype=F64)}, "bias_S has V = 8 but 9"),
         ({"hidden_S": torch.zeros(11, dtype=F64)}, r"hidden_S has shape \(11,\); expected \(N, D_S\)"),
         ({"chunk_size": 0}, "chunk_size must be an int >= 1"),
-        ({"divergence": "kl"}, "divergence must be one of"),
+        ({"divergence": "forward_kl"}, "divergence must be a per-token function"),
         ({"hard_label_weight": 1.0, "labels": None}, "hard_label_weight = 1.0 needs labels"),
         ({"hard_label_weight": -1.0}, "hard_label_weight must be a number >= 0"),
         ({"labels": torch.zeros(11)}, "labels must be integer of shape"),
@@ -437,7 +444,7 @@ def test_padded_heads_compare_the_shared_ids(name, opts, v_S, v_T):
     want.backward()
     got_leaves = [x.clone().requires_grad_(True) for x in (h_S, W_S, b_S)]
     got = chunked_kd_loss(
-        got_leaves[0], got_leaves[1], h_T, W_T, bias_S=got_leaves[2], bias_T=b_T, divergence=name,
+        got_leaves[0], got_leaves[1], h_T, W_T, bias_S=got_leaves[2], bias_T=b_T, divergence=per_token(name),
         divergence_options=opts, chunk_size=4, temperature=2.0, hard_label_weight=0.5, labels=labels,
     )  # fmt: skip
     got.backward()

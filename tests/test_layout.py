@@ -222,3 +222,44 @@ def test_no_module_imports_another_modules_private_names() -> None:
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
+
+
+def test_the_task_owns_what_differs_between_tasks() -> None:
+    """The engine, features, objective and losses never ask which task they serve: no module
+    outside tasks/ (and the LM quickstart in demo/) imports kdcli.tasks.causal_lm, no
+    `token_level` flag exists outside tasks/ and recipe/ (the checker's own wording), and no
+    capture is built with `final_hidden=` outside demo/ (the run passes `Task.readout`)."""
+    graph = import_graph()
+    importers = sorted(m for m, edges in graph.items() if "kdcli.tasks.causal_lm" in edges)
+    assert [m for m in importers if not m.startswith(("kdcli.tasks", "kdcli.demo"))] == []
+    found = []
+    for where, tree in _trees():
+        if where.startswith(("tasks/", "recipe/", "demo/")):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "token_level":
+                found.append(f"{where}:{node.lineno} .token_level")
+            if isinstance(node, ast.Name) and node.id == "token_level":
+                found.append(f"{where}:{node.lineno} token_level")
+            if isinstance(node, ast.keyword) and node.arg == "final_hidden" and where != "features.py":
+                found.append(f"{where}:{node.lineno} final_hidden=")
+    assert found == []
+
+
+def test_one_table_of_divergence_names() -> None:
+    """The registry maps a KD loss name to its functions (`fn`, `token_fn`); no other module
+    keeps a name -> divergence table (the old `losses.divergences.DIVERGENCES`)."""
+    from kdcli import registry
+    from kdcli.losses import divergences
+
+    assert not hasattr(divergences, "DIVERGENCES")
+    for name in registry.loss_names("kd"):
+        assert callable(registry.get_loss(name).token_fn()), name
+    found = []
+    for where, tree in _trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict) and where != "registry.py":
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                if {"forward_kl", "reverse_kl"} <= keys:
+                    found.append(f"{where}:{node.lineno}")
+    assert found == []

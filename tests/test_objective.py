@@ -16,8 +16,9 @@ from textbrewer.schedulers import flsw_temperature_scheduler_builder
 
 from kdcli.errors import RunError
 from kdcli.features import Features, additive_mask
-from kdcli.objective import Objective, probability_shift, select_labelled, term_name
+from kdcli.objective import Objective, term_name
 from kdcli.recipe import DistillationConfig
+from kdcli.tasks.logits_kd import probability_shift, select_labelled
 
 B, L, C, H, D_S, D_T = 3, 6, 3, 2, 32, 64
 

@@ -21,7 +21,7 @@ from kdcli.objective import Objective
 from kdcli.recipe import DistillationConfig, load_recipe
 from kdcli.run_files.checkpoint import load_checkpoint
 from kdcli.tasks import IGNORE_INDEX, task_for
-from kdcli.tasks.causal_lm import count_targets
+from kdcli.tasks.lm_kd import count_targets
 from kdcli.tasks.lm_rows import generated_row, generation_prompt, next_token_labels, prompt_length
 from launch import torchrun_kdcli
 from tiny import interrupt_at, make_tiny_lm, tiny_lm_tokenizer, write_lm_rows
@@ -188,7 +188,7 @@ def test_hard_labels_apply_to_dataset_rows_only(world):
     student = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32).double()
     teacher = AutoModelForCausalLM.from_pretrained(world / "llama", dtype=torch.float32).double()
     config = DistillationConfig(kd_loss_type="forward_kl", temperature=1.0, hard_label_weight=0.5, chunk_size=7)
-    objective = Objective(config, task=task_for("causal-lm"))
+    objective = Objective(config, kd_term=task_for("causal-lm").kd_term(config))
     ids = torch.randint(4, 500, (3, 12))
     labels = ids.clone()
     labels[:, :4] = IGNORE_INDEX

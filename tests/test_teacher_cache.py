@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import distill
+from kdcli import distill, registry
 from kdcli.engine.cache_store import HEADER_SIZE, RowStore, read_records
 from kdcli.features import FeatureCapture
 from kdcli.recipe import load_recipe
@@ -317,7 +317,13 @@ def test_cached_top_k_loss_equals_the_top_k_divergence(mode, kd):
     def loss(**teacher):
         h = hidden_S.clone().requires_grad_(True)
         value = chunked_kd_loss(
-            h, head_S, divergence=kd, divergence_options=options, chunk_size=7, temperature=temperature, **teacher
+            h,
+            head_S,
+            divergence=registry.get_loss(kd).token_fn(),
+            divergence_options=options,
+            chunk_size=7,
+            temperature=temperature,
+            **teacher,
         )
         value.backward()
         return value.detach(), h.grad
@@ -335,7 +341,7 @@ def test_cached_top_k_loss_equals_the_top_k_divergence(mode, kd):
             head_S,
             [],
             [],
-            divergence=kd,
+            divergence=registry.get_loss(kd).token_fn(),
             divergence_options={"top_k": k + 1},
             cached_T=CachedTopK(ids, values, tail),
         )

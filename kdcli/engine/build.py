@@ -26,6 +26,8 @@ from kdcli.objective import Objective
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from kdcli.tasks.base import Task
+
 
 @contextmanager
 def process_group(procs: Processes, device_name: str) -> Iterator[None]:
@@ -83,18 +85,18 @@ def teachers(recipe, labels: kdata.Labels | None, warn: Callable[[str], None]) -
     return load_teachers(recipe, labels, warn)
 
 
-def objective(recipe, mode: Mode, task, student: nn.Module | None, teachers: Sequence[nn.Module]) -> Objective:
-    """The run's objective (None config for `train`), its size rules checked against the models'
-    hidden sizes; causal LMs with padded vocabularies score the ids every head has."""
-    built = Objective(
-        recipe.distillation if mode == "distill" else None,
+def objective(recipe, mode: Mode, task: Task, student: nn.Module | None, teachers: Sequence[nn.Module]) -> Objective:
+    """The run's objective (None config for `train`) around the task's KD term, built here once
+    (`Task.kd_term`: from the recipe, and the loaded models when there are a student and a
+    teacher); its size rules checked against the models' hidden sizes."""
+    distillation = recipe.distillation if mode == "distill" else None
+    models = (student, *teachers) if student is not None and teachers else ()
+    return Objective(
+        distillation,
         hidden_S=kmodels.model_dims(_hf(student)).hidden_size if student is not None else None,
         hidden_T=kmodels.model_dims(_hf(teachers[0])).hidden_size if teachers and student is not None else None,
-        task=task,
+        kd_term=task.kd_term(distillation, models),
     )
-    if built.token_level and teachers and student is not None:
-        built.shared_vocab = min(_hf(m).get_output_embeddings().weight.shape[0] for m in (student, *teachers))
-    return built
 
 
 def _hf(model: nn.Module) -> PreTrainedModel:
@@ -103,11 +105,10 @@ def _hf(model: nn.Module) -> PreTrainedModel:
 
 
 def captures(
-    objective: Objective, teachers: Sequence[nn.Module], student: nn.Module | None = None
+    task: Task, objective: Objective, teachers: Sequence[nn.Module], student: nn.Module | None = None
 ) -> tuple[FeatureCapture | None, list[FeatureCapture]]:
     """(student's capture or None, teachers' captures): exactly the layers the objective's
-    matches read (the first teacher's), final hidden states for causal LMs."""
-    final = objective.token_level  # causal LMs: final hidden states and heads, never full logits
+    matches read (the first teacher's), read out as the task's models are (`Task.readout`)."""
     capture_S = None
     if student is not None:
         capture_S = FeatureCapture(
@@ -115,7 +116,7 @@ def captures(
             objective.hidden_layers("S"),
             objective.attention_layers("S"),
             role="student",
-            final_hidden=final,
+            readout=task.readout,
         )
     captures_T = [
         FeatureCapture(
@@ -123,7 +124,7 @@ def captures(
             objective.hidden_layers("T") if i == 0 else (),
             objective.attention_layers("T") if i == 0 else (),
             role=f"teacher {i + 1}" if len(teachers) > 1 else "teacher",
-            final_hidden=final,
+            readout=task.readout,
         )
         for i, t in enumerate(teachers)
     ]

@@ -154,8 +154,9 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
         tokenizer, ref = build.tokenizer(recipe, say)
         task_data = build.data(recipe, tokenizer, say, procs)
         teachers = [t.to(device) for t in build.teachers(recipe, task_data.labels, say)]
-        objective = build.objective(recipe, "distill", task_for(recipe.task), None, teachers)
-        _, captures = build.captures(objective, teachers)
+        task = task_for(recipe.task)
+        objective = build.objective(recipe, "distill", task, None, teachers)
+        _, captures = build.captures(task, objective, teachers)
         out = output_dir or training.output_dir
         cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs, out, say)
         try:

@@ -63,11 +63,10 @@ def _complete_all(model: nn.Module, run, prompts: list[list[int]], *, sample: bo
 def _kl_on(model: nn.Module, run, prompts: list[list[int]], completions: list[list[int]]) -> float:
     from kdcli.engine.generate import collate
     from kdcli.features import FeatureCapture
-    from kdcli.tasks.causal_lm import evaluate_lm
 
     rows = [generated_row(p, c) for p, c in zip(prompts, completions, strict=True)]
-    subject = FeatureCapture(model, final_hidden=True)
-    teachers = [FeatureCapture(t, final_hidden=True) for t in run.teachers]
+    subject = FeatureCapture(model, readout=run.task.readout)
+    teachers = [FeatureCapture(t, readout=run.task.readout) for t in run.teachers]
     size = run.training.eval_batch_size
 
     def batches():
@@ -77,7 +76,7 @@ def _kl_on(model: nn.Module, run, prompts: list[list[int]], completions: list[li
 
     try:
         with torch.inference_mode(), autocast(run.device, run.autocast_precision):
-            return evaluate_lm(batches())["kl"]
+            return run.task.evaluate(batches(), None)["kl"]
     finally:
         for capture in (subject, *teachers):
             capture.close()

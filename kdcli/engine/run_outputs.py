@@ -18,6 +18,7 @@ from kdcli.engine.recipe_facts import recipe_sha256
 from kdcli.engine.setup import RunState, to_cpu
 from kdcli.engine.teachers import logits_fn
 from kdcli.errors import NonFiniteLossError, RunError
+from kdcli.features import FeatureCapture, Features
 from kdcli.run_files import checkpoint as ckpt
 from kdcli.run_files import run_log
 
@@ -61,8 +62,8 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: run_log.Throug
         samples_per_s=rate,
         eta_s=eta,
         weights=run.objective.weights(step / total_steps),
-        tokens_per_s=throughput.tokens_per_s() if run.objective.token_level else None,
-        memory_mb=run_log.peak_memory_mb(run.device.type) if run.objective.token_level else None,
+        tokens_per_s=throughput.tokens_per_s() if _per_token(run) else None,
+        memory_mb=run_log.peak_memory_mb(run.device.type) if _per_token(run) else None,
     )
     on_policy = run.on_policy
     generation = on_policy.read_figures(run.procs, run.device) if on_policy is not None and on_policy.generates else {}
@@ -76,30 +77,30 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: run_log.Throug
     run.last_log = {**info.record(), **generation}
 
 
+def _per_token(run: RunState) -> bool:
+    """The task's terms and eval are per target token (its throughput is reported in tokens/s)."""
+    return run.task.evaluation == "tokens"
+
+
 def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) -> dict[str, float]:
-    """The task's metrics (accuracy; micro F1 over non-O tags for token classification) of
-    `logits_of` on the eval split."""
-    predictions: list[int] = []
-    gold: list[int] = []
+    """The task's metrics (`Task.evaluate`: accuracy; micro F1 over non-O tags for token
+    classification) of `logits_of` on the eval split."""
     dataset, device = run.eval_set, run.device
-    with torch.inference_mode(), autocast(device, run.precision):
+
+    def batches():
         for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
             batch = {k: v.to(device) for k, v in run.collator.batch(dataset, indices).items()}
-            logits = logits_of(batch)
-            predictions += logits.argmax(dim=-1).reshape(-1).tolist()
-            gold += batch["labels"].reshape(-1).tolist()
-    assert run.data.labels is not None  # tasks evaluated on logits are labelled
-    return run.task.metrics(predictions, gold, run.data.labels)
+            yield Features(logits=logits_of(batch)), [], batch["labels"]
+
+    with torch.inference_mode(), autocast(device, run.precision):
+        return run.task.evaluate(batches(), run.data.labels)
 
 
 def evaluate_lm_model(model: nn.Module | None, run: RunState) -> dict[str, float]:
-    """Causal-LM eval metrics of `model` on the eval split (`tasks.causal_lm.evaluate_lm`):
+    """Causal-LM eval metrics of `model` on the eval split (`Task.evaluate`, `tasks.causal_lm.evaluate_lm`):
     perplexity of the eval targets and, against the teachers (their mean logits, as in
     training), KL(teacher || model) per token and top-1 agreement. `model` None: the first
     teacher alone (its perplexity; against itself KL is 0 and agreement 1)."""
-    from kdcli.features import FeatureCapture
-    from kdcli.tasks.causal_lm import evaluate_lm
-
     dataset, device = run.eval_set, run.device
     if run.sharded:  # through the FSDP roots, on every rank
         from kdcli.engine.fsdp import reshard_teachers
@@ -110,8 +111,9 @@ def evaluate_lm_model(model: nn.Module | None, run: RunState) -> dict[str, float
         else:
             subject, teachers = run.captures_T[0].run_teacher, []
     else:
-        subject = FeatureCapture(model if model is not None else run.teachers[0], final_hidden=True).run
-        teachers = [FeatureCapture(t, final_hidden=True) for t in run.teachers] if model is not None else []
+        readout = run.task.readout
+        subject = FeatureCapture(model if model is not None else run.teachers[0], readout=readout).run
+        teachers = [FeatureCapture(t, readout=readout) for t in run.teachers] if model is not None else []
 
     def batches():
         for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
@@ -125,16 +127,16 @@ def evaluate_lm_model(model: nn.Module | None, run: RunState) -> dict[str, float
                 reshard_teachers(run.captures_T)
 
     with torch.no_grad() if run.sharded else torch.inference_mode(), autocast(device, run.autocast_precision):
-        return evaluate_lm(batches())
+        return run.task.evaluate(batches(), run.data.labels)
 
 
 def evaluate_teachers(run: RunState) -> None:
     """The teachers' eval metrics, once, before training (rank 0; every rank under FSDP2)."""
     if (run.main or run.sharded) and run.eval_set is not None and run.teachers:
         if run.sharded:
-            _sharded_token_level(run)
+            _sharded_per_token(run)
             run.teacher_eval = evaluate_lm_model(None, run)
-        elif run.objective.token_level:
+        elif _per_token(run):
             for t in run.teachers:
                 t.eval()
             run.teacher_eval = evaluate_lm_model(None, run)
@@ -153,8 +155,8 @@ def _generation_eval(run: RunState, model: nn.Module, *, with_kl: bool = True) -
     return generation_metrics(model, run, with_kl=with_kl)
 
 
-def _sharded_token_level(run: RunState) -> None:
-    if not run.objective.token_level:
+def _sharded_per_token(run: RunState) -> None:
+    if not _per_token(run):
         raise RunError(
             'training.parallel "fsdp" evaluates causal-lm runs only. Fix: use "ddp" for this task, or drop data.eval'
         )
@@ -169,8 +171,8 @@ def evaluate_student(run: RunState) -> None:
         student.eval()
         try:
             if run.sharded:
-                _sharded_token_level(run)
-            if run.objective.token_level:
+                _sharded_per_token(run)
+            if _per_token(run):
                 run.last_eval = evaluate_lm_model(student, run)
                 run.last_eval.update(_generation_eval(run, student))
             else:
@@ -300,7 +302,7 @@ def write_summary(run: RunState, *, start_step: int, train_time: float, wall_sta
         "train_examples": len(train_set),
         "dropped_rows": dict(run.data.dropped) or None,
         "train_tokens_per_s": round(run.tokens_this_session / train_time, 1)
-        if run.objective.token_level and train_time > 0 and position.step > start_step
+        if _per_token(run) and train_time > 0 and position.step > start_step
         else None,
         "resumed_from_step": start_step if run.resume_from is not None else None,
         "final_loss": last_log["loss"] if last_log else None,

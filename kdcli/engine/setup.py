@@ -8,7 +8,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ from kdcli.objective import Objective
 from kdcli.recipe.prune_schema import DEFAULT_ROWS
 from kdcli.recipe.schema import Recipe
 from kdcli.tasks import task_for
-from kdcli.tasks.base import Task
+from kdcli.tasks.base import LogitCacheRows, Task
 
 
 class Console:
@@ -197,7 +197,7 @@ def setup(
     teachers = [t.to(device) for t in teachers]
     student.to(device).train()
     objective.to(device)
-    capture_S, captures_T = build.captures(objective, teachers, student)
+    capture_S, captures_T = build.captures(task, objective, teachers, student)
     assert capture_S is not None
     cache = _logit_cache(recipe, mode, objective, task, console)
     if mode == "distill" and recipe.distillation.teacher_cache is not None:
@@ -281,7 +281,7 @@ def _on_policy(recipe, mode: Mode, tokenizer, seed: int, procs: Processes, shard
     return OnPolicy(config, tokenizer, data.row_format, data.max_length, seed, procs, sharded)
 
 
-def _logit_cache(recipe, mode: Mode, objective: Objective, task, console: Console) -> TeacherLogitCache | None:
+def _logit_cache(recipe, mode: Mode, objective: Objective, task: Task, console: Console) -> TeacherLogitCache | None:
     """The teacher-logit cache when the recipe asks for it. A recipe file cannot ask for it
     together with intermediate matches (`load_recipe` refuses that); a Recipe built in code
     that does runs without the cache, with a warning."""
@@ -293,7 +293,8 @@ def _logit_cache(recipe, mode: Mode, objective: Objective, task, console: Consol
             "teacher's features on every step, so caching its logits would save nothing"
         )
         return None
-    return TeacherLogitCache(task)
+    # is_caching_logits is refused for causal-lm (recipe rules): an encoder task keeps the rows
+    return TeacherLogitCache(cast(LogitCacheRows, task))
 
 
 def _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console):

@@ -85,7 +85,7 @@ def train_step(run, chunk: list[list[int]], first_batch: int, throughput) -> Ste
     result, procs, fraction = StepResult(), run.procs, run.position.step / run.total_steps
     started = time.perf_counter()
     batches = [{k: v.to(run.device, non_blocking=True) for k, v in b.items()} for b in _step_batches(run, chunk)]
-    normaliser = step_targets(run, batches) if run.objective.token_level else None
+    normaliser = step_targets(run, batches)
     for micro, (indices, batch) in enumerate(zip(chunk, batches)):
         last_micro = micro == len(chunk) - 1
         if run.sharded:  # FSDP2: reduce-scatter on the last micro-batch only (as DDP's no_sync)
@@ -130,13 +130,15 @@ def _step_batches(run, chunk: list[list[int]]) -> list[dict[str, Tensor]]:
     return [collate(run.collator, r) for r in rows]
 
 
-def step_targets(run, batches: list[dict[str, Tensor]]) -> float:
+def step_targets(run, batches: list[dict[str, Tensor]]) -> float | None:
     """The target tokens of the whole optimizer step (every micro-batch, every process), per
     process: DDP averages the processes' gradients, so each process's sum over its own target
-    tokens is divided by (step targets / world size) to make the gradient the step's mean."""
-    from kdcli.tasks.causal_lm import count_targets
-
-    count = torch.tensor(float(sum(count_targets(b["labels"]) for b in batches)), device=run.device)
+    tokens is divided by (step targets / world size) to make the gradient the step's mean.
+    None where the task's terms are batch means (`Task.target_count`)."""
+    counts = [run.task.target_count(b.get("labels")) for b in batches]
+    if any(c is None for c in counts):
+        return None
+    count = torch.tensor(float(sum(c for c in counts if c is not None)), device=run.device)
     if run.procs.distributed:
         torch.distributed.all_reduce(count)
     return max(float(count), 1.0) / run.procs.world_size

@@ -43,6 +43,7 @@ from kdcli.errors import RunError
 from kdcli.features import MASK_VALUE, Features
 from kdcli.run_files.outdir import TEACHER_CACHE_DIR
 from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
+from kdcli.tasks.lm_kd import target_rows
 
 #: the recipe's dtype names and their torch dtypes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -308,8 +309,6 @@ class TeacherDiskCache:
         return tensor.detach().to("cpu", self.store_dtype)
 
     def _causal_fields(self, feats_T: list[Features], batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, list]]:
-        from kdcli.tasks.causal_lm import target_rows
-
         labels = batch["labels"]
         teachers: list[tuple[Tensor, Tensor, Tensor | None]] = []
         for f in feats_T:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from kdcli.features import FeatureCapture, Features, model_inputs
 from kdcli.objective import Objective
+from kdcli.tasks.base import LogitCacheRows
 
 
 class StudentStep(nn.Module):
@@ -55,8 +56,8 @@ class TeacherLogitCache:
     stores (n_teachers, C) per row; token classification (n_teachers, length, C) for the row's
     real tokens, re-padded per batch (padded positions carry label -100 and are never read)."""
 
-    def __init__(self, task) -> None:
-        self._task = task  # a kdcli.tasks.base.Task
+    def __init__(self, task: LogitCacheRows) -> None:
+        self._task = task
         self._rows: dict[int, Tensor] = {}
 
     def __len__(self) -> int:

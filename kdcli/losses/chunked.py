@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
 
-from .divergences import DIVERGENCES, CachedTopK
+from .divergences import CachedTopK, forward_kl
 from .inputs import _ndim, _shape, _tensor, compute_dtype
 
 _LOSS = "chunked_kd_loss"
@@ -130,7 +130,7 @@ def chunked_kd_loss(
     *,
     bias_S: Tensor | None = None,
     bias_T: Tensor | None | Sequence[Tensor | None] = None,
-    divergence: str | Callable[..., Tensor] = "forward_kl",
+    divergence: Callable[..., Tensor] = forward_kl,
     divergence_options: Mapping[str, Any] | None = None,
     chunk_size: int = CHUNK_SIZE,
     temperature: float = 1.0,
@@ -145,7 +145,7 @@ def chunked_kd_loss(
     """``(kd_weight * sum_t KD_t + hard_label_weight * sum_t CE_t) / normaliser`` over the target rows t.
 
     ``KD_t = divergence(hidden_S[t] @ head_S.T + bias_S, hidden_T[t] @ head_T.T + bias_T)``
-    (a `kdcli.losses.divergences` function or its name, called with ``temperature`` and
+    (a per-token `kdcli.losses.divergences` function, `registry.get_loss(name).token_fn()`, called with ``temperature`` and
     ``divergence_options``, e.g. ``{"beta": 0.5}``, ``{"t_squared": True, "top_k": 64}``), and
     ``CE_t`` the student's next-token cross-entropy on ``labels[t]`` at temperature 1. The
     labels are already shifted by the caller: row t is position t's hidden state, and its
@@ -265,9 +265,11 @@ def _checked_options(divergence, vocab, chunk_size, kd_weight, hard_label_weight
         vocab = smallest
     elif isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= smallest:
         raise ValueError(f"{_LOSS}: vocab must be an int from 1 to the smallest head's {smallest} rows, got {vocab!r}")
-    fn = DIVERGENCES.get(divergence) if isinstance(divergence, str) else divergence
+    fn = divergence
     if not callable(fn):
-        raise ValueError(f"{_LOSS}: divergence must be one of {sorted(DIVERGENCES)} or a callable, got {divergence!r}")
+        raise ValueError(
+            f"{_LOSS}: divergence must be a per-token function (registry.get_loss(name).token_fn()), got {divergence!r}"
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_LOSS}: chunk_size must be an int >= 1, got {chunk_size!r}")
     for name, weight in (("hard_label_weight", hard_label_weight), ("kd_weight", kd_weight)):

@@ -27,7 +27,6 @@ Mismatched shapes or out-of-range arguments raise `ValueError` naming the loss a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -401,12 +400,3 @@ def mse_per_token(student_logits: Tensor, teacher_logits: Tensor, *, temperature
     t = _temperature("mse", temperature)
     S, T = _cast_pair(student_logits, teacher_logits)
     return ((S - T) / t).pow(2).mean(-1)
-
-
-#: The per-token function of every KD loss name (what `kdcli.losses.chunked.chunked_kd_loss`
-#: accepts as a string, and what a causal-LM run computes chunk by chunk).
-DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    **{fn.__name__: fn for fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd)},
-    "ce": ce_per_token,
-    "mse": mse_per_token,
-}

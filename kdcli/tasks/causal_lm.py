@@ -1,9 +1,9 @@
 """Causal language modelling: next-token targets from text, prompt + completion or chat rows.
 
-The model's logits are never built for a whole batch: the objective takes each model's final
-hidden states (B, L, D) and output head (`output_head`) and computes the KD loss, the
-hard-label cross-entropy and the eval metrics chunk by chunk of target tokens
-(`kdcli.losses.chunked`). Targets follow the one shift rule of `kdcli.tasks.lm_rows`
+The model's logits are never built for a whole batch: its captures read each model's final
+hidden states (B, L, D) and output head (`features.HEAD`), and its KD term (`tasks.lm_kd.TokenKD`)
+computes the KD loss and the hard-label cross-entropy, `evaluate_lm` the eval metrics, chunk by
+chunk of target tokens (`kdcli.losses.chunked`). Targets follow the one shift rule of `kdcli.tasks.lm_rows`
 (`next_token_labels`: position t predicts token t + 1).
 
 Reduction: the KD and hard-label terms are sums over the target tokens of the whole optimizer
@@ -15,7 +15,7 @@ into micro-batches or across processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -23,63 +23,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli.errors import RunError
+from kdcli.features import HEAD, Readout
 from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
 from kdcli.tasks.base import Columns, Encoder
+from kdcli.tasks.lm_kd import TokenKD, count_targets, shared_vocab, target_rows
 from kdcli.tasks.lm_rows import encoder as rows_encoder
 from kdcli.tasks.lm_rows import next_token_labels
-
-#: config fields of architectures whose forward changes the head's logits after the matmul
-#: (soft-capping, scaling): the chunked loss would compare other numbers than the model's
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-#: target tokens per chunk in evaluation (the eval logits of one chunk at a time)
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder under a `...ForCausalLM` (Llama's `model`, GPT-2's `transformer`): its forward
-    returns the final hidden states, after the final norm, without the head."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise RunError(f"{type(model).__name__} has no base model under its LM head; kdcli cannot distil it")
-    return base
-
-
-def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The output head as (weight (V, D), bias (V,) or None): the logits are `h @ W.T + b`.
-    `RunError` for architectures that transform the logits after the head (soft-capping,
-    scaling), which the chunked loss does not reproduce."""
-    config = getattr(model, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            assert config is not None  # the value was read from it
-            raise RunError(
-                f"a {config.model_type} model transforms its logits after the head ({name} = {value}); "
-                "kdcli's chunked KD loss does not reproduce that. Fix: use a llama, qwen2, mistral or gpt2 model"
-            )
-    # nn.Module types its attributes Tensor | Module: the Hugging Face method, typed by hand
-    head = cast("Callable[[], nn.Module | None]", model.get_output_embeddings)()
-    if not isinstance(head, nn.Linear):
-        raise RunError(f"{type(model).__name__}'s output head is a {type(head).__name__}, not a linear layer")
-    return head.weight, head.bias
-
-
-def count_targets(labels: Tensor) -> int:
-    """The target tokens of a batch after the shift (what its KD term sums over)."""
-    return int((next_token_labels(labels) != IGNORE_INDEX).sum())
-
-
-def target_rows(features, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(final hidden states at the predicting positions (N, D), their next-token ids (N,))."""
-    targets = next_token_labels(labels)
-    keep = targets != IGNORE_INDEX
-    return features.final_hidden[keep], targets[keep]
 
 
 class CausalLM:
     name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
-    #: the objective sums its KD and hard-label terms over the step's target tokens
-    token_level = True
+    #: its captures: final hidden states and the output head, never full logits
+    readout: Readout = HEAD
+    #: what the engine's evaluation compares: next-token distributions (`evaluate`)
+    evaluation = "tokens"
 
     def encoder(self, tokenizer, labels, columns: Columns, max_length: int, source: str) -> Encoder:
         return rows_encoder(tokenizer, columns, max_length, source)
@@ -93,14 +51,18 @@ class CausalLM:
         keep = targets != IGNORE_INDEX
         return logits[keep], targets[keep]
 
-    def metrics(self, predictions: Sequence[int], gold: Sequence[int], labels) -> dict[str, float]:
-        raise NotImplementedError("causal-lm evaluation compares distributions: use evaluate_lm")
+    def kd_term(self, distillation, models: Sequence[nn.Module] = ()) -> TokenKD:
+        """The step's KD + hard-label term; `models` (student, teachers...) give the ids every head has."""
+        return TokenKD(distillation, vocab=shared_vocab(models))
 
-    def cache_row(self, logits: Tensor, length: int) -> Tensor:
-        raise RunError("causal-lm has no in-memory logit cache (is_caching_logits is refused for it)")
+    def target_count(self, labels: Tensor | None) -> int | None:
+        """The batch's target tokens: the KD and hard-label terms are sums over the step's."""
+        assert labels is not None  # causal-lm rows always carry labels
+        return count_targets(labels)
 
-    def cache_batch(self, rows: list[Tensor], width: int) -> Tensor:
-        raise RunError("causal-lm has no in-memory logit cache (is_caching_logits is refused for it)")
+    def evaluate(self, batches, labels=None) -> dict[str, float]:
+        """`evaluate_lm` of (features_S, features_T, labels) per batch."""
+        return evaluate_lm(batches)
 
 
 TASK = CausalLM()

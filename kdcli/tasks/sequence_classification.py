@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from kdcli.facts.labels import DataError, Labels
 from kdcli.tasks.base import ENCODED_KEYS, Columns, Encoder, text_values
-from kdcli.tasks.classification_metrics import classification_metrics
+from kdcli.tasks.logits_kd import LogitsTask
 
 
-class SequenceClassification:
+class SequenceClassification(LogitsTask):
     name = "sequence-classification"
     auto_class = "AutoModelForSequenceClassification"
 
@@ -29,12 +27,6 @@ class SequenceClassification:
             return out
 
         return encode
-
-    def kd_logits(self, logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return logits, labels
-
-    def metrics(self, predictions: Sequence[int], gold: Sequence[int], labels: Labels) -> dict[str, float]:
-        return classification_metrics(predictions, gold)
 
     def cache_row(self, logits: Tensor, length: int) -> Tensor:
         return logits  # (n_teachers, C)

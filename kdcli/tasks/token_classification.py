@@ -3,20 +3,19 @@ sub-token of each word carries the tag, the others -100; logits (B, L, C)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from kdcli.facts.labels import DataError, Labels
 from kdcli.tasks import IGNORE_INDEX
 from kdcli.tasks.base import ENCODED_KEYS, Columns, Encoder
-from kdcli.tasks.classification_metrics import classification_metrics
+from kdcli.tasks.logits_kd import LogitsTask, select_labelled
 
 
-class TokenClassification:
+class TokenClassification(LogitsTask):
     name = "token-classification"
     auto_class = "AutoModelForTokenClassification"
+    outside_tag = "O"
 
     def encoder(self, tokenizer, labels: Labels, columns: Columns, max_length: int, source: str) -> Encoder:
         if columns.text_pair is not None:
@@ -48,13 +47,7 @@ class TokenClassification:
 
     def kd_logits(self, logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """(B, L, C) -> (N, C) at the N positions whose label is not -100."""
-        if labels is None:
-            raise ValueError("token-level logits need labels to select the labelled tokens")
-        keep = labels != IGNORE_INDEX  # (B, L)
-        return logits[keep], labels[keep]
-
-    def metrics(self, predictions: Sequence[int], gold: Sequence[int], labels: Labels) -> dict[str, float]:
-        return classification_metrics(predictions, gold, outside_id=labels.label2id.get("O"))
+        return select_labelled(logits, labels)
 
     def cache_row(self, logits: Tensor, length: int) -> Tensor:
         return logits[:, :length]  # (n_teachers, length, C): the row's real tokens
