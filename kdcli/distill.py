@@ -57,7 +57,7 @@ from kdcli.engine.run_outputs import (
     save_final,
     write_summary,
 )
-from kdcli.engine.setup import RunState, setup
+from kdcli.engine.setup import RunState, resume_position, setup
 from kdcli.engine.step import StopFlags, StopRequest, optimizer_step, train_step
 from kdcli.errors import Interrupted, RunError, UsageError, first_line
 from kdcli.recipe.schema import check_max_steps
@@ -122,6 +122,8 @@ def _run(
         folder = open_folder()
     try:
         state = setup(folder, recipe, mode, procs, max_steps=max_steps, device_name=device_name, seed=seed, quiet=quiet)
+        if state.resume_from is not None:
+            state.position = resume_position(state)
         return _train_and_finish(state, wall_start)
     except OSError as exc:  # a full disk anywhere else (metrics.jsonl, TensorBoard): one message too
         if not ckpt.is_no_space(exc):

@@ -263,3 +263,27 @@ def test_one_table_of_divergence_names() -> None:
                 if {"forward_kl", "reverse_kl"} <= keys:
                     found.append(f"{where}:{node.lineno}")
     assert found == []
+
+
+def test_each_run_state_field_has_one_writer() -> None:
+    """`RunState`: the fields the loop advances are written (`run.<field> = ...`, `+=`) in one
+    module each, the one `engine.setup.ADVANCED_BY` names; every other field is built once in
+    `setup()` and never assigned afterwards."""
+    import dataclasses
+
+    from kdcli.engine.setup import ADVANCED_BY, RunState
+
+    fields = {f.name for f in dataclasses.fields(RunState)}
+    assert set(ADVANCED_BY) <= fields
+    writers: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path).removeprefix("kdcli.")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for t in targets:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in ("run", "state"):
+                    if t.attr in fields:
+                        writers.setdefault(t.attr, set()).add(module)
+    assert writers == {name: {module} for name, module in ADVANCED_BY.items()}

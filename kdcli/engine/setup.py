@@ -69,9 +69,26 @@ class Console:
         self.say(text, even_if_quiet=True)
 
 
+#: The fields of `RunState` that change after `setup()` returns, each with the one module that
+#: writes it (`run.<field> = ...`); every other field is built once, in `setup()` (through
+#: engine/build.py), and only read. tests/test_layout.py pins both.
+ADVANCED_BY: dict[str, str] = {
+    "position": "distill",  # the loop's step, epoch and batch (resume sets it there too)
+    "samples_this_session": "engine.step",
+    "tokens_this_session": "engine.step",
+    "metrics": "engine.run_outputs",  # opened by rank 0's first write
+    "tb": "engine.run_outputs",
+    "last_log": "engine.run_outputs",
+    "last_eval": "engine.run_outputs",
+    "teacher_eval": "engine.run_outputs",
+    "last_saved": "engine.run_outputs",
+}
+
+
 @dataclass
 class RunState:
-    """One run's pieces and where it stands; the loop and its helpers read and update it."""
+    """One run's pieces and where it stands. Built once in `setup()`: everything but the
+    fields of `ADVANCED_BY`, which the loop advances, each from one module."""
 
     recipe: Recipe
     mode: Mode
@@ -258,10 +275,8 @@ def setup(
         block_ranking=None if recipe_prunes else ranking,
         student_prune=ranking if recipe_prunes else None,
         sharded=sharded,
+        on_policy=_on_policy(recipe, mode, tokenizer, run_seed, procs, sharded, cache, console),
     )
-    run.on_policy = _on_policy(recipe, mode, tokenizer, run_seed, procs, sharded, cache, console)
-    if run.resume_from is not None:
-        resume(run)
     return run
 
 
@@ -316,9 +331,10 @@ def _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, 
     )
 
 
-def resume(run: RunState) -> None:
-    """Load the latest checkpoint into the run's models, optimizer, schedule, scaler and RNGs.
-    With another learning rate than the checkpoint's run, the schedule continues at the new one."""
+def resume_position(run: RunState) -> ckpt.Position:
+    """Load the latest checkpoint into the run's models, optimizer, schedule, scaler and RNGs and
+    return where it stood (the loop, `distill.run`, sets `run.position`: its one writer). With
+    another learning rate than the checkpoint's run, the schedule continues at the new one."""
     resume_from, procs = run.resume_from, run.procs
     assert resume_from is not None  # called only when resuming
     recipe_lrs = list(run.scheduler.base_lrs)  # this recipe's rates, before the checkpoint's
@@ -366,8 +382,8 @@ def resume(run: RunState) -> None:
         run.console.warn(
             f"warning: the checkpoint was written by {len(ranks)} process(es), this run has {procs.world_size}; the data order is kept, dropout draws differ"
         )
-    run.position = state.position
-    run.console.say(f"resuming from {resume_from} (step {run.position.step} of {run.total_steps})")
+    run.console.say(f"resuming from {resume_from} (step {state.position.step} of {run.total_steps})")
+    return state.position
 
 
 def to_cpu(state):
