@@ -3,7 +3,7 @@
     python bench/lm_blocks.py [--keep 24 25 26] [--rank-rows 32] [--eval-rows 48]
 
 Loads the demo teacher (recipes/lm-distill.json's GGUF), ranks its 30 blocks on the first
-`--rank-rows` training rows with both measures of `kdcli.models.block_ranking` (angular distance:
+`--rank-rows` training rows with both measures of `kdcli.compress.block_ranking` (angular distance:
 one contiguous run dropped; block influence: the lowest-BI blocks dropped), adds
 `evenly_spaced(30, keep)`, builds each student (the teacher's config with `num_hidden_layers =
 keep`, those blocks copied) and scores it untrained against the teacher on the first
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from kdcli.compress.block_ranking import evenly_spaced, rank_blocks
 from kdcli.data import Collator, eval_batches, prepare_from_recipe
 from kdcli.features import FeatureCapture
 from kdcli.models import load_model
-from kdcli.models.block_ranking import evenly_spaced, rank_blocks
 from kdcli.models.loading import load_tokenizer
 from kdcli.models.students import build_student
 from kdcli.recipe import load_recipe

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from kdcli import distill
+from kdcli.compress.blocks import sample_batches
 from kdcli.compress.export_gguf import export_gguf
 from kdcli.compress.prune import prune_model
 from kdcli.data import Collator, eval_batches, prepare_from_recipe
-from kdcli.engine.blocks import sample_batches
 from kdcli.features import FeatureCapture
 from kdcli.models import load_model
 from kdcli.models.loading import load_tokenizer

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "lm-bench" / "variants"
-EVENLY_SPACED_DROPPED = (3, 9, 15, 21, 27)  # kdcli.models.block_ranking.evenly_spaced(30, 25)
+EVENLY_SPACED_DROPPED = (3, 9, 15, 21, 27)  # kdcli.compress.block_ranking.evenly_spaced(30, 25)
 
 VARIANTS: dict[str, dict] = {
     "fkl-T1": {"distillation": {"temperature": 1, "kd_loss_type": "forward_kl", "hard_label_weight": 0}},

@@ -285,7 +285,7 @@ def rank_blocks(
     """Rank the teacher's blocks for a shallower student: which `keep` blocks to copy, by angular
     distance (Gromov et al. 2024), block influence (ShortGPT) and even spacing."""
     with _boundary(as_json):
-        from kdcli.engine.rank_blocks import rank_recipe_blocks
+        from kdcli.compress.rank_blocks import rank_recipe_blocks
         from kdcli.errors import UsageError
         from kdcli.recipe import load_checked
 
@@ -295,7 +295,7 @@ def rank_blocks(
     if as_json:
         _print_json({"ok": True, **doc})
         return
-    from kdcli.engine.rank_blocks import rankings_table
+    from kdcli.compress.rank_blocks import rankings_table
 
     out.print(rankings_table(doc))
 

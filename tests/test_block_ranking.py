@@ -1,4 +1,4 @@
-"""kdcli.models.block_ranking: choosing a shallower student's teacher blocks.
+"""kdcli.compress.block_ranking: choosing a shallower student's teacher blocks.
 
 Tiny causal LMs (Llama, Qwen2, GPT-2) are built offline from a config with seeded weights.
 Blocks made the identity (output projections zeroed, so the residual passes unchanged) must be
@@ -17,8 +17,8 @@ import torch
 import transformers
 from torch import Tensor, nn
 
+from kdcli.compress.block_ranking import BY, BlockRanking, evenly_spaced, rank_blocks
 from kdcli.models import encoder_blocks
-from kdcli.models.block_ranking import BY, BlockRanking, evenly_spaced, rank_blocks
 
 VOCAB = 64
 PAD = 0

@@ -101,8 +101,8 @@ def test_measured_init_sets_the_layer_count_and_checks_keep(lm_ws):
 
 
 def test_a_run_measures_its_blocks_and_records_why(lm_ws, capfd):
+    from kdcli.compress.block_ranking import rank_blocks
     from kdcli.distill import run
-    from kdcli.models.block_ranking import rank_blocks
     from kdcli.recipe import load_recipe
 
     doc = recipe()

@@ -188,7 +188,7 @@ def prune_model(
     importance = measure_importance(source, batches())
     layers, depth = tuple(range(1, config.num_hidden_layers + 1)), None
     if sizes["num_hidden_layers"] < config.num_hidden_layers:
-        from kdcli.engine.blocks import choose_blocks
+        from kdcli.compress.blocks import choose_blocks
 
         depth = choose_blocks(source, batches, sizes["num_hidden_layers"], spec.depth_by)
         layers = tuple(depth.kept)

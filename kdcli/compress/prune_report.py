@@ -9,9 +9,9 @@ from collections.abc import Callable
 def prune_recipe(recipe, rows: int | None, warn: Callable[[str], None]) -> dict:
     """The recipe's `student.prune` measured on its first training rows (`rows`, default the
     recipe's), as one JSON document; UsageError when the recipe has no prune."""
+    from kdcli.compress.blocks import sample_batches
     from kdcli.compress.prune import prune_model
     from kdcli.engine import build
-    from kdcli.engine.blocks import sample_batches
     from kdcli.engine.recipe_models import prune_source
     from kdcli.errors import UsageError
     from kdcli.recipe.prune_schema import DEFAULT_ROWS

@@ -49,8 +49,8 @@ def load_bench(recipe_path: Path, console, questions: int) -> Bench:
     recipes cap the in-training evals only), with the teacher's features computed once."""
     import torch
 
+    from kdcli.compress.blocks import sample_batches
     from kdcli.data import Collator, eval_batches, prepare_from_recipe
-    from kdcli.engine.blocks import sample_batches
     from kdcli.features import FeatureCapture
     from kdcli.models import load_model
     from kdcli.models.loading import load_tokenizer

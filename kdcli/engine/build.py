@@ -2,7 +2,7 @@
 devices, the tokenizer, the data, the teachers, the objective and the feature captures.
 
 `kdcli distill`/`train` (engine/setup.py), `kdcli cache-teacher` (engine/cache_fill.py),
-`kdcli rank-blocks` (engine/rank_blocks.py) and `kdcli prune` (compress/prune_report.py) call
+`kdcli rank-blocks` (compress/rank_blocks.py) and `kdcli prune` (compress/prune_report.py) call
 these; no other module loads a tokenizer, prepares a dataset or hooks a capture by hand.
 """
 

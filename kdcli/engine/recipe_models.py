@@ -53,7 +53,7 @@ def load_models(
         else:  # train mode: copy from the model the student's config comes from
             init_from = load_student_side(recipe.init_source, "student.config")
     if measure is not None:
-        from kdcli.engine.blocks import choose_blocks
+        from kdcli.compress.blocks import choose_blocks
 
         assert init_from is not None and sample_batches is not None  # set above; a measure comes with data
         ranking = choose_blocks(init_from, sample_batches, measure.keep, measure.by)

@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kdcli import data as kdata
 from kdcli import models as kmodels
+from kdcli.compress.blocks import sample_batches
 from kdcli.engine import build, resume_objective
-from kdcli.engine.blocks import sample_batches
 from kdcli.engine.devices import Processes
 from kdcli.engine.optim import (
     follow_learning_rates,
@@ -36,9 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from kdcli.compress.prune import PrunePlan
     from kdcli.engine.generate import OnPolicy
     from kdcli.engine.teacher_cache import TeacherDiskCache
+from kdcli.compress.block_ranking import BlockRanking
 from kdcli.errors import RunError, UsageError, first_line
 from kdcli.features import FeatureCapture
-from kdcli.models.block_ranking import BlockRanking
 from kdcli.objective import Objective
 from kdcli.recipe.prune_schema import DEFAULT_ROWS
 from kdcli.recipe.schema import Recipe

@@ -19,7 +19,7 @@ from kdcli.recipe.validation import Section
 
 #: model types whose students can be pruned (same module names and shapes)
 PRUNE_MODEL_TYPES = ("llama", "mistral", "qwen2")
-#: how blocks are chosen when num_hidden_layers shrinks (`kdcli.models.block_ranking`)
+#: how blocks are chosen when num_hidden_layers shrinks (`kdcli.compress.block_ranking`)
 DEPTH_MEASURES = ("block_influence", "angular_distance", "evenly_spaced")
 #: calibration rows when `rows` is not given (all of them when the training set has fewer)
 DEFAULT_ROWS = 64

@@ -64,7 +64,7 @@ class PretrainedModel(Section):
         return os.path.isabs(self.model)
 
 
-#: how `student.init_from_teacher` may choose the blocks by measurement (`kdcli.models.block_ranking`)
+#: how `student.init_from_teacher` may choose the blocks by measurement (`kdcli.compress.block_ranking`)
 INIT_MEASURES = ("angular_distance", "block_influence", "evenly_spaced")
 
 

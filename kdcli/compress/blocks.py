@@ -28,8 +28,8 @@ def sample_batches(task_data: kdata.TaskData, tokenizer, rows: int) -> Callable[
 def choose_blocks(model: nn.Module, batches: Callable[[], Iterator[dict[str, Tensor]]], keep: int, by: str):
     """A `BlockRanking` of `model`'s blocks: kept = the `keep` blocks to copy, ascending.
     `by` "evenly_spaced" measures nothing (its scores are empty)."""
+    from kdcli.compress.block_ranking import BlockRanking, evenly_spaced, rank_blocks
     from kdcli.models import encoder_blocks
-    from kdcli.models.block_ranking import BlockRanking, evenly_spaced, rank_blocks
 
     if by == "evenly_spaced":
         total = len(encoder_blocks(model))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kdcli.engine.blocks import choose_blocks, sample_batches
+from kdcli.compress.blocks import choose_blocks, sample_batches
 
 
 def rank_recipe_blocks(recipe, keep: int | None, rows: int | None, warn: Callable[[str], None]) -> dict:
