@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# mypy on engine/, losses/, tasks/, objective.py, features.py ([tool.mypy] in pyproject.toml)
+# mypy on engine/, losses/, tasks/, objective.py, features.py, compress/blocks.py and rank_blocks.py ([tool.mypy] in pyproject.toml)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
