@@ -23,7 +23,7 @@ import torch
 
 from kdcli.compress.block_ranking import evenly_spaced, rank_blocks
 from kdcli.data import Collator, eval_batches, prepare_from_recipe
-from kdcli.features import FeatureCapture
+from kdcli.features import HEAD, FeatureCapture
 from kdcli.models import load_model
 from kdcli.models.loading import load_tokenizer
 from kdcli.models.students import build_student
@@ -51,7 +51,7 @@ def main() -> None:
     rank = [collator.batch(data.train, range(i, min(i + 8, args.rank_rows))) for i in range(0, args.rank_rows, 8)]
     evals = [collator.batch(data.eval, ix) for ix in eval_batches(min(args.eval_rows, len(data.eval)), 8)]
     with torch.inference_mode():
-        cap = FeatureCapture(teacher, final_hidden=True)
+        cap = FeatureCapture(teacher, readout=HEAD)
         t_feats = [cap.run(b) for b in evals]
         teacher_eval = evaluate_lm((f, None, b["labels"]) for f, b in zip(t_feats, evals))
     print(json.dumps({"model": "teacher", **teacher_eval}), flush=True)
@@ -74,7 +74,7 @@ def main() -> None:
                 gguf_file=t.gguf_file,
             ).eval()
             with torch.inference_mode():
-                cap_s = FeatureCapture(student, final_hidden=True)
+                cap_s = FeatureCapture(student, readout=HEAD)
                 scores = evaluate_lm((cap_s.run(b), [f], b["labels"]) for f, b in zip(t_feats, evals))
             dropped = [i for i in range(1, 31) if i not in kept]
             print(json.dumps({"keep": keep, "by": name, "dropped": dropped, **scores}), flush=True)

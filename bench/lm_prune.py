@@ -33,7 +33,7 @@ from kdcli.compress.blocks import sample_batches
 from kdcli.compress.export_gguf import export_gguf
 from kdcli.compress.prune import prune_model
 from kdcli.data import Collator, eval_batches, prepare_from_recipe
-from kdcli.features import FeatureCapture
+from kdcli.features import HEAD, FeatureCapture
 from kdcli.models import load_model
 from kdcli.models.loading import load_tokenizer
 from kdcli.recipe import load_recipe
@@ -89,7 +89,7 @@ def _recipe(name: str, prune: dict, args, pruned: Path | None = None) -> Path:
 
 def _score(model, evals, t_feats) -> dict:
     with torch.inference_mode():
-        cap = FeatureCapture(model.eval(), final_hidden=True)
+        cap = FeatureCapture(model.eval(), readout=HEAD)
         return evaluate_lm((cap.run(b), [f], b["labels"]) for f, b in zip(t_feats, evals))
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     collator = Collator.for_tokenizer(tokenizer)
     evals = [collator.batch(data.eval, ix) for ix in eval_batches(len(data.eval), 8)]
     with torch.inference_mode():
-        cap = FeatureCapture(teacher, final_hidden=True)
+        cap = FeatureCapture(teacher, readout=HEAD)
         t_feats = [cap.run(b) for b in evals]
     if args.files_only:
         _redo_files(evals)
@@ -165,7 +165,7 @@ def main() -> None:
         trained = AutoModelForCausalLM.from_pretrained(folder).eval()
         row["trained"] = _score(trained, evals, t_feats)
         with torch.inference_mode():
-            s_feats = [FeatureCapture(trained, final_hidden=True).run(b) for b in evals]
+            s_feats = [FeatureCapture(trained, readout=HEAD).run(b) for b in evals]
         row["files"] = _files(folder, trained, evals, s_feats)
         print(json.dumps(row), flush=True)
         results.append(row)
@@ -183,7 +183,7 @@ def _redo_files(evals) -> None:
         folder = OUT / row["student"].replace("+", "-")
         trained = AutoModelForCausalLM.from_pretrained(folder).eval()
         with torch.inference_mode():
-            s_feats = [FeatureCapture(trained, final_hidden=True).run(b) for b in evals]
+            s_feats = [FeatureCapture(trained, readout=HEAD).run(b) for b in evals]
         row["files"] = _files(folder, trained, evals, s_feats)
         print(json.dumps(row), flush=True)
     (OUT / "results.json").write_text(json.dumps(doc, indent=1))

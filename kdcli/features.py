@@ -227,7 +227,7 @@ class FeatureCapture:
     `role` ("teacher", "student") names the model in error messages. `readout` is the task's
     (`Task.readout`): `LOGITS`, or `HEAD` (causal LMs: the forward runs the base model only, and
     `Features` carries its final hidden states and the output head instead of logits).
-    `final_hidden=True` is `readout=HEAD` for callers outside a run (benches, the LM demo).
+    `final_hidden=True` is `readout=HEAD`, kept for the LM demo (kdcli/demo/lm_bench.py) until it passes `readout=HEAD`.
     """
 
     def __init__(

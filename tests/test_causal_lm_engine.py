@@ -29,7 +29,7 @@ from kdcli import data as kdata
 from kdcli import distill, registry
 from kdcli.engine.optim import param_groups
 from kdcli.errors import Interrupted
-from kdcli.features import FeatureCapture
+from kdcli.features import HEAD, FeatureCapture
 from kdcli.objective import Objective
 from kdcli.recipe import DistillationConfig, load_recipe
 from kdcli.run_files.checkpoint import load_checkpoint
@@ -355,7 +355,7 @@ def pc_batch(world):
 def test_chunked_objective_equals_full_logits_value_and_gradients(f64, pc_batch, kd, options):
     student, teacher = f64("student"), f64("llama")
     batch = pc_batch
-    with FeatureCapture(student, final_hidden=True) as cap_S, FeatureCapture(teacher, final_hidden=True) as cap_T:
+    with FeatureCapture(student, readout=HEAD) as cap_S, FeatureCapture(teacher, readout=HEAD) as cap_T:
         feats_S = cap_S.run(batch)
         feats_T = cap_T.run_teacher(batch)
     assert feats_S.logits is None and feats_S.final_hidden.dtype == torch.float64
@@ -389,7 +389,7 @@ def test_micro_batches_with_the_step_normaliser_sum_to_the_step_mean(f64, pc_bat
     counts = [int((next_token_labels(h["labels"]) != IGNORE_INDEX).sum()) for h in halves]
     assert counts[0] != counts[1]
     objective = _objective("forward_kl", {})
-    with FeatureCapture(student, final_hidden=True) as cap_S, FeatureCapture(teacher, final_hidden=True) as cap_T:
+    with FeatureCapture(student, readout=HEAD) as cap_S, FeatureCapture(teacher, readout=HEAD) as cap_T:
         total = 0.0
         for h in halves:
             part, _ = objective(0.0, cap_S.run(h), [cap_T.run_teacher(h)], h["labels"], normaliser=float(sum(counts)))
@@ -535,9 +535,9 @@ def test_two_teachers_distil_towards_their_mean_logits(world, f64, pc_batch):
     student = f64("student")
     teachers = [f64("llama"), f64("llama-b")]
     with (
-        FeatureCapture(student, final_hidden=True) as cap_S,
-        FeatureCapture(teachers[0], final_hidden=True) as cap_1,
-        FeatureCapture(teachers[1], final_hidden=True) as cap_2,
+        FeatureCapture(student, readout=HEAD) as cap_S,
+        FeatureCapture(teachers[0], readout=HEAD) as cap_1,
+        FeatureCapture(teachers[1], readout=HEAD) as cap_2,
     ):
         feats_S = cap_S.run(pc_batch)
         feats_T = [cap_1.run_teacher(pc_batch), cap_2.run_teacher(pc_batch)]
@@ -727,7 +727,7 @@ def test_eval_metrics_equal_a_direct_computation(world, f64):
     want = _direct_metrics(student, [teacher], single)
     assert want["tokens"] == sum(data.train["n_targets"]) > 0
 
-    with FeatureCapture(student, final_hidden=True) as cap_S, FeatureCapture(teacher, final_hidden=True) as cap_T:
+    with FeatureCapture(student, readout=HEAD) as cap_S, FeatureCapture(teacher, readout=HEAD) as cap_T:
         got = evaluate_lm(((cap_S.run(b), [cap_T.run(b)], b["labels"]) for b in padded), chunk_size=7)
         alone = evaluate_lm((cap_T.run(b), None, b["labels"]) for b in padded)
     assert got["tokens"] == want["tokens"]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kdcli import distill
 from kdcli.engine import generate
 from kdcli.errors import Interrupted, UsageError
-from kdcli.features import FeatureCapture
+from kdcli.features import HEAD, FeatureCapture
 from kdcli.objective import Objective
 from kdcli.recipe import DistillationConfig, load_recipe
 from kdcli.run_files.checkpoint import load_checkpoint
@@ -195,8 +195,8 @@ def test_hard_labels_apply_to_dataset_rows_only(world):
     labels[2, 9:] = IGNORE_INDEX
     generated = torch.tensor([False, True, False])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    feats_S = FeatureCapture(student, [], [], final_hidden=True).run(batch)
-    feats_T = FeatureCapture(teacher, [], [], final_hidden=True).run(batch)
+    feats_S = FeatureCapture(student, [], [], readout=HEAD).run(batch)
+    feats_T = FeatureCapture(teacher, [], [], readout=HEAD).run(batch)
     total, terms = objective(0.0, feats_S, [feats_T], labels, generated=generated)
 
     targets = next_token_labels(labels)
