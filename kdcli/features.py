@@ -227,7 +227,6 @@ class FeatureCapture:
     `role` ("teacher", "student") names the model in error messages. `readout` is the task's
     (`Task.readout`): `LOGITS`, or `HEAD` (causal LMs: the forward runs the base model only, and
     `Features` carries its final hidden states and the output head instead of logits).
-    `final_hidden=True` is `readout=HEAD`, kept for the LM demo (kdcli/demo/lm_bench.py) until it passes `readout=HEAD`.
     """
 
     def __init__(
@@ -238,11 +237,10 @@ class FeatureCapture:
         *,
         role: str = "model",
         readout: Readout = LOGITS,
-        final_hidden: bool = False,
     ) -> None:
         self.model = model
         self.role = role
-        self.readout = HEAD if final_hidden else readout
+        self.readout = readout
         self.hidden_layers = tuple(sorted({int(i) for i in hidden_layers}))
         self.attention_layers = tuple(sorted({int(i) for i in attention_layers}))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -51,7 +51,7 @@ def load_bench(recipe_path: Path, console, questions: int) -> Bench:
 
     from kdcli.compress.blocks import sample_batches
     from kdcli.data import Collator, eval_batches, prepare_from_recipe
-    from kdcli.features import FeatureCapture
+    from kdcli.features import HEAD, FeatureCapture
     from kdcli.models import load_model
     from kdcli.models.loading import load_tokenizer
     from kdcli.recipe import load_recipe
@@ -69,7 +69,7 @@ def load_bench(recipe_path: Path, console, questions: int) -> Bench:
     batches = [collator.batch(data.eval, ix) for ix in eval_batches(len(data.eval), recipe.training.eval_batch_size)]
     console.print(f"teacher forward on {len(data.eval)} eval rows")
     with torch.inference_mode():
-        capture = FeatureCapture(teacher, final_hidden=True)
+        capture = FeatureCapture(teacher, readout=HEAD)
         features = [capture.run(b) for b in batches]
         bench = Bench(recipe, teacher, tokenizer, batches, features, eval_questions(recipe, questions))
         bench.rows, bench.collator = [data.eval[i] for i in range(len(data.eval))], collator
@@ -104,7 +104,7 @@ def score(model: nn.Module | None, bench: Bench, *, curve_rows: bool = False) ->
     `curve_rows`: on the rows the runs' own evals use instead."""
     import torch
 
-    from kdcli.features import FeatureCapture
+    from kdcli.features import HEAD, FeatureCapture
     from kdcli.tasks.causal_lm import evaluate_lm
 
     batches, teacher = (
@@ -113,7 +113,7 @@ def score(model: nn.Module | None, bench: Bench, *, curve_rows: bool = False) ->
     if model is None:
         return evaluate_lm((f, None, b["labels"]) for f, b in zip(teacher, batches))
     model.eval()
-    capture = FeatureCapture(model, final_hidden=True)
+    capture = FeatureCapture(model, readout=HEAD)
     with torch.inference_mode():
         return evaluate_lm((capture.run(b), [f], b["labels"]) for f, b in zip(teacher, batches))
 
@@ -214,13 +214,13 @@ def completion_figures(model: nn.Module, bench: Bench, rows: int, max_new_tokens
 def _kl(model: nn.Module, teacher: nn.Module, batch: dict) -> float:
     import torch
 
-    from kdcli.features import FeatureCapture
+    from kdcli.features import HEAD, FeatureCapture
     from kdcli.tasks.causal_lm import evaluate_lm
 
     with (
         torch.inference_mode(),
-        FeatureCapture(teacher, final_hidden=True) as t,
-        FeatureCapture(model, final_hidden=True) as s,
+        FeatureCapture(teacher, readout=HEAD) as t,
+        FeatureCapture(model, readout=HEAD) as s,
     ):
         return evaluate_lm([(s.run(batch), [t.run(batch)], batch["labels"])])["kl"]
 
