@@ -1,7 +1,8 @@
 """Causal-LM rows in the on-disk teacher cache (`kdcli.engine.teacher_cache`): per target token
 the teachers' (their mean logits') top-k token ids (int32), their log-probabilities at the
-recipe's temperature (the cache's dtype) and the log of the remaining mass (float32), plus the
-first teacher's matched hidden states and scores. The `top_k` divergences read these exactly
+recipe's temperature (the cache's dtype) and the log of the remaining mass (float32):
+`top_k * (4 + 2) + 4` bytes per target in fp16; plus the first teacher's matched hidden states
+and scores. The `top_k` divergences read these exactly
 (`kdcli.losses.divergences.CachedTopK`). The format's interface: `kdcli.tasks.cache_rows`."""
 
 from __future__ import annotations
