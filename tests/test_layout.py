@@ -246,6 +246,49 @@ def test_the_task_owns_what_differs_between_tasks() -> None:
     assert found == []
 
 
+#: comparisons with a task's name the engine keeps, each with its reason
+ENGINE_TASK_NAME_CHECKS = {
+    # model loading, by the task's name before a Task is built: a student built for causal-lm
+    # generates as its teacher does (the teacher's generation_config copied)
+    "engine/recipe_models.py",
+}
+
+
+def _names_the_task(node: ast.AST) -> bool:
+    """`recipe.task` / `task` / `.evaluation`, or a task name written out ("causal-lm", ...)."""
+    from kdcli.tasks import TASKS
+
+    if isinstance(node, ast.Attribute):
+        return node.attr in ("task", "evaluation")
+    if isinstance(node, ast.Name):
+        return node.id == "task"
+    return isinstance(node, ast.Constant) and node.value in TASKS
+
+
+def test_the_engine_never_asks_which_task_it_serves() -> None:
+    """No `recipe.task == "causal-lm"` (or any comparison with a task or its name) in
+    kdcli/engine/ beyond `ENGINE_TASK_NAME_CHECKS`: the task supplies what differs (its KD term,
+    eval forwards, cache rows). The on-disk teacher cache keeps no `causal` switch: its rows are
+    the task's `cache_rows`."""
+    found: set[str] = set()
+    allowed: set[str] = set()
+    for where, tree in _trees():
+        if not where.startswith("engine/"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(_names_the_task(n) for n in [node.left, *node.comparators]):
+                (allowed if where in ENGINE_TASK_NAME_CHECKS else found).add(f"{where}:{node.lineno}")
+            if where == "engine/teacher_cache.py" and (
+                (isinstance(node, ast.Attribute) and node.attr == "causal")
+                or (isinstance(node, ast.Name) and node.id == "causal")
+                or (isinstance(node, ast.arg) and node.arg == "causal")
+                or (isinstance(node, ast.keyword) and node.arg == "causal")
+            ):
+                found.add(f"{where}:{node.lineno} causal")
+    assert sorted(found) == []
+    assert {w.split(":")[0] for w in allowed} == ENGINE_TASK_NAME_CHECKS  # each exception still needed
+
+
 def test_one_table_of_divergence_names() -> None:
     """The registry maps a KD loss name to its functions (`fn`, `token_fn`); no other module
     keeps a name -> divergence table (the old `losses.divergences.DIVERGENCES`)."""

@@ -304,9 +304,9 @@ def test_a_killed_writer_leaves_only_complete_rows(tmp_path):
 @pytest.mark.parametrize("mode", ["renormalise", "tail"])
 @pytest.mark.parametrize("kd", ["forward_kl", "jsd"])
 def test_cached_top_k_loss_equals_the_top_k_divergence(mode, kd):
-    from kdcli.engine.teacher_cache import top_k_rows
     from kdcli.losses.chunked import chunked_kd_loss
     from kdcli.losses.divergences import CachedTopK
+    from kdcli.tasks.lm_cache_rows import top_k_rows
 
     g = torch.Generator().manual_seed(0)
     n, d, vocab, k, temperature = 40, 16, 300, 12, 2.0

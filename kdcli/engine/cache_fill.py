@@ -45,10 +45,10 @@ def cache_root(recipe, out: str | Path) -> Path:
     return Path(config.dir) if config.dir else Path(out) / DEFAULT_DIR
 
 
-def key_parts(recipe, objective, train_set, teachers, tokenizer_ref: str, precision: str, device) -> dict:
-    """What the cached outputs depend on (see `kdcli.engine.cache_key`)."""
+def key_parts(recipe, objective, row_format, train_set, teachers, tokenizer_ref: str, precision: str, device) -> dict:
+    """What the cached outputs depend on (see `kdcli.engine.cache_key`); `row_format`: what a row
+    holds (the task's `cache_rows`: its hashed columns and its own parts)."""
     config = recipe.distillation.teacher_cache
-    causal = recipe.task == "causal-lm"
     weights = []
     for ref, model in zip(recipe.teachers, teachers):
         folder = model_folder(ref.model, ref.revision)
@@ -58,7 +58,7 @@ def key_parts(recipe, objective, train_set, teachers, tokenizer_ref: str, precis
             weights.append({"state": state_digest(model)})
     folder = model_folder(tokenizer_ref)
     tokenizer = files_digest(folder, TOKENIZER_FILES) if folder is not None else tokenizer_ref
-    columns = ["input_ids", "token_type_ids", "attention_mask"] + (["labels"] if causal else [])
+    columns = list(row_format.key_columns)
     parts = {
         "task": recipe.task,
         "teachers": weights,
@@ -71,36 +71,34 @@ def key_parts(recipe, objective, train_set, teachers, tokenizer_ref: str, precis
         "precision": precision,
         "device": torch.device(device).type,
     }
-    if causal:
-        parts.update(temperature=float(recipe.distillation.temperature), top_k=config.top_k)
+    parts.update(row_format.key_parts())
     return parts
 
 
 def open_for_run(
-    recipe, objective, train_set, teachers, tokenizer_ref, precision, device, procs, out, say: Callable, warn=None
+    recipe, task, objective, train_set, teachers, tokenizer_ref, precision, device, procs, out, say: Callable, warn=None
 ) -> TeacherDiskCache:
-    """The run's cache; under FSDP2 (sharded teachers) the ranks agree on each batch's lookup.
-    `warn`: warnings (damaged rows, another cache's files); default `say`."""
+    """The run's cache, its rows as `task` keeps them; under FSDP2 (sharded teachers) the ranks
+    agree on each batch's lookup. `warn`: warnings (damaged rows, another cache's files); default `say`."""
     config = recipe.distillation.teacher_cache
-    parts = key_parts(recipe, objective, train_set, teachers, tokenizer_ref, precision, device)
+    row_format = task.cache_rows(recipe.distillation)
+    parts = key_parts(recipe, objective, row_format, train_set, teachers, tokenizer_ref, precision, device)
     return open_cache(
         cache_root(recipe, out),
         parts,
         procs.rank,
         say,
         warn,
-        vocab=_vocab(teachers) if recipe.task == "causal-lm" else None,
+        vocab=_vocab(teachers),
         dtype=config.dtype,
-        causal=recipe.task == "causal-lm",
-        top_k=config.top_k,
-        temperature=float(recipe.distillation.temperature),
-        chunk_size=recipe.distillation.chunk_size,
+        row_format=row_format,
         collective=procs.distributed and getattr(recipe.training, "parallel", "ddp") == "fsdp",
     )
 
 
 def _vocab(teachers) -> int | None:
-    """The teachers' output vocabulary (the rows a cached token id may name), when known."""
+    """The teachers' output vocabulary (the rows a cached token id may name), when known
+    (checked only where rows keep token ids)."""
     sizes = []
     for model in teachers:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -158,7 +156,9 @@ def fill(recipe, *, output_dir=None, device_name: str | None = None, say: Callab
         objective = build.objective(recipe, "distill", task, None, teachers)
         _, captures = build.captures(task, objective, teachers)
         out = output_dir or training.output_dir
-        cache = open_for_run(recipe, objective, task_data.train, teachers, ref, precision, device, procs, out, say)
+        cache = open_for_run(
+            recipe, task, objective, task_data.train, teachers, ref, precision, device, procs, out, say
+        )
         try:
             _claim(cache)
             before = len(cache)

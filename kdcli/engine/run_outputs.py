@@ -4,7 +4,6 @@ checkpoints, and at the end the student, the projections and summary.json."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,11 +15,10 @@ from kdcli.engine import resume_objective
 from kdcli.engine.devices import autocast
 from kdcli.engine.recipe_facts import recipe_sha256
 from kdcli.engine.setup import RunState, to_cpu
-from kdcli.engine.teachers import logits_fn
 from kdcli.errors import NonFiniteLossError, RunError
-from kdcli.features import FeatureCapture, Features
 from kdcli.run_files import checkpoint as ckpt
 from kdcli.run_files import run_log
+from kdcli.tasks.base import Forward
 
 PROJECTIONS_FILE = "projections.safetensors"
 #: Files and folders a run writes into its output folder (besides the model's own files):
@@ -79,50 +77,30 @@ def log_step(run: RunState, terms: dict[str, Tensor], throughput: run_log.Throug
 
 def _per_token(run: RunState) -> bool:
     """The task's terms and eval are per target token (its throughput is reported in tokens/s)."""
-    return run.task.evaluation == "tokens"
+    return run.task.per_token
 
 
-def evaluate(logits_of: Callable[[dict[str, Tensor]], Tensor], run: RunState) -> dict[str, float]:
-    """The task's metrics (`Task.evaluate`: accuracy; micro F1 over non-O tags for token
-    classification) of `logits_of` on the eval split."""
+def evaluate_model(model: nn.Module | None, run: RunState) -> dict[str, float]:
+    """The task's eval metrics (`Task.evaluate`) of `model` on the eval split, from the forwards
+    the task reads (`Task.eval_models`: encoders the logits, causal-lm the next-token
+    distributions against the teachers'). `model` None: the teachers' own figures."""
     dataset, device = run.eval_set, run.device
-
-    def batches():
-        for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
-            batch = {k: v.to(device) for k, v in run.collator.batch(dataset, indices).items()}
-            yield Features(logits=logits_of(batch)), [], batch["labels"]
-
-    with torch.inference_mode(), autocast(device, run.precision):
-        return run.task.evaluate(batches(), run.data.labels)
-
-
-def evaluate_lm_model(model: nn.Module | None, run: RunState) -> dict[str, float]:
-    """Causal-LM eval metrics of `model` on the eval split (`Task.evaluate`, `tasks.causal_lm.evaluate_lm`):
-    perplexity of the eval targets and, against the teachers (their mean logits, as in
-    training), KL(teacher || model) per token and top-1 agreement. `model` None: the first
-    teacher alone (its perplexity; against itself KL is 0 and agreement 1)."""
-    dataset, device = run.eval_set, run.device
-    if run.sharded:  # through the FSDP roots, on every rank
+    teachers: list[Forward]
+    if run.sharded:  # through the FSDP roots, on every rank (causal-lm only: `_sharded_per_token`)
         from kdcli.engine.fsdp import reshard_teachers
 
         if model is not None:
             subject = lambda batch: run.step_module(batch, [], 0.0, features_only=True)  # noqa: E731
-            teachers = run.captures_T
+            teachers = [c.run_teacher for c in run.captures_T]
         else:
             subject, teachers = run.captures_T[0].run_teacher, []
     else:
-        readout = run.task.readout
-        subject = FeatureCapture(model if model is not None else run.teachers[0], readout=readout).run
-        teachers = [FeatureCapture(t, readout=readout) for t in run.teachers] if model is not None else []
+        subject, teachers = run.task.eval_models(model, run.teachers)
 
     def batches():
         for indices in kdata.eval_batches(len(dataset), run.training.eval_batch_size):
             batch = {k: v.to(device) for k, v in run.collator.batch(dataset, indices).items()}
-            yield (
-                subject(batch),
-                [t.run_teacher(batch) if run.sharded else t.run(batch) for t in teachers],
-                batch["labels"],
-            )
+            yield subject(batch), [t(batch) for t in teachers], batch["labels"]
             if run.sharded:
                 reshard_teachers(run.captures_T)
 
@@ -135,19 +113,17 @@ def evaluate_teachers(run: RunState) -> None:
     if (run.main or run.sharded) and run.eval_set is not None and run.teachers:
         if run.sharded:
             _sharded_per_token(run)
-            run.teacher_eval = evaluate_lm_model(None, run)
-        elif _per_token(run):
+        else:
             for t in run.teachers:
                 t.eval()
-            run.teacher_eval = evaluate_lm_model(None, run)
-            run.teacher_eval.update(_generation_eval(run, run.teachers[0], with_kl=False))
-        else:
-            run.teacher_eval = evaluate(logits_fn(run.teachers), run)
+        run.teacher_eval = evaluate_model(None, run)
+        run.teacher_eval.update(_generation_eval(run, run.teachers[0], with_kl=False))
         run.console.say("teacher eval: " + _metrics_line(run.teacher_eval))
 
 
 def _generation_eval(run: RunState, model: nn.Module, *, with_kl: bool = True) -> dict[str, float]:
-    """distillation.on_policy's eval figures (kdcli.engine.generation_eval); none under FSDP2."""
+    """distillation.on_policy's eval figures (kdcli.engine.generation_eval; on_policy is causal-lm's
+    alone); none under FSDP2."""
     if run.on_policy is None or run.sharded:
         return {}
     from kdcli.engine.generation_eval import generation_metrics
@@ -172,11 +148,8 @@ def evaluate_student(run: RunState) -> None:
         try:
             if run.sharded:
                 _sharded_per_token(run)
-            if _per_token(run):
-                run.last_eval = evaluate_lm_model(student, run)
-                run.last_eval.update(_generation_eval(run, student))
-            else:
-                run.last_eval = evaluate(logits_fn([student]), run)
+            run.last_eval = evaluate_model(student, run)
+            run.last_eval.update(_generation_eval(run, student))
         finally:
             student.train(was_training)
     if run.main:

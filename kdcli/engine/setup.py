@@ -218,7 +218,9 @@ def setup(
     assert capture_S is not None
     cache = _logit_cache(recipe, mode, objective, task, console)
     if mode == "distill" and recipe.distillation.teacher_cache is not None:
-        cache = _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console)
+        cache = _disk_cache(
+            recipe, task, objective, task_data, teachers, ref, precision, device, procs, folder, console
+        )
     step_module: nn.Module = StudentStep(student, objective, capture_S)
     sharded = procs.distributed and training.parallel == "fsdp"
     if sharded:  # FSDP2: student and teachers sharded per block (kdcli.engine.fsdp)
@@ -312,12 +314,13 @@ def _logit_cache(recipe, mode: Mode, objective: Objective, task: Task, console: 
     return TeacherLogitCache(cast(LogitCacheRows, task))
 
 
-def _disk_cache(recipe, objective, task_data, teachers, ref, precision, device, procs, folder, console):
+def _disk_cache(recipe, task, objective, task_data, teachers, ref, precision, device, procs, folder, console):
     """`distillation.teacher_cache`: the teachers' outputs on disk (kdcli.engine.teacher_cache)."""
     from kdcli.engine.cache_fill import open_for_run
 
     return open_for_run(
         recipe,
+        task,
         objective,
         task_data.train,
         teachers,

@@ -1,24 +1,19 @@
 """`distillation.teacher_cache`: the teachers' outputs per training row, on disk.
 
-What a row holds (`layout`, in the cache folder's meta.json):
-
-- encoders: each teacher's logits ((C,) per row for sequence classification, (L, C) for token
-  classification, L the row's real tokens), and the first teacher's matched hidden states
-  (L, D) and attention scores (H, L, L), in the recipe's dtype (fp16 / bf16 / fp32). A batch
-  is rebuilt at its own width: hidden states and logits are zero past a row's tokens, scores
-  -10000 (the padding mask's value), where every loss either masks or gets probability 0.
-- causal-lm: per target token the teacher's (the teachers' mean logits') top-k token ids
-  (int32), their log-probabilities at the recipe's temperature (dtype) and the log of the
-  remaining mass (float32): `top_k * (4 + 2) + 4` bytes per target in fp16. The `top_k`
-  divergences read these exactly (`kdcli.losses.divergences.CachedTopK`).
+What a row holds is the task's (`Task.cache_rows`, the layout in the cache folder's meta.json):
+encoders' teachers' logits (`kdcli.tasks.cache_rows.LogitRows`), causal-LM's top-k token rows
+(`kdcli.tasks.lm_cache_rows.TopKRows`), and the first teacher's matched hidden states and
+attention scores, in the recipe's dtype (fp16 / bf16 / fp32). A batch is rebuilt at its own
+width: hidden states and logits are zero past a row's tokens, scores -10000 (the padding mask's
+value), where every loss either masks or gets probability 0.
 
 Rows are filled the first time the run meets them (or ahead by `kdcli cache-teacher`) and
 read back whenever every row of a batch is cached, with no teacher forward. Storage, atomic
 rows and several processes: `kdcli.engine.cache_store`; the key: `kdcli.engine.cache_key`.
 
 A row is used only when its bytes pass their CRC-32, its token (and target) count is the
-batch row's, its size is the layout's and (causal-lm) its token ids lie in the teacher's
-vocabulary. Any other row is damaged: its batch runs the teacher, the row is written again,
+batch row's, its size is the layout's and its token ids (a `topk.ids` field) lie in the
+teacher's vocabulary. Any other row is damaged: its batch runs the teacher, the row is written again,
 and `close` warns once with the count. Where no teacher can run (`recompute=False`) a damaged
 row is an error naming its file. An unreadable meta.json is written again (the layout is the
 one the teachers' outputs give, whatever the file said).
@@ -29,11 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdcli.engine.cache_key import CACHE_FORMAT_VERSION, cache_key
@@ -42,8 +35,8 @@ from kdcli.engine.cache_store import RowStore
 from kdcli.errors import RunError
 from kdcli.features import MASK_VALUE, Features
 from kdcli.run_files.outdir import TEACHER_CACHE_DIR
-from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
-from kdcli.tasks.lm_kd import target_rows
+from kdcli.tasks.base import CacheRowFormat
+from kdcli.tasks.cache_rows import LogitRows
 
 #: the recipe's dtype names and their torch dtypes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -62,8 +55,8 @@ class TeacherDiskCache:
     `lookup(indices, batch, device)` gives every teacher's `Features` when all the batch's rows
     are cached (else None; `collective`: when they are on every rank, for sharded teachers);
     `store(indices, feats_T, batch)` keeps the rows not yet cached.
-    causal-lm: `top_k`, `temperature` and `chunk_size` say what is kept per target token;
-    `vocab`: the teacher's vocabulary size (stored ids must lie below it).
+    `row_format`: what a row holds (the task's `cache_rows`; default the encoders' logits);
+    `vocab`: the teacher's vocabulary size (stored token ids must lie below it).
     `key`: the cache's key (sha256 hex), which the rank files' headers must carry.
     `warn`: warnings (damaged rows, another cache's files); `recompute`: whether a damaged row
     can be computed again by a teacher (else it is an error)."""
@@ -78,16 +71,13 @@ class TeacherDiskCache:
         recompute: bool = True,
         vocab: int | None = None,
         dtype: str = "fp16",
-        causal: bool = False,
-        top_k: int | None = None,
-        temperature: float = 1.0,
-        chunk_size: int = CHUNK_SIZE,
+        row_format: CacheRowFormat | None = None,
         sync: bool = True,
         collective: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.store_dtype = DTYPES[dtype]
-        self.causal, self.top_k, self.temperature, self.chunk_size = causal, top_k, float(temperature), chunk_size
+        self.row_format: CacheRowFormat = row_format if row_format is not None else LogitRows()
         self.warn = warn or (lambda text: None)
         self.recompute, self.vocab = recompute, vocab
         self.rows = RowStore(self.folder, rank, key=key, sync=sync, warn=self.warn)
@@ -136,29 +126,13 @@ class TeacherDiskCache:
         tensors = self._decode(per_row, width)
         mask = batch["attention_mask"]
         tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-        hidden = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("hidden.")}
-        scores = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("scores.")}
-        if self.causal:
-            from kdcli.losses.divergences import CachedTopK
-
-            top = CachedTopK(tensors["topk.ids"].long(), tensors["topk.values"], tensors["topk.tail"])
-            return [Features(logits=None, hidden=hidden, scores=scores, mask=mask, top_k=top)]
-        teachers = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("logits."))
-        return [
-            Features(
-                logits=tensors[f"logits.{t}"],
-                hidden=hidden if t == 0 else {},
-                scores=scores if t == 0 else {},
-                mask=mask,
-            )
-            for t in teachers
-        ]
+        return self.row_format.features(tensors, mask)
 
     def _checked_rows(self, indices: Sequence[int], batch: dict[str, Tensor]) -> list | None:
         """Each row's (bytes, entry) when every row of the batch passes its checks, else None
         (the damaged rows dropped from the store, so that the batch runs the teacher)."""
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        targets = _row_targets(batch["labels"]).tolist() if self.causal else [0] * len(indices)
+        targets = self.row_format.targets(batch)
         per_row, bad = [], {}
         for b, i in enumerate(indices):
             got = self.rows.get(i)
@@ -239,13 +213,13 @@ class TeacherDiskCache:
         """Keep the batch's rows not yet cached; returns how many were written."""
         if self.layout is not None and all(i in self.rows for i in indices):
             return 0
-        fields = self._causal_fields(feats_T, batch) if self.causal else self._encoder_fields(feats_T)
+        fields = self.row_format.fields(feats_T, batch, self.store_dtype)
         layout = [(name, _name(t.dtype), template) for name, (t, template) in fields.items()]
         if self.layout != layout:  # none yet, or meta.json said otherwise (damaged)
             self._write_layout(layout)
         mask = batch["attention_mask"]
         lengths = mask.sum(dim=1).tolist()
-        targets = _row_targets(batch["labels"]).tolist() if self.causal else [0] * len(indices)
+        targets = self.row_format.targets(batch)
         starts = np.cumsum([0, *targets]).tolist()
         rows = []
         for b, i in enumerate(indices):
@@ -287,79 +261,6 @@ class TeacherDiskCache:
             write_meta_file(path, meta)
         except OSError:  # a folder this process cannot write: the layout is kept in memory (`store` warns)
             pass
-
-    def _encoder_fields(self, feats_T: list[Features]) -> dict[str, tuple[Tensor, list]]:
-        """(batch tensor on the CPU in the storage dtype, per-row shape template) per field."""
-        out: dict[str, tuple[Tensor, list]] = {}
-        for t, f in enumerate(feats_T):
-            assert f.logits is not None  # encoder tasks' models return logits
-            logits = f.logits.detach()
-            out[f"logits.{t}"] = (
-                self._cpu(logits),
-                list(logits.shape[1:]) if logits.dim() == 2 else ["L", logits.size(-1)],
-            )
-        first = feats_T[0]
-        for i, h in sorted(first.hidden.items()):
-            out[f"hidden.{i}"] = (self._cpu(h), ["L", h.size(-1)])
-        for i, s in sorted(first.scores.items()):
-            out[f"scores.{i}"] = (self._cpu(s), [s.size(1), "L", "L"])
-        return out
-
-    def _cpu(self, tensor: Tensor) -> Tensor:
-        return tensor.detach().to("cpu", self.store_dtype)
-
-    def _causal_fields(self, feats_T: list[Features], batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, list]]:
-        labels = batch["labels"]
-        teachers: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        for f in feats_T:
-            assert f.head is not None  # causal-LM features carry the output head
-            teachers.append((target_rows(f, labels)[0], *f.head))
-        assert self.top_k is not None  # a causal-LM cache keeps the teachers' top-k
-        ids, values, tails = top_k_rows(teachers, self.top_k, self.temperature, self.chunk_size)
-        k = ids.size(1)
-        out: dict[str, tuple[Tensor, list]] = {
-            "topk.ids": (ids.to("cpu", torch.int32), ["N", k]),
-            "topk.values": (values.to("cpu", self.store_dtype), ["N", k]),
-            "topk.tail": (tails.to("cpu", torch.float32), ["N"]),
-        }
-        first = feats_T[0]
-        for i, h in sorted(first.hidden.items()):
-            out[f"hidden.{i}"] = (self._cpu(h), ["L", h.size(-1)])
-        for i, s in sorted(first.scores.items()):
-            out[f"scores.{i}"] = (self._cpu(s), [s.size(1), "L", "L"])
-        return out
-
-
-def _row_targets(labels: Tensor) -> Tensor:
-    from kdcli.tasks.lm_rows import next_token_labels
-
-    return (next_token_labels(labels) != IGNORE_INDEX).sum(dim=1).cpu()
-
-
-@torch.no_grad()
-def top_k_rows(
-    teachers: list[tuple[Tensor, Tensor, Tensor | None]], k: int, temperature: float, chunk_size: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per target row: the top-k ids of the teachers' mean logits / T, their log-probabilities
-    at T and the log of the remaining mass, chunk by chunk (as `top_k_log_probs` computes them)."""
-    n = teachers[0][0].size(0)
-    ids, values, tails = [], [], []
-    for start in range(0, n, chunk_size):
-        rows = slice(start, start + chunk_size)
-        z = cast(Tensor, sum(F.linear(h[rows], w, b) for h, w, b in teachers))  # >= 1 teacher
-        if len(teachers) > 1:
-            z = z / len(teachers)
-        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        z = z / temperature
-        top = z.topk(min(k, z.size(-1)), dim=-1).indices
-        log_probs = F.log_softmax(z, dim=-1)
-        ids.append(top)
-        values.append(log_probs.gather(-1, top))
-        tails.append(log_probs.scatter(-1, top, float("-inf")).logsumexp(dim=-1))
-    if not ids:
-        width = min(k, teachers[0][1].size(0))
-        return torch.empty(0, width, dtype=torch.long), torch.empty(0, width), torch.empty(0)
-    return torch.cat(ids), torch.cat(values), torch.cat(tails)
 
 
 def open_cache(

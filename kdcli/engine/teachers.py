@@ -3,12 +3,12 @@ forward with the objective as one module."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from kdcli.features import FeatureCapture, Features, model_inputs
+from kdcli.features import FeatureCapture, Features
 from kdcli.objective import Objective
 from kdcli.tasks.base import LogitCacheRows
 
@@ -98,18 +98,3 @@ def teacher_features(
     if cache is not None:
         cache.store(indices, feats, batch)
     return feats
-
-
-def logits_fn(models: Sequence[nn.Module]) -> Callable[[dict[str, Tensor]], Tensor]:
-    """Logits of one model, or the mean of several (multi-teacher), in eval mode."""
-
-    def logits_of(batch: dict[str, Tensor]) -> Tensor:
-        outs = []
-        for m in models:
-            was_training = m.training
-            m.eval()
-            outs.append(m(**model_inputs(m, batch)).logits.float())
-            m.train(was_training)
-        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
-
-    return logits_of

@@ -3,7 +3,7 @@
 What differs between tasks lives behind it: how rows are encoded, which Auto class loads the
 model, what a capture of its models returns, its KD term (built once at setup), how many target
 tokens a batch has, which metrics evaluation reports and (encoders) the shape of a row in the
-teacher-logit cache. Adding a task is adding a module with a `TASK` object of this
+teacher-logit caches (in memory and on disk). Adding a task is adding a module with a `TASK` object of this
 shape and its name in `kdcli.tasks.TASKS` / `_MODULES`.
 """
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: A `datasets.map(batched=True)` function: columns of raw rows -> columns of encoded rows
 #: (input_ids, attention_mask, [token_type_ids], labels, length).
 Encoder = Callable[[dict[str, list]], dict[str, list]]
+#: A collated batch -> the `Features` of one forward (`Task.eval_models`).
+Forward = Callable[[dict[str, "Tensor"]], Any]
 #: The keys of a tokenizer's output a model may take.
 ENCODED_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -69,9 +71,8 @@ class Task(Protocol):
     #: what a capture of its models returns (`features.LOGITS`, or `features.HEAD`: final hidden
     #: states and the output head)
     readout: Readout
-    #: what its evaluation compares: "labels" (predicted with gold labels, from the logits of the
-    #: model or of the teachers' mean) or "tokens" (next-token distributions with the teachers')
-    evaluation: str
+    #: its terms and eval metrics are per target token (the run reports tokens/s)
+    per_token: bool
 
     def encoder(self, tokenizer, labels: Labels, columns: Columns, max_length: int, source: str) -> Encoder:
         """The function that tokenises a batch of raw rows (`DataError` for unusable settings)."""
@@ -89,6 +90,15 @@ class Task(Protocol):
         """The target tokens a batch's terms sum over; None: its terms are batch means."""
         ...
 
+    def cache_rows(self, distillation) -> CacheRowFormat:
+        """What its rows in the on-disk teacher cache hold, from the recipe's `distillation`."""
+        ...
+
+    def eval_models(self, model: nn.Module | None, teachers: Sequence[nn.Module]) -> tuple[Forward, list[Forward]]:
+        """What `evaluate` reads per eval batch: (the evaluated forward, the forwards it is compared
+        with). `model` None: the teachers' own figures."""
+        ...
+
     def evaluate(self, batches: Iterable, labels: Labels | None) -> dict[str, float]:
         """Eval metrics from (features_S, features_T, labels) per eval batch."""
         ...
@@ -103,4 +113,29 @@ class LogitCacheRows(Protocol):
 
     def cache_batch(self, rows: list[Tensor], width: int) -> Tensor:
         """Cached rows back to batch logits (n_teachers, B, ...), padded to `width` tokens."""
+        ...
+
+
+class CacheRowFormat(Protocol):
+    """What a row of the on-disk teacher cache holds for a task (`Task.cache_rows`; encoders:
+    `kdcli.tasks.cache_rows.LogitRows`, causal-lm: `kdcli.tasks.lm_cache_rows.TopKRows`)."""
+
+    #: the row columns the cache key hashes
+    key_columns: tuple[str, ...]
+
+    def key_parts(self) -> dict:
+        """The cache key's parts that say what a row keeps (beyond the inputs every cache hashes)."""
+        ...
+
+    def targets(self, batch: dict[str, Tensor]) -> list[int]:
+        """Per batch row the target count its "N" fields have (0 where there are none)."""
+        ...
+
+    def fields(self, feats_T: Sequence, batch: dict[str, Tensor], dtype: Any) -> dict[str, tuple[Tensor, list]]:
+        """The batch's fields: name -> (CPU tensor in its storage dtype, per-row shape template:
+        "L" the row's tokens, "N" its targets, else a size)."""
+        ...
+
+    def features(self, tensors: dict[str, Tensor], mask: Tensor) -> list:
+        """The teachers' `Features` from a batch of cached fields (padded to the batch's width)."""
         ...

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli.errors import RunError
-from kdcli.features import HEAD, Readout
+from kdcli.features import HEAD, FeatureCapture, Readout
 from kdcli.tasks import CHUNK_SIZE, IGNORE_INDEX
-from kdcli.tasks.base import Columns, Encoder
+from kdcli.tasks.base import Columns, Encoder, Forward
+from kdcli.tasks.lm_cache_rows import TopKRows
 from kdcli.tasks.lm_kd import TokenKD, count_targets, shared_vocab, target_rows
 from kdcli.tasks.lm_rows import encoder as rows_encoder
 from kdcli.tasks.lm_rows import next_token_labels
@@ -36,8 +37,8 @@ class CausalLM:
     auto_class = "AutoModelForCausalLM"
     #: its captures: final hidden states and the output head, never full logits
     readout: Readout = HEAD
-    #: what the engine's evaluation compares: next-token distributions (`evaluate`)
-    evaluation = "tokens"
+    #: its terms and eval metrics are sums / means over target tokens
+    per_token = True
 
     def encoder(self, tokenizer, labels, columns: Columns, max_length: int, source: str) -> Encoder:
         return rows_encoder(tokenizer, columns, max_length, source)
@@ -59,6 +60,20 @@ class CausalLM:
         """The batch's target tokens: the KD and hard-label terms are sums over the step's."""
         assert labels is not None  # causal-lm rows always carry labels
         return count_targets(labels)
+
+    def cache_rows(self, distillation) -> TopKRows:
+        """On disk per target token the teachers' top-k log-probabilities at the temperature."""
+        config = distillation.teacher_cache
+        return TopKRows(config.top_k, float(distillation.temperature), distillation.chunk_size)
+
+    def eval_models(self, model: nn.Module | None, teachers: Sequence[nn.Module]) -> tuple[Forward, list[Forward]]:
+        """`model`'s final hidden states and head, compared with each teacher's (their mean logits);
+        `model` None: the first teacher alone (its perplexity; against itself KL is 0, agreement 1)."""
+        if model is None:
+            return FeatureCapture(teachers[0], readout=self.readout).run, []
+        return FeatureCapture(model, readout=self.readout).run, [
+            FeatureCapture(t, readout=self.readout).run for t in teachers
+        ]
 
     def evaluate(self, batches, labels=None) -> dict[str, float]:
         """`evaluate_lm` of (features_S, features_T, labels) per batch."""

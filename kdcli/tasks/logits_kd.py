@@ -21,8 +21,10 @@ from torch import Tensor
 from kdcli import registry
 from kdcli.errors import RunError
 from kdcli.facts.labels import Labels
-from kdcli.features import LOGITS, Readout
+from kdcli.features import LOGITS, FeatureCapture, Features, Readout
 from kdcli.tasks import IGNORE_INDEX
+from kdcli.tasks.base import Forward
+from kdcli.tasks.cache_rows import LogitRows
 from kdcli.tasks.classification_metrics import classification_metrics
 
 #: (logits, labels) -> the logits (N, C) the KD and hard-label terms compare, their labels (N,)
@@ -138,8 +140,8 @@ class LogitsTask:
     readout: Readout = LOGITS
     #: token classification: the tag left out of precision / recall / F1
     outside_tag: str | None = None
-    #: what the engine's evaluation compares: predicted labels with the gold ones
-    evaluation = "labels"
+    #: its terms are batch means, its metrics per predicted label
+    per_token = False
 
     def kd_logits(self, logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         return logits, labels
@@ -149,6 +151,28 @@ class LogitsTask:
 
     def target_count(self, labels: Tensor | None) -> int | None:
         return None
+
+    def cache_rows(self, distillation) -> LogitRows:
+        """On disk each teacher's logits per row (and the first teacher's matched features)."""
+        return LogitRows()
+
+    def eval_models(self, model, teachers: Sequence) -> tuple[Forward, list[Forward]]:
+        """The logits of `model`, or (None) of the teachers' mean, in eval mode; compared with
+        the gold labels alone."""
+        captures = [FeatureCapture(m, readout=self.readout) for m in ([model] if model is not None else teachers)]
+
+        def logits_of(batch: dict[str, Tensor]) -> Features:
+            outs = []
+            for capture in captures:
+                was_training = capture.model.training
+                capture.model.eval()
+                logits = capture.run(batch).logits
+                assert logits is not None  # the LOGITS readout
+                outs.append(logits.float())
+                capture.model.train(was_training)
+            return Features(logits=outs[0] if len(outs) == 1 else torch.stack(outs).mean(0))
+
+        return logits_of, []
 
     def evaluate(self, batches: Iterable, labels: Labels | None) -> dict[str, float]:
         """Accuracy (and micro P/R/F1 over non-O tags) of the argmax of each batch's logits."""
