@@ -1,7 +1,7 @@
 """A smaller Llama / Mistral / Qwen2 sliced out of a model by measured importance (Minitron).
 
 `prune_model(source, spec, batches)` measures the source (`compress.importance`; the depth
-ranking from `engine.blocks.choose_blocks` when blocks go), chooses what stays (`choose`), and
+ranking from `compress.blocks.choose_blocks` when blocks go), chooses what stays (`choose`), and
 builds the student from the source's config with the pruned sizes (`kdcli.recipe.prune_schema`, the
 rule check-recipe and `kdcli plan` use) and the source's tensors sliced (`slice_state`):
 
