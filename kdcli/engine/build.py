@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 @contextmanager
 def process_group(procs: Processes, device_name: str) -> Iterator[None]:
     """torch.distributed under torchrun: NCCL when the run is on GPUs (each rank's GPU set
-    first), else gloo; torn down on the way out (only when this call started it)."""
+    first), else gloo; torn down on the way out (only when this call started it; after a
+    barrier when the body ended normally)."""
     started = False
     if procs.distributed and not torch.distributed.is_initialized():
         on_gpu = device_name.startswith(("cuda", "auto")) and torch.cuda.is_available()
@@ -42,9 +43,15 @@ def process_group(procs: Processes, device_name: str) -> Iterator[None]:
         started = True
     try:
         yield
-    finally:
+    except BaseException:
         if started:
             torch.distributed.destroy_process_group()
+        raise
+    if started:
+        # every rank is done before any tears down: a gloo peer whose socket closes while it
+        # still reads aborts (SIGABRT, "Connection reset by peer")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def devices(training, procs: Processes, device_name: str | None, seed: int | None) -> tuple[int, torch.device, str]:
