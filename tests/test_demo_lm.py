@@ -268,5 +268,6 @@ def test_full_demo_lm(tmp_path: Path) -> None:
     assert demo_lm.main(argv) == 0
     figures = json.loads(summary.read_text())
     met = {k: t["met"] for k, t in figures["targets"].items()}
-    for name in ("student_non_embedding_share", "gguf_q8_0_kl_gap", "offpolicy_beats_controls_on_kl"):
+    kd_targets = [f"{arm}_beats_controls_on_{m}" for arm in ("offpolicy", "onpolicy") for m in ("kl", "top1_agreement")]
+    for name in ("student_non_embedding_share", "gguf_q8_0_kl_gap", *kd_targets):
         assert met[name], figures["targets"][name]
